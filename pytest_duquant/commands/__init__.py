@@ -1,0 +1,1 @@
+"""One module per `duquant` subcommand; each defines register(subparsers) and a run(args) -> int."""

@@ -1,0 +1,139 @@
+"""Kernel-ready packed forms of one DuQuant linear (pure torch; no triton import).
+
+`W4A8Pack`: the real integer path (dynamic per-token int8 activations x int4 weights).
+`SimPack`:  the fast simulated path (static per-channel fake-quant activations x dequantized weights).
+
+Math (SPEC §3, row-vector convention, the same as `pytest_duquant.layer.DuQuantLinear`):
+    x_t = x[:, perm] @ blockdiag(r_in)            (perm optional)
+    real:      a, s_a = per-token int8 quant of x_t;  y_t = (a @ w_codesᵀ) * s_a[:, None] * w_scales[None, :]
+    simulated: x_q = fake_quant(x_t, act_scale);      y_t = x_q @ weight_qᵀ
+    restore:   y = y_t @ blockdiag(r_out) + bias;   propagate / 0: y = y_t + bias (bias already rotated)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pytest_duquant.kernels.packing import PACK_GROUP, pack_int4
+
+CHUNK = 64  # activation columns produced per rotation step in the kernels
+
+
+def rotation_supported(in_features: int, block: int) -> tuple[bool, str]:
+    """The kernels rotate 64 output columns at a time: blocks must tile 64 (b | 64) or be tiled by it (64 | b)."""
+    if in_features % PACK_GROUP:
+        return False, f"in_features={in_features} is not a multiple of {PACK_GROUP}"
+    if in_features % block:
+        return False, f"block={block} does not divide in_features={in_features} (tail block)"
+    if not (CHUNK % block == 0 and block >= 16) and not (block % CHUNK == 0):
+        return False, f"block={block}: the kernels need 16 <= block <= 64 dividing 64, or a multiple of 64"
+    return True, ""
+
+
+@dataclass
+class W4A8Pack:
+    in_features: int
+    out_features: int
+    block: int
+    perm: torch.Tensor | None  # int32 [K]
+    r_in: torch.Tensor  # [K // block, block, block], rot dtype (bf16 by default)
+    w_packed: torch.Tensor  # uint8 [N, K // 2] (pack_int4 layout)
+    w_scales: torch.Tensor  # float32 [N]
+    bias: torch.Tensor | None  # float32 [N] (already rotated for propagate)
+    r_out: torch.Tensor | None  # float32 [N // block_out, block_out, block_out]; only for restore
+    block_out: int
+    abits: int
+
+    @property
+    def qmax_a(self) -> int:
+        return (1 << (self.abits - 1)) - 1
+
+    def nbytes(self) -> int:
+        total = 0
+        for t in (self.perm, self.r_in, self.w_packed, self.w_scales, self.bias, self.r_out):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+
+@dataclass
+class SimPack:
+    in_features: int
+    out_features: int
+    block: int
+    perm: torch.Tensor | None  # int32 [K]
+    r_in: torch.Tensor  # [nb, b, b] rot dtype
+    act_scale: torch.Tensor | None  # float32 [K] static per-channel step (transformed basis); None = no act quant
+    weight: torch.Tensor  # [N, K] compute dtype: dequantized weight with the restore rotation folded in
+    bias: torch.Tensor | None  # [N] compute dtype
+    abits: int
+
+    @property
+    def qmax_a(self) -> int:
+        return (1 << (self.abits - 1)) - 1 if self.abits else 0
+
+
+def _perm32(perm: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if perm is None else perm.to(device=device, dtype=torch.int32).contiguous()
+
+
+def make_w4a8_pack(*, perm, r_in, w_codes, w_scales, bias=None, r_out=None, row_rot="0", abits=8,
+                   rot_dtype=torch.bfloat16) -> W4A8Pack:
+    """Build the packed form. `bias` must already be in the output basis the kernel adds it in
+    (original basis for restore/0, rotated for propagate). `r_out` is used only when row_rot == "restore"."""
+    n, k = w_codes.shape
+    nb, b, b2 = r_in.shape
+    if b != b2 or nb * b != k:
+        raise ValueError(f"r_in shape {tuple(r_in.shape)} does not match in_features={k}")
+    ok, why = rotation_supported(k, b)
+    if not ok:
+        raise ValueError(f"make_w4a8_pack: {why}")
+    if not 2 <= abits <= 8:
+        raise ValueError(f"make_w4a8_pack: abits={abits}: the integer path needs 2..8 activation bits")
+    dev = w_codes.device
+    ro = None
+    bo = 0
+    if row_rot == "restore" and r_out is not None:
+        nbo, bo, _ = r_out.shape
+        if nbo * bo != n:
+            raise ValueError(f"r_out shape {tuple(r_out.shape)} does not match out_features={n}")
+        ro = r_out.to(device=dev, dtype=torch.float32).contiguous()
+    return W4A8Pack(
+        in_features=k, out_features=n, block=b, perm=_perm32(perm, dev),
+        r_in=r_in.to(device=dev, dtype=rot_dtype).contiguous(),
+        w_packed=pack_int4(w_codes), w_scales=w_scales.to(device=dev, dtype=torch.float32).contiguous(),
+        bias=None if bias is None else bias.to(device=dev, dtype=torch.float32).contiguous(),
+        r_out=ro, block_out=bo, abits=abits,
+    )
+
+
+def fold_restore(weight_q: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
+    """W_eff with x W_effᵀ = (x W_qᵀ) @ blockdiag(r_out): per row block j, W_eff[j] = R_jᵀ W_q[j] (float64)."""
+    n, k = weight_q.shape
+    nbo, bo, _ = r_out.shape
+    w = weight_q.to(torch.float64).reshape(nbo, bo, k)
+    return torch.einsum("nij,nik->njk", r_out.to(torch.float64), w).reshape(n, k)
+
+
+def make_sim_pack(*, perm, r_in, weight_q, act_scale, bias=None, r_out=None, row_rot="0", abits=8,
+                  dtype=torch.bfloat16, rot_dtype=torch.bfloat16) -> SimPack:
+    n, k = weight_q.shape
+    nb, b, _ = r_in.shape
+    ok, why = rotation_supported(k, b)
+    if not ok:
+        raise ValueError(f"make_sim_pack: {why}")
+    dev = weight_q.device
+    w = weight_q
+    if row_rot == "restore" and r_out is not None:
+        w = fold_restore(weight_q, r_out)
+    quant = 0 < abits < 16 and act_scale is not None
+    return SimPack(
+        in_features=k, out_features=n, block=b, perm=_perm32(perm, dev),
+        r_in=r_in.to(device=dev, dtype=rot_dtype).contiguous(),
+        act_scale=act_scale.to(device=dev, dtype=torch.float32).contiguous() if quant else None,
+        weight=w.to(device=dev, dtype=dtype).contiguous(),
+        bias=None if bias is None else bias.to(device=dev, dtype=dtype).contiguous(),
+        abits=abits if quant else 0,
+    )

@@ -1,0 +1,65 @@
+"""What the harness needs from a policy, and two policies that need no model.
+
+Any object with ``infer_batch(observations, noise_seeds) -> np.ndarray[N, horizon, 7]`` works
+(``pytest_duquant.policies.pi05.Pi05Policy`` does). ``observations`` are dicts with the keys of
+openpi's LIBERO example (:mod:`pytest_duquant.libero.protocol`); ``noise_seeds[i]`` seeds the
+flow-matching noise of observation i. ``horizon`` must be at least the protocol's replan steps (5).
+Optional attributes read by the harness: ``fingerprint`` (checkpoint fingerprint) and ``preset``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from pytest_duquant.libero.protocol import ACTION_DIM
+
+
+@runtime_checkable
+class Policy(Protocol):
+    def infer_batch(self, observations: Sequence[dict], noise_seeds: Sequence[int]) -> np.ndarray: ...
+
+
+class ConstantPolicy:
+    """Returns the same action for every step (default: hold still, gripper open). No model."""
+
+    fingerprint = "constant-policy"
+    preset = "none"
+
+    def __init__(self, action: Sequence[float] = (0, 0, 0, 0, 0, 0, -1), horizon: int = 10):
+        self.action = np.asarray(action, dtype=np.float64)
+        if self.action.shape != (ACTION_DIM,):
+            raise ValueError(f"action={list(action)}: must have {ACTION_DIM} numbers")
+        self.horizon = int(horizon)
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    def infer_batch(self, observations, noise_seeds):
+        if len(observations) != len(noise_seeds):
+            raise ValueError(f"{len(observations)} observations but {len(noise_seeds)} noise seeds")
+        self.calls += 1
+        self.batch_sizes.append(len(observations))
+        return np.broadcast_to(self.action, (len(observations), self.horizon, ACTION_DIM)).copy()
+
+
+class SeededRandomPolicy:
+    """Small random actions drawn from each query's noise seed: a stand-in that shows pairing.
+
+    The same (observation order aside) noise seed gives the same chunk, whatever the batch.
+    """
+
+    fingerprint = "seeded-random-policy"
+    preset = "none"
+
+    def __init__(self, scale: float = 0.3, horizon: int = 10):
+        self.scale = float(scale)
+        self.horizon = int(horizon)
+
+    def infer_batch(self, observations, noise_seeds):
+        out = np.empty((len(observations), self.horizon, ACTION_DIM))
+        for i, s in enumerate(noise_seeds):
+            out[i] = np.random.default_rng(int(s)).uniform(-self.scale, self.scale, (self.horizon, ACTION_DIM))
+        out[..., -1] = np.sign(out[..., -1]) + (out[..., -1] == 0)
+        return out

@@ -1,0 +1,156 @@
+"""pytest plugin: options, markers, fixtures and the terminal summary. Nothing else lives here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_duquant.config import PRESET_NAMES, DuQuantConfig, DuQuantConfigError, from_env, replace
+
+_CONFIG_KEY = pytest.StashKey[DuQuantConfig]()
+MARKERS = {
+    "libero": "golden LIBERO rollouts of the quantized policy (select with -m libero; need --ckpt)",
+    "gpu": "needs a CUDA GPU (kernels, benchmarks); skipped with the reason elsewhere",
+    "slow": "takes more than a few seconds",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("duquant", "DuQuant quantization regression")
+    group.addoption("--duquant-preset", default=None, metavar="NAME",
+                    help=f"DuQuant preset: {', '.join(PRESET_NAMES)} (beats OPENPI_DUQUANT_PRESET; variables beat it)")
+    group.addoption("--ckpt", default=None, metavar="DIR", help="pi0.5 checkpoint directory (openpi or lerobot layout)")
+    group.addoption("--policy-backend", default="builtin", choices=("builtin", "openpi"),
+                    help="load --ckpt with our pi0.5 (builtin) or openpi's own loader")
+    group.addoption("--tokenizer", default=None, metavar="PATH", help="PaliGemma SentencePiece tokenizer model")
+    group.addoption("--duquant-update-golden", action="store_true", default=False,
+                    help="rewrite golden files from this run (explicit; prints what changed)")
+    group.addoption("--duquant-report", default=None, metavar="DIR", help="write the report (PNG + JSON) here")
+    group.addoption("--libero-suite", default=None, metavar="SUITE",
+                    help="LIBERO suite(s), comma-separated (default libero_spatial)")
+    group.addoption("--libero-tasks", default=None, metavar="IDS", help="task ids, e.g. 0,1,2 or 0-4 (default all)")
+    group.addoption("--libero-trials", default=None, type=int, metavar="N", help="trials per task")
+    group.addoption("--libero-workers", default=None, type=int, metavar="N", help="parallel env workers")
+    group.addoption("--libero-backend", default="local", choices=("local", "ray"), help="episode scheduler")
+    group.addoption("--libero-results", default=None, metavar="DIR", help="where rollout JSONL files go")
+    parser.addini("duquant_preset", "default DuQuant preset", default=None)
+    parser.addini("duquant_ckpt", "default pi0.5 checkpoint directory", default=None)
+    parser.addini("duquant_report", "default report directory", default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    preset = config.getoption("--duquant-preset") or config.getini("duquant_preset") or None
+    try:
+        config.stash[_CONFIG_KEY] = from_env(os.environ, preset=preset)
+    except DuQuantConfigError as exc:
+        raise pytest.UsageError(f"DuQuant configuration: {exc}") from None
+    ckpt = _ckpt_option(config)
+    if ckpt is not None and not ckpt.is_dir():
+        raise pytest.UsageError(f"--ckpt {ckpt}: no such checkpoint directory")
+
+
+def _ckpt_option(config: pytest.Config) -> Path | None:
+    value = config.getoption("--ckpt") or config.getini("duquant_ckpt") or None
+    return None if value is None else Path(value).expanduser()
+
+
+def session_config(config: pytest.Config) -> DuQuantConfig:
+    return config.stash[_CONFIG_KEY]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    markexpr = config.getoption("-m") or ""
+    cuda = _cuda_reason()
+    for item in items:
+        if "libero" in item.keywords and "libero" not in markexpr:
+            item.add_marker(pytest.mark.skip(reason="LIBERO golden rollouts run only when selected: -m libero --ckpt DIR"))
+        if "gpu" in item.keywords and cuda:
+            item.add_marker(pytest.mark.skip(reason=cuda))
+
+
+def _cuda_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "needs torch with CUDA (torch is not installed)"
+    if not torch.cuda.is_available():
+        return f"needs a CUDA GPU (torch {torch.__version__}: torch.cuda.is_available() is False)"
+    return None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"duquant: {session_config(config).describe()}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    cfg = session_config(config)
+    tr = terminalreporter
+    tr.section("DuQuant configuration in force")
+    if not cfg.enabled:
+        tr.write_line("preset fp: no quantization (the FP baseline)")
+        return
+    tr.write_line(f"preset {cfg.preset}; precedence: option > OPENPI_DUQUANT_* > preset > defaults")
+    for env, value, source in cfg.summary_items():
+        origin = {"default": "default (preset A)", "preset": f"preset {cfg.preset}", "env": "environment",
+                  "override": "option"}[source]
+        tr.write_line(f"  {env:<20} = {value:<40} [{origin}]")
+    ckpt = _ckpt_option(config)
+    tr.write_line(f"checkpoint: {ckpt if ckpt else 'built-in dummy pi0.5 (random init)'}")
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def duquant_config(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> DuQuantConfig:
+    """The session's DuQuantConfig. Packs go to a temporary folder unless OPENPI_DUQUANT_PACKDIR is set."""
+    cfg = session_config(request.config)
+    if cfg.source_of("packdir") == "default":
+        cfg = replace(cfg, packdir=str(tmp_path_factory.mktemp("duquant_packed")))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def duquant_ckpt(request: pytest.FixtureRequest) -> Path | None:
+    """The --ckpt directory, or None."""
+    return _ckpt_option(request.config)
+
+
+@pytest.fixture(scope="session")
+def duquant_update_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--duquant-update-golden"))
+
+
+@pytest.fixture
+def quantize(duquant_config: DuQuantConfig):
+    """Factory: quantize(module, **overrides) quantizes `module` in place under the session's config.
+
+    Overrides are setting names (block=64, abits=0, ...). Returns the QuantReport.
+    """
+    from pytest_duquant.quantize import quantize_model
+
+    def _quantize(module, **overrides):
+        cfg = replace(duquant_config, **overrides) if overrides else duquant_config
+        return quantize_model(module, cfg)
+
+    return _quantize
+
+
+@pytest.fixture(scope="session")
+def duquant_policy_factory(request: pytest.FixtureRequest, duquant_ckpt: Path | None):
+    """Factory returning a fresh FP policy: from --ckpt when given, else the built-in dummy pi0.5."""
+    from pytest_duquant.policies.session import policy_factory
+
+    return policy_factory(duquant_ckpt, tokenizer=request.config.getoption("--tokenizer"),
+                          backend=request.config.getoption("--policy-backend"))
+
+
+@pytest.fixture(scope="session")
+def quantized_model(duquant_policy_factory, duquant_config: DuQuantConfig):
+    """(policy, QuantReport): the session's policy quantized under the session's config and calibrated."""
+    from pytest_duquant.policies.session import quantize_and_calibrate
+
+    return quantize_and_calibrate(duquant_policy_factory(), duquant_config)

@@ -1,0 +1,563 @@
+"""pi0.5 in plain PyTorch: SigLIP + PaliGemma (Gemma-2B) prefix, Gemma-300M action expert, flow matching.
+
+The module tree reproduces openpi's PyTorch parameter names exactly (openpi
+`models_pytorch/pi0_pytorch.py`, `gemma_pytorch.py` and its `transformers_replace/` Gemma, PaliGemma and
+SigLIP), e.g.::
+
+    paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight
+    paligemma_with_expert.paligemma.model.multi_modal_projector.linear.weight
+    paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.gate_proj.weight
+    paligemma_with_expert.gemma_expert.model.layers.0.input_layernorm.dense.weight
+    action_in_proj.weight, time_mlp_in.weight, time_mlp_out.weight, action_out_proj.weight
+
+The unused LM heads (`paligemma.lm_head`, tied to the token embedding, and `gemma_expert.lm_head`) are
+not built; the checkpoint loader knows them (see checkpoint.py).
+
+Numerics follow openpi's PyTorch inference path (`PI0Pytorch.sample_actions`):
+- Gemma RMSNorm: x * rsqrt(mean(x_fp32^2) + 1e-6) computed in float32, times (1 + weight); the expert's
+  norms are adaptive: (scale, shift, gate) = dense(cond); out = normed * (1 + scale) + shift, and the
+  residual adds `gate * branch`.
+- Token embeddings are multiplied by sqrt(width); image embeddings (SigLIP + projector) are not.
+- RoPE theta 10000 on q and k (rotate-half form), GQA with 1 KV head, eager attention with float32
+  softmax and an additive mask of -2.3819763e38; SigLIP attention is unmasked (scaled dot product).
+- Gated MLP: down(gelu_tanh(gate(x)) * up(x)); SigLIP MLP: fc2(gelu_tanh(fc1(x))).
+- Prefix = images (256 tokens each) + prompt tokens, bidirectional among valid tokens; its K/V are
+  computed once per call. Action tokens attend to every valid prefix token and to each other
+  (openpi ar_mask [1, 0, ..., 0] = one bidirectional block); positions continue after the valid prefix.
+- Time: sin/cos embedding (periods 4e-3..4, computed in float64), time_mlp_in -> swish -> time_mlp_out
+  -> swish = the adaRMS condition. 10 Euler steps, t = 1 -> 0, dt = -0.1, x += dt * v.
+- bf16: as openpi's `to_bfloat16_for_selected_params`, everything is bf16 except the SigLIP patch and
+  position embeddings and the Gemma norms (incl. the adaRMS `dense`), which stay float32; the action and
+  time projections are float32. RoPE inverse frequencies are buffers and get rounded to bf16 as in openpi.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pytest_duquant.policies.pi05.configuration import GemmaSpec, Pi05Config, VisionSpec
+
+MASK_VALUE = -2.3819763e38  # openpi _prepare_attention_masks_4d
+
+# Parameters kept in float32 when the model is bf16 (openpi to_bfloat16_for_selected_params, substring match).
+FLOAT32_PARAM_SELECTORS = (
+    "vision_tower.vision_model.embeddings.patch_embedding.weight",
+    "vision_tower.vision_model.embeddings.patch_embedding.bias",
+    "vision_tower.vision_model.embeddings.position_embedding.weight",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "model.norm",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Small functional pieces
+# ------------------------------------------------------------------------------------------------
+def make_att_2d_masks(pad_masks: torch.Tensor, ar_masks: torch.Tensor) -> torch.Tensor:
+    """big_vision prefix-LM mask: token i sees valid token j when cumsum(ar)[j] <= cumsum(ar)[i]."""
+    cumsum = torch.cumsum(ar_masks.to(torch.int32), dim=1)
+    att = cumsum[:, None, :] <= cumsum[:, :, None]
+    pad = pad_masks[:, None, :] & pad_masks[:, :, None]
+    return att & pad
+
+
+def additive_mask(mask_bool: torch.Tensor) -> torch.Tensor:
+    """bool[B, T, S] -> float32[B, 1, T, S] with 0 where allowed and MASK_VALUE elsewhere."""
+    zero = torch.zeros((), dtype=torch.float32, device=mask_bool.device)
+    neg = torch.full((), MASK_VALUE, dtype=torch.float32, device=mask_bool.device)
+    return torch.where(mask_bool[:, None, :, :], zero, neg)
+
+
+def sinusoidal_time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
+    """openpi create_sinusoidal_pos_embedding: float64 math, returned in time's dtype (float32)."""
+    if dim % 2:
+        raise ValueError(f"time embedding dimension {dim} must be even")
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=time.device)
+    period = min_period * (max_period / min_period) ** fraction
+    scaling = 1.0 / period * 2 * math.pi
+    sin_input = scaling[None, :] * time[:, None]
+    return torch.cat([torch.sin(sin_input), torch.cos(sin_input)], dim=1).to(time.dtype)
+
+
+def euler_times(num_steps: int) -> list[float]:
+    """The time values openpi visits: t = 1, accumulated in float32 with dt = -1/num_steps, while t >= -dt/2."""
+    dt = np.float32(-1.0 / num_steps)
+    t = np.float32(1.0)
+    out = []
+    while t >= -dt / np.float32(2):
+        out.append(float(t))
+        t = np.float32(t + dt)
+    return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch.Tensor, scaling: float):
+    """Eager GQA attention, float32 softmax. q [B,Hq,T,D], k/v [B,Hkv,S,D], mask_add [B,1,T,S] -> [B,T,Hq*D]."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if hkv != hq and hkv != 1:
+        rep = hq // hkv
+        k = k[:, :, None].expand(b, hkv, rep, k.shape[2], d).reshape(b, hq, k.shape[2], d)
+        v = v[:, :, None].expand(b, hkv, rep, v.shape[2], d).reshape(b, hq, v.shape[2], d)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    scores = scores + mask_add
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v)  # [B, Hq, T, D]
+    return out.transpose(1, 2).reshape(b, t, hq * d)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gemma
+# ------------------------------------------------------------------------------------------------
+class GemmaRMSNorm(nn.Module):
+    """Gemma RMSNorm with (1 + weight) scaling, or adaptive (adaRMS) with `dense`: cond -> (scale, shift, gate)."""
+
+    def __init__(self, dim: int, eps: float, cond_dim: int | None = None):
+        super().__init__()
+        self.dim, self.eps, self.cond_dim = dim, eps, cond_dim
+        if cond_dim is None:
+            self.weight = nn.Parameter(torch.zeros(dim))
+            self.dense = None
+        else:
+            self.dense = nn.Linear(cond_dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        dtype = x.dtype
+        var = torch.mean(torch.square(x.float()), dim=-1, keepdim=True)
+        normed = x * torch.rsqrt(var + self.eps)  # float32
+        if self.dense is None:
+            return (normed * (1.0 + self.weight.float())).to(dtype), None
+        if cond is None:
+            raise ValueError("adaptive RMSNorm needs the time condition (cond)")
+        modulation = self.dense(cond)
+        if x.dim() == 3:
+            modulation = modulation.unsqueeze(1)
+        scale, shift, gate = torch.chunk(modulation, 3, dim=-1)
+        normed = normed * (1 + scale.to(torch.float32)) + shift.to(torch.float32)
+        return normed.to(dtype), gate.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}" + (f", adaptive cond_dim={self.cond_dim}" if self.dense is not None else "")
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, spec: GemmaSpec):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.scaling = spec.head_dim**-0.5
+        self.q_proj = nn.Linear(spec.width, spec.num_heads * spec.head_dim, bias=False)
+        self.k_proj = nn.Linear(spec.width, spec.num_kv_heads * spec.head_dim, bias=False)
+        self.v_proj = nn.Linear(spec.width, spec.num_kv_heads * spec.head_dim, bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.width, bias=False)
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, spec: GemmaSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.width, spec.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(spec.width, spec.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(spec.mlp_dim, spec.width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, spec: GemmaSpec, eps: float, cond_dim: int | None):
+        super().__init__()
+        self.self_attn = GemmaAttention(spec)
+        self.mlp = GemmaMLP(spec)
+        self.input_layernorm = GemmaRMSNorm(spec.width, eps, cond_dim)
+        self.post_attention_layernorm = GemmaRMSNorm(spec.width, eps, cond_dim)
+
+
+class GemmaModel(nn.Module):
+    """Gemma decoder stack (`embed_tokens` only for the language model; `norm` adaptive for the expert)."""
+
+    def __init__(self, spec: GemmaSpec, *, vocab_size: int | None, eps: float, rope_theta: float, adaptive: bool):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(vocab_size, spec.width) if vocab_size else None
+        cond_dim = spec.width if adaptive else None
+        self.layers = nn.ModuleList(GemmaDecoderLayer(spec, eps, cond_dim) for _ in range(spec.depth))
+        self.norm = GemmaRMSNorm(spec.width, eps, cond_dim)
+        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin [B, T, head_dim] for integer positions [B, T] (float32 math, cast to dtype)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class GemmaForCausalLM(nn.Module):
+    """Holder giving the expert its openpi name `gemma_expert.model.*` (its unused lm_head is not built)."""
+
+    def __init__(self, model: GemmaModel):
+        super().__init__()
+        self.model = model
+
+
+# ------------------------------------------------------------------------------------------------
+# SigLIP
+# ------------------------------------------------------------------------------------------------
+class SiglipVisionEmbeddings(nn.Module):
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, spec.width, kernel_size=spec.patch_size, stride=spec.patch_size)
+        self.position_embedding = nn.Embedding(spec.num_patches, spec.width)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        w = self.patch_embedding.weight
+        x = self.patch_embedding(pixel_values.to(w.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        return x + self.position_embedding.weight[None]
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        self.num_heads = spec.num_heads
+        self.head_dim = spec.width // spec.num_heads
+        self.scale = self.head_dim**-0.5
+        self.k_proj = nn.Linear(spec.width, spec.width)
+        self.v_proj = nn.Linear(spec.width, spec.width)
+        self.q_proj = nn.Linear(spec.width, spec.width)
+        self.out_proj = nn.Linear(spec.width, spec.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        self.fc1 = nn.Linear(spec.width, spec.mlp_dim)
+        self.fc2 = nn.Linear(spec.mlp_dim, spec.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, spec: VisionSpec, eps: float):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(spec.width, eps=eps)
+        self.self_attn = SiglipAttention(spec)
+        self.layer_norm2 = nn.LayerNorm(spec.width, eps=eps)
+        self.mlp = SiglipMLP(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, spec: VisionSpec, eps: float):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(spec, eps) for _ in range(spec.depth))
+
+
+class SiglipVisionTransformer(nn.Module):
+    def __init__(self, spec: VisionSpec, eps: float):
+        super().__init__()
+        self.embeddings = SiglipVisionEmbeddings(spec)
+        self.encoder = SiglipEncoder(spec, eps)
+        self.post_layernorm = nn.LayerNorm(spec.width, eps=eps)
+
+    def forward(self, pixel_values: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        x = self.embeddings(pixel_values).to(compute_dtype)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+
+class SiglipVisionModel(nn.Module):
+    def __init__(self, spec: VisionSpec, eps: float):
+        super().__init__()
+        self.vision_model = SiglipVisionTransformer(spec, eps)
+
+
+class PaliGemmaMultiModalProjector(nn.Module):
+    def __init__(self, vision_width: int, text_width: int):
+        super().__init__()
+        self.linear = nn.Linear(vision_width, text_width)
+
+
+class PaliGemmaModel(nn.Module):
+    def __init__(self, config: Pi05Config):
+        super().__init__()
+        self.vision_tower = SiglipVisionModel(config.vision, config.layer_norm_eps)
+        self.multi_modal_projector = PaliGemmaMultiModalProjector(config.vision.width, config.vlm.width)
+        self.language_model = GemmaModel(
+            config.vlm, vocab_size=config.vocab_size, eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+            adaptive=False,
+        )
+
+
+class PaliGemmaForConditionalGeneration(nn.Module):
+    def __init__(self, config: Pi05Config):
+        super().__init__()
+        self.model = PaliGemmaModel(config)
+
+
+# ------------------------------------------------------------------------------------------------
+# PaliGemma + expert with joint attention
+# ------------------------------------------------------------------------------------------------
+class PaliGemmaWithExpertModel(nn.Module):
+    def __init__(self, config: Pi05Config):
+        super().__init__()
+        self.paligemma = PaliGemmaForConditionalGeneration(config)
+        self.gemma_expert = GemmaForCausalLM(
+            GemmaModel(config.expert, vocab_size=None, eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+                       adaptive=True)
+        )
+
+    @property
+    def language_model(self) -> GemmaModel:
+        return self.paligemma.model.language_model
+
+    @property
+    def expert(self) -> GemmaModel:
+        return self.gemma_expert.model
+
+    def embed_image(self, pixel_values: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        pm = self.paligemma.model
+        feats = pm.vision_tower.vision_model(pixel_values, compute_dtype)
+        return pm.multi_modal_projector.linear(feats)
+
+    def embed_language_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(tokens)
+
+    def run_layers(
+        self,
+        xs: list[torch.Tensor | None],
+        conds: list[torch.Tensor | None],
+        mask_add: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        past_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        store_kv: bool = False,
+    ):
+        """All layers over the streams [prefix, suffix] (either may be None), jointly attended.
+
+        Returns (final-normed outputs per stream, list of per-layer (k, v) of these streams if store_kv).
+        """
+        models = [self.language_model, self.expert]
+        active = [i for i, x in enumerate(xs) if x is not None]
+        lengths = [xs[i].shape[1] for i in active]
+        ref = xs[active[0]]
+        cos, sin = models[active[0]].rope(positions, ref.dtype)
+        cos, sin = cos[:, None], sin[:, None]
+        kv_out = [] if store_kv else None
+        for li in range(len(models[active[0]].layers)):
+            qs, ks, vs, gates = [], [], [], []
+            for i in active:
+                layer = models[i].layers[li]
+                h, gate = layer.input_layernorm(xs[i], conds[i])
+                gates.append(gate)
+                attn = layer.self_attn
+                b, t, _ = h.shape
+                qs.append(attn.q_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2))
+                ks.append(attn.k_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2))
+                vs.append(attn.v_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2))
+            q = torch.cat(qs, dim=2) if len(qs) > 1 else qs[0]
+            k = torch.cat(ks, dim=2) if len(ks) > 1 else ks[0]
+            v = torch.cat(vs, dim=2) if len(vs) > 1 else vs[0]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if store_kv:
+                kv_out.append((k, v))
+            if past_kv is not None:
+                pk, pv = past_kv[li]
+                k = torch.cat([pk, k], dim=2)
+                v = torch.cat([pv, v], dim=2)
+            scaling = models[active[0]].layers[li].self_attn.scaling
+            att = attention(q, k, v, mask_add, scaling)
+            start = 0
+            for j, i in enumerate(active):
+                layer = models[i].layers[li]
+                end = start + lengths[j]
+                out = layer.self_attn.o_proj(att[:, start:end])
+                x = xs[i] + out if gates[j] is None else xs[i] + out * gates[j]
+                h, gate = layer.post_attention_layernorm(x, conds[i])
+                out = layer.mlp(h)
+                xs[i] = x + out if gate is None else x + out * gate
+                start = end
+        outs: list[torch.Tensor | None] = [None, None]
+        for i in active:
+            outs[i], _ = models[i].norm(xs[i], conds[i])
+        return outs, kv_out
+
+
+class Pi05Model(nn.Module):
+    """pi0.5: `sample_actions(images, image_masks, tokens, token_masks, noise) -> actions [B, H, action_dim]`."""
+
+    def __init__(self, config: Pi05Config):
+        super().__init__()
+        self.config = config
+        self.paligemma_with_expert = PaliGemmaWithExpertModel(config)
+        w = config.expert.width
+        self.action_in_proj = nn.Linear(config.action_dim, w)
+        self.action_out_proj = nn.Linear(w, config.action_dim)
+        self.time_mlp_in = nn.Linear(w, w)
+        self.time_mlp_out = nn.Linear(w, w)
+        self.compute_dtype = torch.float32
+
+    # ---- precision ------------------------------------------------------------------------------
+    def set_precision(self, precision: str | torch.dtype) -> Pi05Model:
+        """'float32' or 'bfloat16' (openpi's selective bf16: see module docstring)."""
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(precision, precision)
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"precision {precision!r}: must be float32 or bfloat16")
+        pwe = self.paligemma_with_expert
+        pwe.to(dtype=dtype)
+        if dtype == torch.bfloat16:
+            for name, param in pwe.named_parameters():
+                if any(sel in name for sel in FLOAT32_PARAM_SELECTORS):
+                    param.data = param.data.to(torch.float32)
+        for mod in (self.action_in_proj, self.action_out_proj, self.time_mlp_in, self.time_mlp_out):
+            mod.to(dtype=torch.float32)
+        self.compute_dtype = dtype
+        return self
+
+    # ---- embeddings -----------------------------------------------------------------------------
+    def embed_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
+                     token_masks: torch.Tensor):
+        """images float [B, N, 3, H, W] in [-1, 1]; image_masks bool [B, N]; tokens long [B, L]; token_masks bool."""
+        pwe = self.paligemma_with_expert
+        b, n = images.shape[:2]
+        embs, pads = [], []
+        for i in range(n):
+            emb = pwe.embed_image(images[:, i], self.compute_dtype)
+            embs.append(emb)
+            pads.append(image_masks[:, i : i + 1].expand(b, emb.shape[1]))
+        lang = pwe.embed_language_tokens(tokens)
+        lang = lang * math.sqrt(lang.shape[-1])
+        embs.append(lang)
+        pads.append(token_masks)
+        return torch.cat(embs, dim=1).to(self.compute_dtype), torch.cat(pads, dim=1)
+
+    def embed_suffix(self, x_t: torch.Tensor, time: torch.Tensor):
+        """-> action tokens [B, H, W] (compute dtype), adaRMS condition [B, W] (float32)."""
+        temb = sinusoidal_time_embedding(time, self.action_in_proj.out_features, self.config.min_period,
+                                         self.config.max_period)
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb))))
+        return self.action_in_proj(x_t).to(self.compute_dtype), cond
+
+    # ---- inference ------------------------------------------------------------------------------
+    def compute_prefix_cache(self, prefix_embs: torch.Tensor, prefix_pad: torch.Tensor):
+        """One pass of the language model over the prefix -> per-layer (k, v) after RoPE, and prefix output."""
+        mask = make_att_2d_masks(prefix_pad, torch.zeros_like(prefix_pad, dtype=torch.int32))
+        positions = torch.cumsum(prefix_pad.to(torch.int64), dim=1) - 1
+        outs, kv = self.paligemma_with_expert.run_layers(
+            [prefix_embs, None], [None, None], additive_mask(mask), positions, store_kv=True
+        )
+        return kv, outs[0]
+
+    def denoise_step(self, kv_cache, prefix_pad: torch.Tensor, x_t: torch.Tensor, time: torch.Tensor):
+        """Velocity v_t [B, H, action_dim] (float32) for noisy actions x_t at time t [B]."""
+        suffix, cond = self.embed_suffix(x_t, time)
+        b, h = suffix.shape[:2]
+        p = prefix_pad.shape[1]
+        suffix_pad = torch.ones(b, h, dtype=torch.bool, device=suffix.device)
+        ar = torch.zeros(b, h, dtype=torch.int32, device=suffix.device)
+        ar[:, 0] = 1
+        suffix_att = make_att_2d_masks(suffix_pad, ar)
+        full = torch.cat([prefix_pad[:, None, :].expand(b, h, p), suffix_att], dim=2)
+        positions = prefix_pad.to(torch.int64).sum(dim=-1, keepdim=True) + torch.cumsum(
+            suffix_pad.to(torch.int64), dim=1) - 1
+        outs, _ = self.paligemma_with_expert.run_layers(
+            [None, suffix], [None, cond], additive_mask(full), positions, past_kv=kv_cache
+        )
+        out = outs[1][:, -self.config.action_horizon:].to(torch.float32)
+        return self.action_out_proj(out)
+
+    @torch.no_grad()
+    def sample_actions(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
+                       token_masks: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Flow-matching sampling with static shapes (compile / CUDA-graph friendly). noise: float32 [B, H, A]."""
+        prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
+        kv_cache, _ = self.compute_prefix_cache(prefix_embs, prefix_pad)
+        times = euler_times(self.config.num_steps)
+        dt = torch.tensor(-1.0 / self.config.num_steps, dtype=torch.float32, device=noise.device)
+        x_t = noise.to(torch.float32)
+        b = x_t.shape[0]
+        for t in times:
+            time = torch.full((b,), t, dtype=torch.float32, device=noise.device)
+            v_t = self.denoise_step(kv_cache, prefix_pad, x_t, time)
+            x_t = x_t + dt * v_t
+        return x_t
+
+    @torch.no_grad()
+    def joint_velocity(self, images, image_masks, tokens, token_masks, x_t, time):
+        """Velocity from ONE joint pass over prefix + suffix (no cache), as openpi's training forward does.
+
+        Returns (v_t, prefix_output). Used to check that the cached path and the joint mask agree.
+        """
+        prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
+        suffix, cond = self.embed_suffix(x_t, time)
+        b, h = suffix.shape[:2]
+        suffix_pad = torch.ones(b, h, dtype=torch.bool, device=suffix.device)
+        pad = torch.cat([prefix_pad, suffix_pad], dim=1)
+        ar = torch.zeros_like(pad, dtype=torch.int32)
+        ar[:, prefix_pad.shape[1]] = 1
+        mask = make_att_2d_masks(pad, ar)
+        positions = torch.cumsum(pad.to(torch.int64), dim=1) - 1
+        outs, _ = self.paligemma_with_expert.run_layers(
+            [prefix_embs, suffix], [None, cond], additive_mask(mask), positions
+        )
+        v = self.action_out_proj(outs[1][:, -self.config.action_horizon:].to(torch.float32))
+        return v, outs[0]
+
+
+def build_model(config: Pi05Config, *, device: str | torch.device = "cpu", precision: str | None = None) -> Pi05Model:
+    """Construct the model (uninitialised values on 'meta'; use init_random_weights / a checkpoint otherwise)."""
+    with torch.device(device):
+        model = Pi05Model(config)
+    model.set_precision(precision or "float32")
+    return model.eval()
+
+
+@torch.no_grad()
+def init_random_weights(model: Pi05Model, seed: int = 0) -> Pi05Model:
+    """Deterministic random init (same values for the same seed on any machine: drawn on CPU in float32).
+
+    Scales keep activations O(1): weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02), norm weights ~ N(0, 0.1)
+    (Gemma scales by 1 + w; LayerNorm by 1 + N(0, 0.1)), embeddings ~ N(0, 1/width) (x sqrt(width) in use),
+    and the adaRMS `dense` ~ N(0, 1/fan_in) so that the time condition and gates matter.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    for name, param in model.named_parameters():
+        shape = tuple(param.shape)
+        x = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if name.endswith("embed_tokens.weight"):
+            x = x / math.sqrt(shape[1])
+        elif name.endswith("position_embedding.weight"):
+            x = x * 0.02
+        elif name.endswith(".bias"):
+            x = x * 0.02
+        elif "layer_norm" in name or "post_layernorm" in name:
+            x = 1.0 + 0.1 * x if name.endswith("weight") else x * 0.02
+        elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            x = x * 0.1
+        else:  # Linear / Conv weights
+            fan_in = int(np.prod(shape[1:]))
+            x = x / math.sqrt(fan_in)
+        param.data.copy_(x.to(param.dtype))
+    return model

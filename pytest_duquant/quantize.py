@@ -1,0 +1,207 @@
+"""quantize_model(model, config): select, pack (cached), replace, report. Also explicit calibration."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from pytest_duquant.config import DuQuantConfig, from_env
+from pytest_duquant.layer import DuQuantLinear
+from pytest_duquant.packs import PackCache, build_pack, pack_key
+from pytest_duquant.selection import LinearChoice, linear_choices, unmatched_layer_names
+
+log = logging.getLogger("duquant")
+
+
+class DuQuantError(RuntimeError):
+    """quantize_model cannot do what was asked (e.g. a selected layer is already quantized)."""
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    out_features: int
+    in_features: int
+    wbits: int
+    abits: int
+    block: int
+    block_out: int
+    permute: bool
+    row_rot: str
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    cached: bool
+
+
+@dataclass
+class QuantReport:
+    """What quantize_model did (or, in a dry run, would do)."""
+
+    preset: str
+    dryrun: bool
+    config: str
+    plan: list[LinearChoice] = field(default_factory=list)
+    layers: list[LayerRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def selected(self) -> list[str]:
+        return [c.name for c in self.plan if c.selected]
+
+    @property
+    def params(self) -> int:
+        return sum(c.in_features * c.out_features for c in self.plan if c.selected)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.layers)
+
+    def summary(self) -> str:
+        if self.dryrun:
+            return (f"DuQuant dry run ({self.preset}): {len(self.selected)} of {len(self.plan)} linears would be "
+                    f"quantized, {self.params / 1e6:.2f} M params; nothing changed")
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        return (f"DuQuant ({self.preset}): {len(self.layers)} layers, {self.params / 1e6:.2f} M params, "
+                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x), "
+                f"{self.seconds:.2f} s")
+
+    def table(self) -> str:
+        rows = [f"{'layer':<64} {'shape':>11} {'bits':>6} {'block':>9} {'MiB before':>10} {'after':>7}"]
+        if self.dryrun or not self.layers:
+            for c in self.plan:
+                mark = f"W{c.wbits}" if c.selected else "-"
+                rows.append(f"{c.name:<64} {c.out_features:>5}x{c.in_features:<5} {mark:>6} {c.reason}")
+            return "\n".join(rows)
+        for r in self.layers:
+            rows.append(f"{r.name:<64} {r.out_features:>5}x{r.in_features:<5} W{r.wbits}A{r.abits:<2} "
+                        f"{r.block:>4}/{r.block_out:<4} {r.bytes_before / 2**20:>10.2f} {r.bytes_after / 2**20:>7.2f}")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "preset": self.preset,
+            "dryrun": self.dryrun,
+            "config": self.config,
+            "plan": [c.to_dict() for c in self.plan],
+            "layers": [asdict(r) for r in self.layers],
+            "seconds": self.seconds,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+        }
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dryrun: bool | None = None,
+                   progress: bool = False) -> QuantReport:
+    """Replace the layers `config` selects with DuQuantLinear, in place. Returns a QuantReport.
+
+    `config` defaults to the environment (`from_env()`). With DRYRUN (or dryrun=True) the plan is returned
+    and the model is left untouched. A selected layer that is already quantized raises DuQuantError before
+    anything changes.
+    """
+    config = from_env() if config is None else config
+    dry = config.dryrun if dryrun is None else dryrun
+    start = time.perf_counter()
+    plan = linear_choices(model, config)
+    report = QuantReport(preset=config.preset, dryrun=dry, config=config.describe(), plan=plan)
+    if not config.enabled:
+        log.info("DuQuant: preset fp, nothing quantized")
+        return report
+    for missing in unmatched_layer_names(plan, config):
+        log.warning("DuQuant: %r (from LAYERS/WBITS) names no nn.Linear of this model", missing)
+    again = [c.name for c in plan if c.selected and c.quantized]
+    if again:
+        raise DuQuantError(
+            f"{len(again)} selected layer(s) are already DuQuant-quantized (e.g. {again[0]}); quantizing twice "
+            "would stack transforms. Quantize a fresh copy of the FP model instead."
+        )
+    selected = [c for c in plan if c.selected]
+    log.info("DuQuant plan (%s): %d of %d linears selected", config.describe(), len(selected), len(plan))
+    if dry:
+        for c in selected:
+            log.info("[dry run] would quantize %s [%d, %d] to W%d", c.name, c.out_features, c.in_features, c.wbits)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    cache = PackCache(config.packdir)
+    settings = config.pack_settings()
+    block_out = config.effective_block_out
+    iterator = selected
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(selected, desc="DuQuant", unit="layer")
+    for choice in iterator:
+        t0 = time.perf_counter()
+        linear = model.get_submodule(choice.name)
+        key = pack_key(choice.name, linear.weight, {**settings, "wbits": choice.wbits})
+        pack = cache.load(choice.name, key)
+        cached = pack is not None
+        if pack is None:
+            pack = build_pack(linear.weight, wbits=choice.wbits, block=config.block, block_out=block_out,
+                              ls=config.ls, permute=config.permute, row_rot=config.row_rot,
+                              rotation=config.rotation)
+            cache.save(choice.name, key, pack)
+        layer = DuQuantLinear.from_pack(
+            linear, pack, name=choice.name, wbits=choice.wbits, abits=config.abits, block=config.block,
+            block_out=block_out, row_rot=config.row_rot, act_pct=config.act_pct, calib_steps=config.calib_steps,
+            act_dynamic=config.act_dynamic, backend=config.backend,
+        )
+        _set_submodule(model, choice.name, layer)
+        before = linear.weight.numel() * linear.weight.element_size()
+        if linear.bias is not None:
+            before += linear.bias.numel() * linear.bias.element_size()
+        record = LayerRecord(
+            name=choice.name, out_features=choice.out_features, in_features=choice.in_features, wbits=choice.wbits,
+            abits=config.abits if layer.act_quant_enabled else 16, block=config.block, block_out=block_out,
+            permute=config.permute, row_rot=config.row_rot, bytes_before=before, bytes_after=layer.packed_bytes(),
+            seconds=time.perf_counter() - t0, cached=cached,
+        )
+        report.layers.append(record)
+        log.info("Quantizing layer: %s", choice.name)
+        log.info("Weight shape: [%d, %d]", choice.out_features, choice.in_features)
+        log.info("Quantized to W%dA%d, block=%d%s", record.wbits, record.abits, record.block,
+                 " (pack from cache)" if cached else "")
+        log.info("Memory saved: %.1f MB", (record.bytes_before - record.bytes_after) / 1e6)
+    report.seconds = time.perf_counter() - start
+    log.info("%s", report.summary())
+    return report
+
+
+def duquant_layers(model: nn.Module) -> list[DuQuantLinear]:
+    return [m for m in model.modules() if isinstance(m, DuQuantLinear)]
+
+
+@contextlib.contextmanager
+def calibration(model: nn.Module) -> Iterator[list[DuQuantLinear]]:
+    """Observe every forward call of every DuQuantLinear inside the block; freeze all scales on exit.
+
+    Use for calibration on real observations: every denoising step of every policy call is observed, and
+    no layer freezes early (CALIB_STEPS then counts the policy calls the caller makes).
+    """
+    layers = duquant_layers(model)
+    for layer in layers:
+        layer.calibrating = True
+    try:
+        with torch.no_grad():
+            yield layers
+    finally:
+        for layer in layers:
+            layer.calibrating = False
+            layer.freeze()
