@@ -212,7 +212,13 @@ def _parse_wbits_map(env: str, raw: Any) -> tuple[tuple[str, int], ...]:
     for name, bits in pairs:
         if not name:
             raise _err(env, raw, "must be 'name:bits,name:bits'; an entry has an empty name")
-        out.append((name, _parse_int(env, bits, lo=2, hi=32, what=f" bit width in 2..32 for {name!r}")))
+        try:
+            value = int(str(bits).strip())
+        except ValueError:
+            value = -1
+        if not 2 <= value <= 32:
+            raise _err(env, raw, f"bit width of {name!r} must be an integer in 2..32, got {bits!r}")
+        out.append((name, value))
     return tuple(out)
 
 

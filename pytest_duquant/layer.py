@@ -116,6 +116,13 @@ class DuQuantLinear(nn.Module):
             self.act_scale = self.observer.scale(self.abits).to(device=self.weight_q.device,
                                                                   dtype=self.weight_q.dtype)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A calibrated scale saved from another instance loads into this (not yet calibrated) one.
+        key = prefix + "act_scale"
+        if key in state_dict and self.act_scale is None:
+            self.act_scale = state_dict[key].detach().clone().to(self.weight_q.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def restore_output(self, y_t: torch.Tensor) -> torch.Tensor:
         """Finish the layer from the rotated-basis product y_t = x_t W_t^T."""
         if self.row_rot == "restore" and self.r_out is not None:

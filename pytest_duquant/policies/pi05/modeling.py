@@ -190,8 +190,13 @@ class GemmaModel(nn.Module):
         cond_dim = spec.width if adaptive else None
         self.layers = nn.ModuleList(GemmaDecoderLayer(spec, eps, cond_dim) for _ in range(spec.depth))
         self.norm = GemmaRMSNorm(spec.width, eps, cond_dim)
-        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_theta = rope_theta
+        self.register_buffer("inv_freq", self.fresh_inv_freq(), persistent=False)
+
+    def fresh_inv_freq(self, device=None) -> torch.Tensor:
+        """HF default RoPE init: 1 / theta^(2i/d), float32."""
+        d = self.spec.head_dim
+        return 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin [B, T, head_dim] for integer positions [B, T] (float32 math, cast to dtype)."""
@@ -426,7 +431,9 @@ class Pi05Model(nn.Module):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"precision {precision!r}: must be float32 or bfloat16")
         pwe = self.paligemma_with_expert
-        pwe.to(dtype=dtype)
+        for gm in (pwe.language_model, pwe.expert):  # start from exact float32 frequencies
+            gm.inv_freq = gm.fresh_inv_freq(device=gm.inv_freq.device)
+        pwe.to(dtype=dtype)  # casts the RoPE buffers too (bf16-rounded frequencies, as in openpi)
         if dtype == torch.bfloat16:
             for name, param in pwe.named_parameters():
                 if any(sel in name for sel in FLOAT32_PARAM_SELECTORS):

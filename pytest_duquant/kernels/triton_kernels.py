@@ -1,0 +1,347 @@
+"""Triton kernels for DuQuant W4A8 (imported lazily: only on a CUDA machine with triton).
+
+Kernels (each has a twin in `reference.py`):
+  _act_quant_kernel   x -> gather(perm) -> block rotation -> per-token int8 codes + scales   (one row tile
+                      per program, two passes over K: amax, then recompute + quantize). Large M.
+  _act_chunk_kernel   one (row tile, 64-column chunk) per program; MODE 0 stores x_t (fp32) and per-row
+                      partial max|x_t| (small-M path: the GEMM quantizes in its loop); MODE 1 static
+                      per-channel fake quant (simulated path); MODE 2 transform only.
+  _w4a8_gemm_kernel   int8 activations (or fp32 x_t quantized in the K loop) x packed int4 weights,
+                      int32 tensor-core accumulation, epilogue: * s_a * s_w, restore rotation (block-
+                      diagonal tile product), + bias; optional split-K with an in-kernel fix-up (the last
+                      K-slice of a tile sums the partials; counters reset themselves).
+
+Rotation chunks: a 64-wide output chunk c of x_t is x[:, cols] @ Rc, where for block b <= 64 cols are the
+64 channels of the chunk and Rc the 64x64 block-diagonal made of 64/b blocks (built by a masked load from
+the compact [nb, b, b] tensor), and for b > 64 cols are the b channels of the block and Rc its 64 columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pytest_duquant.kernels.packing import PACK_GROUP
+from pytest_duquant.kernels.packs import CHUNK, SimPack, W4A8Pack
+
+
+@triton.jit
+def _rne(v):
+    """Round half to even (torch.round) in float32."""
+    f = tl.floor(v)
+    d = v - f
+    odd = f - 2.0 * tl.floor(f * 0.5)
+    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
+
+
+@triton.jit
+def _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, row_mask, c,
+               B: tl.constexpr, W: tl.constexpr, HAS_PERM: tl.constexpr):
+    i = tl.arange(0, W)
+    j = tl.arange(0, 64)
+    if B <= 64:
+        start = c * 64
+        ridx = (start + i)[:, None] * B + (j % B)[None, :]
+        rmask = (i // B)[:, None] == (j // B)[None, :]
+    else:
+        blk = (c * 64) // B
+        start = blk * B
+        ridx = blk * B * B + i[:, None] * B + ((c * 64 - start) + j)[None, :]
+        rmask = (i[:, None] < W) & (j[None, :] < 64)
+    cols = start + i
+    if HAS_PERM:
+        src = tl.load(perm_ptr + cols)
+    else:
+        src = cols
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :], mask=row_mask[:, None], other=0.0)
+    r = tl.load(r_ptr + ridx, mask=rmask, other=0.0)
+    return tl.dot(x.to(r.dtype), r)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, perm_ptr, r_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+                      QMAX: tl.constexpr, B: tl.constexpr, W: tl.constexpr, HAS_PERM: tl.constexpr,
+                      BM: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    nch = K // 64
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for c in range(0, nch):
+        v = _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, rmask, c, B, W, HAS_PERM)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    scale = tl.maximum(amax / QMAX, 1e-8)
+    j = tl.arange(0, 64)
+    for c in range(0, nch):
+        v = _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, rmask, c, B, W, HAS_PERM)
+        q = _rne(v / scale[:, None])
+        q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
+        tl.store(q_ptr + rows[:, None] * stride_qm + (c * 64 + j)[None, :], q.to(tl.int8), mask=rmask[:, None])
+    tl.store(s_ptr + rows, scale, mask=rmask)
+
+
+@triton.jit
+def _act_chunk_kernel(x_ptr, perm_ptr, r_ptr, out_ptr, aux_ptr, M, K, stride_xm, stride_om,
+                      MODE: tl.constexpr, QMAX: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
+                      HAS_PERM: tl.constexpr, BM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < M
+    v = _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, rmask, c, B, W, HAS_PERM)
+    cols = c * 64 + tl.arange(0, 64)
+    optr = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    if MODE == 0:
+        tl.store(optr, v.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        tl.store(aux_ptr + rows * (K // 64) + c, tl.max(tl.abs(v), axis=1), mask=rmask)
+    elif MODE == 1:
+        s = tl.load(aux_ptr + cols)
+        q = _rne(v / s[None, :])
+        q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
+        tl.store(optr, (q * s[None, :]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    else:
+        tl.store(optr, v.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _gemm_finish(y, rm, rn, pid_n, N, mmask, nmask, bias_ptr, ro_ptr, out_ptr, stride_om,
+                 HAS_BIAS: tl.constexpr, RESTORE: tl.constexpr, BO: tl.constexpr, BN: tl.constexpr):
+    if RESTORE:
+        ii = tl.arange(0, BN)
+        g = pid_n * BN + ii
+        ridx = g[:, None] * BO + (ii % BO)[None, :]
+        rmsk = ((ii // BO)[:, None] == (ii // BO)[None, :]) & (g < N)[:, None]
+        rr = tl.load(ro_ptr + ridx, mask=rmsk, other=0.0)
+        y = tl.dot(y, rr)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rn, mask=nmask, other=0.0)
+        y = y + b[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, out_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, stride_am, stride_om, NPM,
+                      A_FLOAT: tl.constexpr, NPM_P2: tl.constexpr, QMAX: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, RESTORE: tl.constexpr, BO: tl.constexpr,
+                      SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % width) % gsz)
+    pid_n = (pid % width) // gsz
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < N
+    kk = tl.arange(0, 64)
+    n_kt = K // 128
+    per = tl.cdiv(n_kt, SPLIT_K)
+    kt0 = pid_k * per
+    kt1 = tl.minimum(kt0 + per, n_kt)
+    if A_FLOAT:
+        pc = tl.arange(0, NPM_P2)
+        pm = tl.load(pm_ptr + rm[:, None] * NPM + pc[None, :], mask=mmask[:, None] & (pc < NPM)[None, :],
+                     other=0.0)
+        sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+    else:
+        sa = tl.load(sa_ptr + rm, mask=mmask, other=1.0)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    a_base = a_ptr + rm[:, None] * stride_am + kk[None, :]
+    w_base = w_ptr + rn[:, None] * (K // 2) + kk[None, :]
+    for kt in range(kt0, kt1):
+        wp = tl.load(w_base + kt * 64, mask=nmask[:, None], other=0)
+        w32 = wp.to(tl.int32)
+        w_lo = ((w32 << 28) >> 28).to(tl.int8)
+        w_hi = ((w32 << 24) >> 28).to(tl.int8)
+        if A_FLOAT:
+            xl = tl.load(a_base + kt * 128, mask=mmask[:, None], other=0.0)
+            xh = tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0.0)
+            al = tl.minimum(tl.maximum(_rne(xl / sa[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+            ah = tl.minimum(tl.maximum(_rne(xh / sa[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+        else:
+            al = tl.load(a_base + kt * 128, mask=mmask[:, None], other=0)
+            ah = tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0)
+        acc = tl.dot(al, tl.trans(w_lo), acc)
+        acc = tl.dot(ah, tl.trans(w_hi), acc)
+    sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if SPLIT_K == 1:
+        _gemm_finish(y, rm, rn, pid_n, N, mmask, nmask, bias_ptr, ro_ptr, out_ptr, stride_om,
+                     HAS_BIAS, RESTORE, BO, BN)
+    else:
+        omask = mmask[:, None] & nmask[None, :]
+        tile = rm[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + pid_k * M * N + tile, y, mask=omask)
+        tl.debug_barrier()
+        count = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            tot = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                tot += tl.load(ws_ptr + s * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
+            _gemm_finish(tot, rm, rn, pid_n, N, mmask, nmask, bias_ptr, ro_ptr, out_ptr, stride_om,
+                         HAS_BIAS, RESTORE, BO, BN)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+
+
+# ---- launchers -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GemmConfig:
+    path: str = "L"  # "L": act_quant kernel -> int8 codes; "S": chunk kernel -> fp32 x_t, quantized in GEMM
+    bm: int = 64
+    bn: int = 128
+    split_k: int = 1
+    warps: int = 4
+    stages: int = 3
+    act_bm: int = 16
+    act_warps: int = 4
+    group_m: int = 8
+
+    def tag(self) -> str:
+        return (f"{self.path}/bm{self.bm}/bn{self.bn}/sk{self.split_k}/w{self.warps}/s{self.stages}"
+                f"/abm{self.act_bm}")
+
+
+def _divisor_at_most(n: int, cap: int) -> int:
+    for s in range(max(1, min(cap, n)), 0, -1):
+        if n % s == 0:
+            return s
+    return 1
+
+
+def pick_config(m: int, n: int, k: int) -> GemmConfig:
+    """Heuristic configuration (tuned on H100 with scripts/gpu_bench.py --sweep; see docs/gpu-notes.md)."""
+    n_kt = k // PACK_GROUP
+    if m <= 64:
+        bn = 32 if n <= 512 else 64
+        tiles = -(-n // bn)
+        split = _divisor_at_most(n_kt, max(1, 264 // tiles))
+        return GemmConfig(path="S", bm=16, bn=bn, split_k=split, warps=4, stages=4, act_bm=16)
+    if m <= 512:
+        bm, bn = 64, 64
+        tiles = -(-m // bm) * -(-n // bn)
+        split = _divisor_at_most(n_kt, max(1, 132 // tiles))
+        return GemmConfig(path="S", bm=bm, bn=bn, split_k=split, warps=4, stages=3, act_bm=32)
+    bm, bn = 128, 128
+    return GemmConfig(path="L", bm=bm, bn=bn, split_k=1, warps=8, stages=3, act_bm=32, act_warps=4)
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def _rot_params(block: int) -> tuple[int, int]:
+    return block, max(block, CHUNK)
+
+
+def act_quant(x2d: torch.Tensor, pack: W4A8Pack, *, bm: int = 16, warps: int = 4):
+    """Fused gather + rotation + per-token quantization: (codes int8 [M, K], scales float32 [M])."""
+    m, k = x2d.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x2d.device)
+    b, w = _rot_params(pack.block)
+    perm = pack.perm if pack.perm is not None else pack.w_scales
+    _act_quant_kernel[(triton.cdiv(m, bm),)](
+        x2d, perm, pack.r_in, q, s, m, k, x2d.stride(0), q.stride(0),
+        QMAX=pack.qmax_a, B=b, W=w, HAS_PERM=pack.perm is not None, BM=bm, num_warps=warps)
+    return q, s
+
+
+def act_chunks(x2d: torch.Tensor, perm, r_in, block: int, *, mode: int, aux=None, out_dtype=torch.float32,
+               qmax: int = 127, bm: int = 16, warps: int = 4):
+    """Chunk-parallel activation transform. mode 0: (x_t, partial max [M, K/64]); 1: fake quant; 2: x_t."""
+    m, k = x2d.shape
+    out = torch.empty((m, k), dtype=out_dtype, device=x2d.device)
+    if mode == 0:
+        aux = torch.empty((m, k // CHUNK), dtype=torch.float32, device=x2d.device)
+    b, w = _rot_params(block)
+    _act_chunk_kernel[(triton.cdiv(m, bm), k // CHUNK)](
+        x2d, perm if perm is not None else r_in, r_in, out, aux if aux is not None else out, m, k,
+        x2d.stride(0), out.stride(0), MODE=mode, QMAX=qmax, B=b, W=w, HAS_PERM=perm is not None, BM=bm,
+        num_warps=warps)
+    return (out, aux) if mode == 0 else out
+
+
+def w4a8_gemm(a: torch.Tensor, a_scale_or_pmax: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig, *,
+              a_float: bool, out_dtype=torch.bfloat16, epilogue: bool = True) -> torch.Tensor:
+    """GEMM + epilogue. `epilogue=False` leaves out bias and restore (integer tests)."""
+    m, k = a.shape
+    n = pack.out_features
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    restore = epilogue and pack.r_out is not None
+    fuse_restore = restore and cfg.bn % pack.block_out == 0 and pack.block_out >= 16
+    has_bias = epilogue and pack.bias is not None and (fuse_restore or not restore)
+    bm, bn, split = cfg.bm, cfg.bn, cfg.split_k
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else out
+    cnt = _counters(a.device, tiles) if split > 1 else pack.w_scales
+    npm = k // CHUNK
+    out_k = out if not (restore and not fuse_restore) else torch.empty((m, n), dtype=torch.float32,
+                                                                         device=a.device)
+    _w4a8_gemm_kernel[(tiles, split)](
+        a, a_scale_or_pmax, a_scale_or_pmax, pack.w_packed, pack.w_scales,
+        pack.bias if has_bias else pack.w_scales, pack.r_out if fuse_restore else pack.w_scales,
+        out_k, ws, cnt, m, n, k, a.stride(0), out_k.stride(0), npm,
+        A_FLOAT=a_float, NPM_P2=triton.next_power_of_2(npm), QMAX=pack.qmax_a, HAS_BIAS=has_bias,
+        RESTORE=fuse_restore, BO=max(pack.block_out, 1), SPLIT_K=split, BM=bm, BN=bn, GROUP_M=cfg.group_m,
+        num_warps=cfg.warps, num_stages=cfg.stages)
+    if restore and not fuse_restore:  # block_out does not tile BN: a separate small step
+        nbo, bo, _ = pack.r_out.shape
+        y = torch.einsum("mnb,nbc->mnc", out_k.view(m, nbo, bo), pack.r_out).reshape(m, n)
+        if pack.bias is not None:
+            y = y + pack.bias
+        out.copy_(y)
+    return out
+
+
+def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) -> torch.Tensor:
+    """Real W4A8 forward: activation kernel + int8 x int4 GEMM; returns x.dtype [..., N]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pack.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if cfg is None:
+        cfg = pick_config(m, pack.out_features, pack.in_features)
+    if cfg.path == "L":
+        q, s = act_quant(x2, pack, bm=cfg.act_bm, warps=cfg.act_warps)
+        y = w4a8_gemm(q, s, pack, cfg, a_float=False, out_dtype=x.dtype)
+    else:
+        xt, pm = act_chunks(x2, pack.perm, pack.r_in, pack.block, mode=0, bm=cfg.act_bm, warps=cfg.act_warps)
+        y = w4a8_gemm(xt, pm, pack, cfg, a_float=True, out_dtype=x.dtype)
+    return y.reshape(*lead, pack.out_features)
+
+
+def sim_act(x2d: torch.Tensor, pack: SimPack, *, bm: int = 32, warps: int = 4) -> torch.Tensor:
+    mode = 1 if pack.act_scale is not None else 2
+    return act_chunks(x2d, pack.perm, pack.r_in, pack.block, mode=mode, aux=pack.act_scale,
+                      out_dtype=pack.weight.dtype, qmax=max(pack.qmax_a, 1), bm=bm, warps=warps)
+
+
+def simulated_linear(x: torch.Tensor, pack: SimPack, *, bm: int | None = None) -> torch.Tensor:
+    """Fast simulated forward: one fused transform + fake-quant kernel, then one cuBLAS GEMM (+ bias)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pack.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if bm is None:
+        bm = 16 if x2.shape[0] <= 64 else 64
+    xq = sim_act(x2.to(pack.weight.dtype) if x2.dtype != pack.weight.dtype else x2, pack, bm=bm)
+    y = torch.nn.functional.linear(xq, pack.weight, pack.bias)
+    return y.reshape(*lead, pack.out_features).to(x.dtype)
