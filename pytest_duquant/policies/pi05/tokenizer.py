@@ -83,17 +83,18 @@ def discretize_state(state: np.ndarray) -> np.ndarray:
 class PaligemmaTokenizer:
     """SentencePiece tokenizer producing (tokens int64[max_len], mask bool[max_len])."""
 
-    def __init__(self, model_path: str | os.PathLike, max_len: int = 200):
+    def __init__(self, model_path: str | os.PathLike | None, max_len: int = 200, *, model_proto: bytes | None = None):
         try:
             import sentencepiece
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise CheckpointError(
                 "the pi0.5 tokenizer needs the 'sentencepiece' package (pip install sentencepiece)"
             ) from exc
-        self.path = Path(model_path)
+        self.path = Path(model_path) if model_path is not None else "<in-memory tiny tokenizer>"
         self.max_len = int(max_len)
         try:
-            self._sp = sentencepiece.SentencePieceProcessor(model_proto=self.path.read_bytes())
+            proto = model_proto if model_proto is not None else Path(model_path).read_bytes()
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
         except Exception as exc:
             raise CheckpointError(f"tokenizer {self.path}: not a SentencePiece model ({exc})") from exc
 
@@ -139,6 +140,14 @@ _TINY_CORPUS = [
 
 def train_tiny_tokenizer(out_path: str | os.PathLike, vocab_size: int = 300) -> Path:
     """Train a small SentencePiece model (deterministic, single thread) for tests and random checkpoints."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(tiny_tokenizer_proto(vocab_size))
+    return out
+
+
+def tiny_tokenizer_proto(vocab_size: int = 300) -> bytes:
+    """The serialized tiny SentencePiece model (about 110 pieces; ids: pad 0, eos 1, bos 2, unk 3)."""
     import io
 
     import sentencepiece as spm
@@ -160,7 +169,4 @@ def train_tiny_tokenizer(out_path: str | os.PathLike, vocab_size: int = 300) -> 
         remove_extra_whitespaces=False,
         minloglevel=2,
     )
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(buf.getvalue())
-    return out
+    return buf.getvalue()

@@ -1,0 +1,153 @@
+"""Pi05Policy: LIBERO observations in, [horizon, 7] actions out, with an explicit noise seed per call."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pytest_duquant.policies.pi05.checkpoint import load_checkpoint, random_norm_stats
+from pytest_duquant.policies.pi05.configuration import Pi05Config, variant_config
+from pytest_duquant.policies.pi05.errors import CheckpointError
+from pytest_duquant.policies.pi05.modeling import Pi05Model, build_model, init_random_weights
+from pytest_duquant.policies.pi05.processing import NormStats, postprocess_actions, prepare_inputs
+from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer, resolve_tokenizer_path
+
+
+def noise_for_seed(seed: int, horizon: int, action_dim: int) -> torch.Tensor:
+    """float32 [horizon, action_dim] ~ N(0, 1) from torch.Generator(cpu).manual_seed(seed): device independent."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn((horizon, action_dim), generator=gen, dtype=torch.float32)
+
+
+class Pi05Policy:
+    """A pi0.5 model with its processing. `model` is a plain nn.Module (quantize_model can wrap its linears)."""
+
+    def __init__(
+        self,
+        model: Pi05Model,
+        norm_stats: NormStats,
+        tokenizer,
+        *,
+        device: str | torch.device = "cpu",
+        source: str = "",
+        layout: str = "openpi",
+    ):
+        self.model = model.to(device).eval()
+        self.config: Pi05Config = model.config
+        self.norm_stats = norm_stats
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.source = source
+        self.layout = layout
+        self._sample = self.model.sample_actions
+
+    # ---- speed options ------------------------------------------------------------------------
+    def compile(self, mode: str | None = None, **kwargs) -> Pi05Policy:
+        """torch.compile sample_actions (mode e.g. 'max-autotune' / 'reduce-overhead' = CUDA graphs)."""
+        self._sample = torch.compile(self.model.sample_actions, mode=mode, **kwargs)
+        return self
+
+    # ---- inference ----------------------------------------------------------------------------
+    def prepare(self, observations: Sequence[dict]) -> dict[str, torch.Tensor]:
+        return prepare_inputs(list(observations), self.config, self.norm_stats, self.tokenizer, self.device)
+
+    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        cfg = self.config
+        return torch.stack([noise_for_seed(s, cfg.action_horizon, cfg.action_dim) for s in seeds]).to(self.device)
+
+    @torch.no_grad()
+    def raw_actions(self, observations: Sequence[dict], noise_seeds: Sequence[int]) -> torch.Tensor:
+        """Normalized model output [N, horizon, action_dim] (float32) before unnormalization."""
+        if len(observations) != len(noise_seeds):
+            raise ValueError(f"{len(observations)} observations but {len(noise_seeds)} noise seeds")
+        inputs = self.prepare(observations)
+        return self._sample(noise=self.noise(noise_seeds), **inputs)
+
+    def infer_batch(self, observations: Sequence[dict], noise_seeds: Sequence[int]) -> np.ndarray:
+        """-> float32 [N, horizon, 7] actions in env units; noise of observation i from seed noise_seeds[i]."""
+        return postprocess_actions(self.raw_actions(observations, noise_seeds), self.config, self.norm_stats)
+
+    def infer(self, observation: dict, noise_seed: int = 0) -> np.ndarray:
+        """-> float32 [horizon, 7] actions for one observation."""
+        return self.infer_batch([observation], [noise_seed])[0]
+
+    def __repr__(self) -> str:
+        return (f"Pi05Policy(variant={self.config.variant!r}, layout={self.layout!r}, device={str(self.device)!r}, "
+                f"dtype={self.model.compute_dtype}, source={self.source!r})")
+
+
+def _dtype_name(dtype) -> str:
+    if dtype in (None, torch.float32, "float32", "fp32"):
+        return "float32"
+    if dtype in (torch.bfloat16, "bfloat16", "bf16"):
+        return "bfloat16"
+    raise CheckpointError(f"dtype {dtype!r}: must be float32 or bfloat16")
+
+
+def build_policy(
+    variant: str = "dummy",
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float32,
+    *,
+    device: str | torch.device = "cpu",
+    tokenizer=None,
+    norm_stats: NormStats | None = None,
+    config: Pi05Config | None = None,
+) -> Pi05Policy:
+    """A random-weight policy (deterministic in `seed`), e.g. the embedded default for CI.
+
+    tokenizer: a PaligemmaTokenizer, a path, or None (OPENPI_TOKENIZER / openpi cache, else a tiny one trained
+    into a temporary directory).
+    """
+    config = config or variant_config(variant)
+    model = build_model(config, device="cpu")
+    init_random_weights(model, seed)
+    model.set_precision(_dtype_name(dtype))
+    tok = _tokenizer(tokenizer, None, config)
+    return Pi05Policy(model, norm_stats or random_norm_stats(seed), tok, device=device,
+                      source=f"random:{config.variant}:seed={seed}")
+
+
+def _tokenizer(tokenizer, ckpt_dir, config: Pi05Config, allow_tiny: bool = True):
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    try:
+        path = resolve_tokenizer_path(tokenizer, ckpt_dir)
+    except CheckpointError:
+        if tokenizer is not None or not allow_tiny or ckpt_dir is not None:
+            raise
+        from pytest_duquant.policies.pi05.tokenizer import tiny_tokenizer_proto
+
+        return PaligemmaTokenizer(None, config.max_token_len, model_proto=tiny_tokenizer_proto())
+    return PaligemmaTokenizer(path, config.max_token_len)
+
+
+def load_policy(
+    ckpt_dir: str | os.PathLike,
+    tokenizer=None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    *,
+    asset_id: str | None = None,
+    discrete_state_input: bool | None = None,
+) -> Pi05Policy:
+    """Load an openpi or lerobot pi0.5 checkpoint directory (layout detected from its files).
+
+    dtype None = the checkpoint's precision (openpi config.json "precision"; lerobot "dtype").
+    Config, norm stats and tokenizer are validated before any weight is read (CheckpointError).
+    """
+    from pytest_duquant.policies.pi05.checkpoint import detect_layout, read_config, read_norm_stats
+
+    d = Path(ckpt_dir)
+    layout = detect_layout(d)
+    config = read_config(d, layout)
+    read_norm_stats(d, layout, asset_id)  # fail early
+    tok = _tokenizer(tokenizer, d, config, allow_tiny=False)
+    overrides = {} if discrete_state_input is None else {"discrete_state_input": bool(discrete_state_input)}
+    model, config, norm_stats, layout = load_checkpoint(d, device=device, dtype=dtype, asset_id=asset_id,
+                                                        config_overrides=overrides)
+    return Pi05Policy(model, norm_stats, tok, device=device, source=str(d), layout=layout)

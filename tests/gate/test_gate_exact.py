@@ -1,0 +1,166 @@
+"""Exactness of the gate's tests: statistics, p-values and intervals against brute-force enumeration."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from pytest_duquant import gate as g
+
+
+def _brute_paired_z(b, c, n, d):
+    """Score statistic from a brute-force restricted MLE (fine grid on the boundary p_b = p_c + d)."""
+    lo, hi = max(0.0, -d), (1.0 - d) / 2.0
+    x = np.linspace(lo, hi, 200001)
+    pb, pc, pa = x + d, x, 1.0 - 2 * x - d
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ll = (np.where(b > 0, b * np.log(pb), 0.0) + np.where(c > 0, c * np.log(pc), 0.0)
+              + np.where(n - b - c > 0, (n - b - c) * np.log(np.clip(pa, 0, None)), 0.0))
+    i = int(np.nanargmax(ll))
+    var = pb[i] + pc[i] - d * d
+    num = b - c - n * d
+    return 0.0 if abs(num) < 1e-12 else num / math.sqrt(n * var)
+
+
+@pytest.mark.parametrize("n", [6, 9])
+@pytest.mark.parametrize("d", [0.0, 0.1, 0.3, -0.2])
+def test_paired_statistic_matches_brute_force_mle_and_is_monotone(n, d):
+    zs = g._paired_zstar(n, d)
+    raw = {(b, c): _brute_paired_z(b, c, n, d) for b in range(n + 1) for c in range(n + 1 - b)}
+    for (b, c), z in raw.items():
+        # envelope = max over b' <= b, c' >= c of the raw statistic
+        env = max(v for (bb, cc), v in raw.items() if bb <= b and cc >= c)
+        assert zs[b, c] == pytest.approx(env, abs=2e-3), (b, c)
+    for b in range(n + 1):
+        for c in range(n - b):
+            assert zs[b, c] >= zs[b, c + 1]
+            assert zs[b + 1, c] >= zs[b, c]
+
+
+def _brute_paired_tail(n, region, pb, pc):
+    """Sum over all 3^n episode sequences whose (b, c) lies in the region."""
+    probs = (pb, pc, 1.0 - pb - pc)
+    total = 0.0
+    for seq in itertools.product(range(3), repeat=n):
+        b, c = seq.count(0), seq.count(1)
+        if (b, c) in region:
+            p = 1.0
+            for s in seq:
+                p *= probs[s]
+            total += p
+    return total
+
+
+@pytest.mark.parametrize("n,d", [(6, 0.0), (6, 0.15), (7, 0.3)])
+def test_paired_pvalue_is_the_worst_case_over_the_whole_composite_null(n, d):
+    zs = g._paired_zstar(n, d)
+    cells = [(b, c) for b in range(n + 1) for c in range(n + 1 - b)]
+    for b, c in [(3, 0), (2, 1), (n, 0), (1, 1), (0, 2), (4, 1)]:
+        if b + c > n:
+            continue
+        region = {cell for cell in cells if zs[cell] >= zs[b, c]}
+        # (i) the boundary segment, fine grid
+        lo, hi = max(0.0, -d), (1 - d) / 2
+        boundary = max(_brute_paired_tail(n, region, x + d, x) for x in np.linspace(lo, hi, 301))
+        # (ii) interior points of the null {p_b - p_c <= d}: never larger than the boundary sup
+        inner = max(
+            _brute_paired_tail(n, region, pb, pc)
+            for pb in np.linspace(0, 1, 21)
+            for pc in np.linspace(0, 1, 21)
+            if pb + pc <= 1 + 1e-12 and pb - pc <= d + 1e-12
+        )
+        p = g.paired_pvalue(b, c, n, d)
+        assert p == pytest.approx(boundary, abs=2e-4), (b, c)
+        assert p >= boundary - 1e-9
+        assert inner <= p + 1e-9, (b, c, inner, p)
+
+
+def _brute_unpaired_tail(n1, n2, region, p1, p2):
+    total = 0.0
+    for s1 in itertools.product((0, 1), repeat=n1):
+        x1 = sum(s1)
+        w1 = p1**x1 * (1 - p1) ** (n1 - x1)
+        for x2 in range(n2 + 1):
+            if (x1, x2) in region:
+                total += w1 * math.comb(n2, x2) * p2**x2 * (1 - p2) ** (n2 - x2)
+    return total
+
+
+@pytest.mark.parametrize("d", [0.0, 0.2])
+def test_unpaired_pvalue_against_enumeration(d):
+    n1, n2 = 7, 5
+    zs = g._unpaired_zstar(n1, n2, d)
+    for x1, x2 in [(7, 2), (6, 3), (5, 5), (7, 0), (3, 1)]:
+        region = {(a, b) for a in range(n1 + 1) for b in range(n2 + 1) if zs[a, b] >= zs[x1, x2]}
+        grid = np.linspace(max(0, -d), min(1, 1 - d), 401)
+        boundary = max(_brute_unpaired_tail(n1, n2, region, x + d, x) for x in grid)
+        inner = max(_brute_unpaired_tail(n1, n2, region, p1, p2)
+                    for p1 in np.linspace(0, 1, 21) for p2 in np.linspace(0, 1, 21) if p1 - p2 <= d + 1e-12)
+        p = g.unpaired_pvalue(x1, n1, x2, n2, d)
+        assert p == pytest.approx(boundary, abs=2e-4), (x1, x2)
+        assert inner <= p + 1e-9
+
+
+@pytest.mark.parametrize("d", [0.0, 0.05, 0.3, -0.1])
+def test_farrington_manning_rmle_maximizes_the_restricted_likelihood(d):
+    n1, n2 = 12, 9
+    for x1 in range(0, n1 + 1, 3):
+        for x2 in range(0, n2 + 1, 2):
+            t1, t2 = g._unpaired_rmle(np.array(x1 / n1), np.array(x2 / n2), n1, n2, d)
+            p2 = np.linspace(max(0, -d), min(1, 1 - d), 100001)
+            p1 = p2 + d
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ll = (np.where(x1 > 0, x1 * np.log(p1), 0) + np.where(n1 - x1 > 0, (n1 - x1) * np.log(1 - p1), 0)
+                      + np.where(x2 > 0, x2 * np.log(p2), 0) + np.where(n2 - x2 > 0, (n2 - x2) * np.log(1 - p2), 0))
+            assert float(t2) == pytest.approx(p2[int(np.nanargmax(ll))], abs=1e-4)
+            assert float(t1 - t2) == pytest.approx(d, abs=1e-12)
+
+
+def test_pvalue_is_monotone_in_the_evidence():
+    n, d = 60, 0.05
+    p = [g.paired_pvalue(b, 2, n, d) for b in range(2, 20)]
+    assert all(x >= y - 1e-12 for x, y in zip(p, p[1:]))
+    assert p[0] > 0.5 and p[-1] < 0.001
+
+
+@pytest.mark.parametrize("b,c,n", [(12, 1, 80), (8, 3, 80), (20, 2, 150), (5, 5, 40)])
+def test_paired_ci_is_consistent_with_the_test(b, c, n):
+    lo, hi = g._paired_ci(b, c, n, 0.05)
+    assert lo <= (b - c) / n <= hi
+    for d in (0.0, 0.02, 0.05, 0.1):
+        if abs(lo - d) < 1e-3:
+            continue
+        assert (g.paired_pvalue(b, c, n, d) <= 0.05) == (lo > d), d
+
+
+def test_unpaired_ci_is_consistent_with_the_test():
+    x1, n1, x2, n2 = 57, 60, 45, 60
+    lo, hi = g._unpaired_ci(x1, n1, x2, n2, 0.05)
+    assert lo <= x1 / n1 - x2 / n2 <= hi
+    for d in (0.0, 0.05, 0.1, 0.15):
+        if abs(lo - d) > 1e-3:
+            assert (g.unpaired_pvalue(x1, n1, x2, n2, d) <= 0.05) == (lo > d)
+
+
+def test_clopper_pearson_closed_forms_and_tail_equations():
+    n = 10
+    lo, hi = g.clopper_pearson(0, n, 0.95)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / n), abs=1e-9)
+    lo, hi = g.clopper_pearson(n, n, 0.95)
+    assert hi == 1.0 and lo == pytest.approx(0.025 ** (1 / n), abs=1e-9)
+    lo, hi = g.clopper_pearson(3, 10, 0.9)
+    assert 1 - g.binom_cdf(2, 10, lo) == pytest.approx(0.05, abs=1e-9)
+    assert g.binom_cdf(3, 10, hi) == pytest.approx(0.05, abs=1e-9)
+
+
+def test_power_and_critical_value_agree_with_pvalues():
+    n, d, a = 120, 0.05, 0.05
+    u = g.paired_critical_value(n, d, a)
+    zs = g._paired_zstar(n, d)
+    for b, c in [(10, 1), (14, 2), (16, 2), (25, 0), (9, 3)]:
+        assert (g.paired_pvalue(b, c, n, d) <= a) == (zs[b, c] >= u)
+    assert g.paired_power(n, d, a, d, 0.01) <= a
+    assert g.paired_power(n, d, a, 0.25, 0.01) > 0.99
