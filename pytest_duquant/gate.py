@@ -63,7 +63,9 @@ __all__ = [
     "paired_power",
     "paired_pvalue",
     "paired_statistic",
+    "schedule_order",
     "sequential_monitor",
+    "sequential_operating_characteristics",
     "spending_function",
     "unpaired_critical_value",
     "unpaired_power",
@@ -215,7 +217,7 @@ def _sup(f: Callable[[float], float], lo: float, hi: float, grid: int = _GRID) -
     g = (math.sqrt(5.0) - 1.0) / 2.0
     x1, x2 = bnd - g * (bnd - a), a + g * (bnd - a)
     f1, f2 = f(x1), f(x2)
-    for _ in range(22):
+    for _ in range(16):
         if f1 >= f2:
             bnd, x2, f2 = x2, x1, f1
             x1 = bnd - g * (bnd - a)
@@ -256,7 +258,7 @@ def _check_alpha(alpha: float, name: str = "alpha") -> float:
 
 
 def _paired_rmle(b: np.ndarray, c: np.ndarray, n: int, d: float) -> tuple[np.ndarray, np.ndarray]:
-    """Restricted MLE (p_b, p_c) of the trinomial under p_b - p_c = d >= 0 (root of 2n x^2 - B x - c d(1-d))."""
+    """Restricted MLE (p_b, p_c) of the trinomial under p_b - p_c = d >= 0 (2n x^2 - B x - c d(1-d) = 0)."""
     big_b = (b + c) - d * (2 * n - b + c)
     x = (big_b + np.sqrt(big_b * big_b + 8.0 * n * c * d * (1.0 - d))) / (4.0 * n)
     x = np.clip(x, 0.0, (1.0 - d) / 2.0)
@@ -265,20 +267,41 @@ def _paired_rmle(b: np.ndarray, c: np.ndarray, n: int, d: float) -> tuple[np.nda
 
 @functools.lru_cache(maxsize=16)
 def _paired_zstar(n: int, delta: float) -> np.ndarray:
-    b = np.arange(n + 1, dtype=float)[:, None]
-    c = np.arange(n + 1, dtype=float)[None, :]
-    if delta >= 0:
-        pb, pc = _paired_rmle(b, c, n, delta)
-    else:
-        pc, pb = _paired_rmle(c, b, n, -delta)
-    num = b - c - n * delta
-    den = np.sqrt(np.maximum(n * (pb + pc - delta * delta), 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(den > 1e-12, num / np.where(den > 1e-12, den, 1.0), np.sign(num) * 1e6)
-    z = np.where(b + c <= n, z, -np.inf)
-    out = _envelope(z)
-    out.setflags(write=False)
-    return out
+    # Tango's statistic on the (b, c) grid, written with in-place operations (n = 4500 is 20M cells).
+    # Rows are b, columns c. For delta < 0 the restricted MLE is that of the swapped problem (c, b; -delta);
+    # only p_b + p_c = 2x + |delta| enters the variance, which is symmetric.
+    d = abs(delta)
+    r = np.arange(n + 1, dtype=float)
+    if delta >= 0:  # B = (1 + d) b + (1 - d) c - 2 n d; the c-role count is c
+        big_b = ((1 + d) * r - 2 * n * d)[:, None] + ((1 - d) * r)[None, :]
+        x = big_b * big_b
+        x += (8.0 * n * d * (1.0 - d)) * r[None, :]
+    else:  # roles swapped: B = (1 + d) c + (1 - d) b - 2 n d; the c-role count is b
+        big_b = ((1 - d) * r - 2 * n * d)[:, None] + ((1 + d) * r)[None, :]
+        x = big_b * big_b
+        x += (8.0 * n * d * (1.0 - d)) * r[:, None]
+    np.sqrt(x, out=x)
+    x += big_b
+    del big_b
+    x *= 1.0 / (4.0 * n)
+    np.clip(x, 0.0, (1.0 - d) / 2.0, out=x)
+    # den = sqrt(n (p_b + p_c - delta^2)) = sqrt(n (2x + d - d^2))
+    x *= 2.0 * n
+    x += n * (d - d * d)
+    np.maximum(x, 0.0, out=x)
+    np.sqrt(x, out=x)
+    z = (r - n * delta)[:, None] - r[None, :]  # numerator b - c - n delta
+    small = x <= 1e-12
+    np.divide(z, x, out=z, where=~small)
+    if small.any():
+        z[small] = np.sign(z[small]) * 1e6
+    del x, small
+    z[(r[:, None] + r[None, :]) > n] = -np.inf
+    np.maximum.accumulate(z, axis=0, out=z)
+    zr = z[:, ::-1]
+    np.maximum.accumulate(zr, axis=1, out=zr)
+    z.setflags(write=False)
+    return z
 
 
 def paired_statistic(b: int, c: int, n: int, delta: float) -> float:
@@ -362,8 +385,10 @@ def _critical(vals: np.ndarray, g: Callable[[float], float], alpha: float) -> fl
     return float(vals[hi])
 
 
-def paired_power(n: int, delta: float, alpha: float, drop: float, p_c: float, *, crit: float | None = None) -> float:
-    """Exact power of the paired test (n pairs) when the true drop is `drop` and P(ref fail, cand success) = p_c."""
+def paired_power(
+    n: int, delta: float, alpha: float, drop: float, p_c: float, *, crit: float | None = None
+) -> float:
+    """Exact power of the paired test (n pairs) at true drop `drop` and P(ref fail, cand success) = p_c."""
     delta = _check_delta(delta)
     if crit is None:
         crit = paired_critical_value(n, delta, alpha)
@@ -396,10 +421,12 @@ def _bisect_increasing(f: Callable[[float], float], lo: float, hi: float, tol: f
     return hi
 
 
-def _lower_bound(pfun: Callable[[float], float], alpha: float, est: float, se: float, tol: float = 2e-4) -> float:
+def _lower_bound(
+    pfun: Callable[[float], float], alpha: float, est: float, se: float, tol: float = 2e-4
+) -> float:
     """sup{d : pfun(d) <= alpha}: the exact one-sided (1 - alpha) lower confidence bound of the drop."""
     eps = 1e-6
-    lo = max(-1.0 + eps, est - 6.0 * se - 0.05)
+    lo = max(-1.0 + eps, est - 4.0 * se - 0.01)
     hi = min(1.0 - eps, est)
     if pfun(lo) > alpha:
         lo = -1.0 + eps
@@ -431,7 +458,9 @@ def _paired_ci(b: int, c: int, n: int, alpha: float) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _unpaired_rmle(p1: np.ndarray, p2: np.ndarray, n1: int, n2: int, d: float) -> tuple[np.ndarray, np.ndarray]:
+def _unpaired_rmle(
+    p1: np.ndarray, p2: np.ndarray, n1: int, n2: int, d: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Farrington-Manning restricted MLE (p1, p2) under p1 - p2 = d (closed-form cubic root)."""
     th = n2 / n1
     a = 1.0 + th
@@ -502,8 +531,16 @@ def unpaired_critical_value(n_ref: int, n_cand: int, delta: float, alpha: float)
     return _critical(vals, lambda u: _unpaired_sup_tail(_row_counts(zs, u), n_ref, n_cand, delta)[0], alpha)
 
 
-def unpaired_power(n_ref: int, n_cand: int, delta: float, alpha: float, p_ref: float, p_cand: float,
-                   *, crit: float | None = None) -> float:
+def unpaired_power(
+    n_ref: int,
+    n_cand: int,
+    delta: float,
+    alpha: float,
+    p_ref: float,
+    p_cand: float,
+    *,
+    crit: float | None = None,
+) -> float:
     """Exact power of the unpaired test at true rates (p_ref, p_cand)."""
     delta = _check_delta(delta)
     if crit is None:
@@ -540,7 +577,9 @@ def _unpaired_ci(x1: int, n1: int, x2: int, n2: int, alpha: float) -> tuple[floa
 
 def _as_outcomes(outcomes: Mapping[Hashable, Any], name: str) -> dict[Hashable, bool]:
     if not isinstance(outcomes, Mapping):
-        raise GateInputError(f"{name}: expected a mapping episode key -> success (bool), got {type(outcomes).__name__}")
+        raise GateInputError(
+            f"{name}: expected a mapping episode key -> success (bool), got {type(outcomes).__name__}"
+        )
     out: dict[Hashable, bool] = {}
     for k, v in outcomes.items():
         if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)):
@@ -602,9 +641,12 @@ def gate(
         d = _gate_unpaired(ref, cand, delta, alpha, power, confidence_interval)
     if d.verdict == PASS and max_mdd is not None and (d.mdd is None or d.mdd > max_mdd):
         mdd_txt = "no drop" if d.mdd is None else f"only drops >= {_pct(d.mdd)} points"
-        d = _replace(d, verdict=INCONCLUSIVE,
-                     explanation=f"INCONCLUSIVE: not rejected, but this run detects {mdd_txt} with "
-                     f"{power:.0%} power (> max_mdd {_pct(max_mdd)} points). " + d.explanation)
+        d = _replace(
+            d,
+            verdict=INCONCLUSIVE,
+            explanation=f"INCONCLUSIVE: not rejected, but this run detects {mdd_txt} with "
+            f"{power:.0%} power (> max_mdd {_pct(max_mdd)} points). " + d.explanation,
+        )
     return d
 
 
@@ -624,15 +666,47 @@ def _gate_paired(ref, cand, shared, delta, alpha, power, want_ci) -> GateDecisio
     ci = _paired_ci(b, c, n, alpha) if want_ci else None
     mdd = _paired_mdd(n, delta, alpha, c / n, power)
     verdict = REGRESSION if p <= alpha else PASS
-    text = _explain(verdict, "paired exact unconditional test (Tango score, worst case over the nuisance)",
-                    n, rs, cs, rs, cs, n, n, delta, alpha, p, ci, mdd, power,
-                    extra=f"{b} reference-only successes, {c} candidate-only successes")
+    text = _explain(
+        verdict,
+        "paired exact unconditional test (Tango score, worst case over the nuisance)",
+        n,
+        rs,
+        cs,
+        rs,
+        cs,
+        n,
+        n,
+        delta,
+        alpha,
+        p,
+        ci,
+        mdd,
+        power,
+        extra=f"{b} reference-only successes, {c} candidate-only successes",
+    )
     return GateDecision(
-        verdict=verdict, mode="paired", alpha=alpha, allowed_drop=delta, p_value=p, ci=ci,
-        ci_level=(1 - 2 * alpha) if want_ci else None, mdd=mdd, power=power, n=n,
-        n_reference=n, n_candidate=n, reference_successes=rs, candidate_successes=cs,
-        reference_rate=rs / n, candidate_rate=cs / n, drop=(b - c) / n, b=b, c=c,
-        ignored_reference=len(ref) - n, ignored_candidate=len(cand) - n, explanation=text,
+        verdict=verdict,
+        mode="paired",
+        alpha=alpha,
+        allowed_drop=delta,
+        p_value=p,
+        ci=ci,
+        ci_level=(1 - 2 * alpha) if want_ci else None,
+        mdd=mdd,
+        power=power,
+        n=n,
+        n_reference=n,
+        n_candidate=n,
+        reference_successes=rs,
+        candidate_successes=cs,
+        reference_rate=rs / n,
+        candidate_rate=cs / n,
+        drop=(b - c) / n,
+        b=b,
+        c=c,
+        ignored_reference=len(ref) - n,
+        ignored_candidate=len(cand) - n,
+        explanation=text,
     )
 
 
@@ -644,30 +718,68 @@ def _gate_unpaired(ref, cand, delta, alpha, power, want_ci) -> GateDecision:
     ci = _unpaired_ci(x1, n1, x2, n2, alpha) if want_ci else None
     mdd = _unpaired_mdd(n1, n2, delta, alpha, x1 / n1, power)
     verdict = REGRESSION if p <= alpha else PASS
-    text = _explain(verdict, "unpaired exact unconditional test (Farrington-Manning score, worst case "
-                    "over the nuisance)", n1 + n2, x1, x2, x1, x2, n1, n2, delta, alpha, p, ci, mdd, power,
-                    extra="independent samples")
+    text = _explain(
+        verdict,
+        "unpaired exact unconditional test (Farrington-Manning score, worst case over the nuisance)",
+        n1 + n2,
+        x1,
+        x2,
+        x1,
+        x2,
+        n1,
+        n2,
+        delta,
+        alpha,
+        p,
+        ci,
+        mdd,
+        power,
+        extra="independent samples",
+    )
     return GateDecision(
-        verdict=verdict, mode="unpaired", alpha=alpha, allowed_drop=delta, p_value=p, ci=ci,
-        ci_level=(1 - 2 * alpha) if want_ci else None, mdd=mdd, power=power, n=n1 + n2,
-        n_reference=n1, n_candidate=n2, reference_successes=x1, candidate_successes=x2,
-        reference_rate=x1 / n1, candidate_rate=x2 / n2, drop=x1 / n1 - x2 / n2, explanation=text,
+        verdict=verdict,
+        mode="unpaired",
+        alpha=alpha,
+        allowed_drop=delta,
+        p_value=p,
+        ci=ci,
+        ci_level=(1 - 2 * alpha) if want_ci else None,
+        mdd=mdd,
+        power=power,
+        n=n1 + n2,
+        n_reference=n1,
+        n_candidate=n2,
+        reference_successes=x1,
+        candidate_successes=x2,
+        reference_rate=x1 / n1,
+        candidate_rate=x2 / n2,
+        drop=x1 / n1 - x2 / n2,
+        explanation=text,
     )
 
 
 def _explain(verdict, test, n, rs, cs, _rs, _cs, n1, n2, delta, alpha, p, ci, mdd, power, extra) -> str:
     r1, r2 = rs / n1, cs / n2
-    head = (f"candidate {cs}/{n2} ({_pct(r2)}%) vs reference {rs}/{n1} ({_pct(r1)}%): observed drop "
-            f"{_pct(r1 - r2)} points, allowed {_pct(delta)}")
+    head = (
+        f"candidate {cs}/{n2} ({_pct(r2)}%) vs reference {rs}/{n1} ({_pct(r1)}%): observed drop "
+        f"{_pct(r1 - r2)} points, allowed {_pct(delta)}"
+    )
     ci_txt = ""
     if ci is not None:
         ci_txt = f"; {100 * (1 - 2 * alpha):.0f}% CI of the drop [{_pct(ci[0])}, {_pct(ci[1])}] points"
-    mdd_txt = (f"; this run detects a drop of {_pct(mdd)} points with {power:.0%} power" if mdd is not None
-               else f"; this run is too small to detect any drop with {power:.0%} power")
+    mdd_txt = (
+        f"; this run detects a drop of {_pct(mdd)} points with {power:.0%} power"
+        if mdd is not None
+        else f"; this run is too small to detect any drop with {power:.0%} power"
+    )
     if verdict == REGRESSION:
-        lead = f"REGRESSION: the drop exceeds the allowed {_pct(delta)} points (p = {p:.3g} <= alpha = {alpha:g})"
+        lead = (
+            f"REGRESSION: the drop exceeds the allowed {_pct(delta)} points (p = {p:.3g} <= alpha {alpha:g})"
+        )
     else:
-        lead = f"PASS: no evidence that the drop exceeds {_pct(delta)} points (p = {p:.3g} > alpha = {alpha:g})"
+        lead = (
+            f"PASS: no evidence that the drop exceeds {_pct(delta)} points (p = {p:.3g} > alpha = {alpha:g})"
+        )
     return f"{lead}. {head}{ci_txt}{mdd_txt}. {test}; {extra}."
 
 
@@ -690,7 +802,9 @@ def spending_function(kind: str, alpha: float, t: float) -> float:
     if kind.startswith("power"):  # "power3" = alpha t^3 (Kim-DeMets)
         rho = float(kind[5:] or 3)
         return alpha * t**rho
-    raise GateInputError(f"spending={kind!r}: allowed are 'obrien-fleming', 'pocock', 'powerR' (e.g. 'power3')")
+    raise GateInputError(
+        f"spending={kind!r}: allowed are 'obrien-fleming', 'pocock', 'powerR' (e.g. 'power3')"
+    )
 
 
 @dataclass(frozen=True)
@@ -729,7 +843,9 @@ def _trinomial_grid(m: int, pb: float, pc: float) -> np.ndarray:
     c = np.arange(m + 1)[None, :]
     a = m - b - c
     ac = np.maximum(a, 0)
-    logp = lf[m] - lf[b] - lf[c] - lf[ac] + _klogp(b, pb) + _klogp(c, pc) + _klogp(ac, max(1.0 - pb - pc, 0.0))
+    logp = (
+        lf[m] - lf[b] - lf[c] - lf[ac] + _klogp(b, pb) + _klogp(c, pc) + _klogp(ac, max(1.0 - pb - pc, 0.0))
+    )
     return np.where(a >= 0, np.exp(logp), 0.0)
 
 
@@ -739,8 +855,9 @@ def _conv2(x: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, None)
 
 
-def _gs_bounds(looks: Sequence[int], n_max: int, delta: float, alpha: float, spending: str,
-               grid: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _gs_bounds(
+    looks: Sequence[int], n_max: int, delta: float, alpha: float, spending: str, grid: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact alpha-spending critical values of the monotone paired statistic at each look."""
     lo, hi = _paired_nuisance_range(delta)
     xs = _cheb_grid(lo, hi, grid)
@@ -751,7 +868,7 @@ def _gs_bounds(looks: Sequence[int], n_max: int, delta: float, alpha: float, spe
     for nk in looks:
         m = nk - prev
         prev = nk
-        states = [_conv2(s, _trinomial_grid(m, x + delta, x)) for s, x in zip(states, xs)]
+        states = [_conv2(s, _trinomial_grid(m, x + delta, x)) for s, x in zip(states, xs, strict=True)]
         zs = _paired_zstar(nk, delta)
         b = np.arange(nk + 1)[:, None]
         c = np.arange(nk + 1)[None, :]
@@ -811,8 +928,15 @@ def design_sequential(
         counts = sorted({max(1, round(n_max * (k + 1) / int(looks))) for k in range(int(looks))})
     else:
         counts = [int(x) for x in looks]
-        if not counts or any(b <= a for a, b in zip(counts, counts[1:])) or counts[0] < 1 or counts[-1] != n_max:
-            raise GateInputError(f"looks={list(looks)}: must be increasing positive pair counts ending at n_max={n_max}")
+        if (
+            not counts
+            or any(b <= a for a, b in zip(counts, counts[1:], strict=False))
+            or counts[0] < 1
+            or counts[-1] != n_max
+        ):
+            raise GateInputError(
+                f"looks={list(looks)}: must be increasing positive pair counts ending at n_max={n_max}"
+            )
     reg_b, reg_s = _gs_bounds(counts, n_max, delta, alpha, spending, grid)
     pd = pa = None
     pass_b: tuple[float, ...] = ()
@@ -826,6 +950,50 @@ def design_sequential(
     return SequentialDesign(tuple(counts), delta, alpha, spending, reg_b, reg_s, pd, pa, pass_b, pass_s)
 
 
+def sequential_operating_characteristics(
+    design: SequentialDesign, drop: float, p_c: float
+) -> dict[str, float]:
+    """Exact probabilities of the design's outcomes at true drop `drop` and P(ref fail, cand success) = p_c.
+
+    Returns reject (P(regression declared)), early_pass, expected_pairs (E[pairs used]) and
+    reject_without_early_pass (the bound that the non-binding design guarantees <= alpha at drop = allowed).
+    """
+    pb, pc = p_c + drop, p_c
+    if pc < 0 or pb < 0 or pb + pc > 1:
+        raise GateInputError(f"drop={drop}, p_c={p_c}: need p_c >= 0, p_c + drop >= 0, 2 p_c + drop <= 1")
+    state = np.ones((1, 1))
+    free = np.ones((1, 1))  # same process with the early-pass stops ignored
+    reject = reject_free = early = expected = 0.0
+    prev = 0
+    for k, nk in enumerate(design.looks):
+        kern = _trinomial_grid(nk - prev, pb, pc)
+        prev = nk
+        state = _conv2(state, kern)
+        free = _conv2(free, kern)
+        rej = _paired_zstar(nk, design.allowed_drop) >= design.regression_bounds[k]
+        r = float(state[rej].sum())
+        reject += r
+        reject_free += float(free[rej].sum())
+        state = np.where(rej, 0.0, state)
+        free = np.where(rej, 0.0, free)
+        stopped = r
+        if k < len(design.pass_bounds) and k < len(design.looks) - 1:
+            ps = _paired_zstar(nk, -design.pass_drop).T >= design.pass_bounds[k]
+            e = float(state[ps].sum())
+            early += e
+            stopped += e
+            state = np.where(ps, 0.0, state)
+        if k == len(design.looks) - 1:
+            stopped += float(state.sum())
+        expected += nk * stopped
+    return {
+        "reject": reject,
+        "early_pass": early,
+        "expected_pairs": expected,
+        "reject_without_early_pass": reject_free,
+    }
+
+
 def schedule_order(keys: Sequence[Hashable]) -> list[Hashable]:
     """Default episode order for sequential looks: by trial, then suite, task, seed.
 
@@ -833,6 +1001,7 @@ def schedule_order(keys: Sequence[Hashable]) -> list[Hashable]:
     look covers all tasks; the looks only use a prefix of this order, never "whatever finished first"
     (fast-finishing episodes are more often successes, which would bias the looks).
     """
+
     def key(k: Hashable) -> tuple:
         if isinstance(k, tuple) and len(k) == 4:
             suite, task, trial, seed = k
@@ -862,7 +1031,9 @@ def sequential_monitor(
     if missing:
         raise GateInputError(f"order: {len(missing)} keys are not in the reference, e.g. {missing[0]!r}")
     if len(order) < design.n_max:
-        raise GateInputError(f"sequential design needs {design.n_max} planned episodes, the order has {len(order)}")
+        raise GateInputError(
+            f"sequential design needs {design.n_max} planned episodes, the order has {len(order)}"
+        )
     delta = design.allowed_drop
     verdict, look, nk, b, c = CONTINUE, -1, 0, 0, 0
     for k, n_k in enumerate(design.looks):
@@ -878,38 +1049,91 @@ def sequential_monitor(
         if k == len(design.looks) - 1:
             verdict = PASS
             break
-        if k < len(design.pass_bounds) and _paired_zstar(n_k, -design.pass_drop)[c, b] >= design.pass_bounds[k]:
+        if (
+            k < len(design.pass_bounds)
+            and _paired_zstar(n_k, -design.pass_drop)[c, b] >= design.pass_bounds[k]
+        ):
             verdict = PASS
             break
     done = sum(1 for key in order[: design.n_max] if key in cand)
-    info = {"look": look + 1, "looks": list(design.looks), "n_max": design.n_max, "episodes_done": done,
-            "design": design.to_dict()}
+    info = {
+        "look": look + 1,
+        "looks": list(design.looks),
+        "n_max": design.n_max,
+        "episodes_done": done,
+        "design": design.to_dict(),
+    }
     if look < 0:
         rs = cs = 0
-        text = (f"CONTINUE: the first look needs the first {design.looks[0]} scheduled episodes; "
-                f"{done} of them are done.")
-        return GateDecision(CONTINUE, "sequential", design.alpha, delta, None, None, None, None, 0.8, 0,
-                            len(ref), len(cand), 0, 0, math.nan, math.nan, math.nan, 0, 0,
-                            explanation=text, sequential=info)
+        text = (
+            f"CONTINUE: the first look needs the first {design.looks[0]} scheduled episodes; "
+            f"{done} of them are done."
+        )
+        return GateDecision(
+            CONTINUE,
+            "sequential",
+            design.alpha,
+            delta,
+            None,
+            None,
+            None,
+            None,
+            0.8,
+            0,
+            len(ref),
+            len(cand),
+            0,
+            0,
+            math.nan,
+            math.nan,
+            math.nan,
+            0,
+            0,
+            explanation=text,
+            sequential=info,
+        )
     keys = order[:nk]
     rs = sum(1 for key in keys if ref[key])
     cs = sum(1 for key in keys if cand[key])
     p = paired_pvalue(b, c, nk, delta)
-    head = (f"look {look + 1}/{len(design.looks)} at {nk} of {design.n_max} pairs: candidate {cs}/{nk} "
-            f"({_pct(cs / nk)}%) vs reference {rs}/{nk} ({_pct(rs / nk)}%), drop {_pct((b - c) / nk)} points, "
-            f"allowed {_pct(delta)}; b={b}, c={c}; nominal p = {p:.3g}")
+    head = (
+        f"look {look + 1}/{len(design.looks)} at {nk} of {design.n_max} pairs: candidate {cs}/{nk} "
+        f"({_pct(cs / nk)}%) vs reference {rs}/{nk} ({_pct(rs / nk)}%), drop {_pct((b - c) / nk)} points, "
+        f"allowed {_pct(delta)}; b={b}, c={c}; nominal p = {p:.3g}"
+    )
     if verdict == REGRESSION:
         text = f"REGRESSION (sequential, overall alpha {design.alpha:g}, {design.spending} spending): {head}."
     elif verdict == PASS and look < len(design.looks) - 1:
-        text = (f"PASS early: the drop is shown below {_pct(design.pass_drop)} points "
-                f"(pass alpha {design.pass_alpha:g}): {head}; {design.n_max - nk} episodes saved.")
+        text = (
+            f"PASS early: the drop is shown below {_pct(design.pass_drop)} points "
+            f"(pass alpha {design.pass_alpha:g}): {head}; {design.n_max - nk} episodes saved."
+        )
     elif verdict == PASS:
         text = f"PASS (final look, no evidence of a drop above {_pct(delta)} points): {head}."
     else:
         text = f"CONTINUE: {head}; next look at {design.looks[look + 1]} pairs."
     return GateDecision(
-        verdict=verdict, mode="sequential", alpha=design.alpha, allowed_drop=delta, p_value=p, ci=None,
-        ci_level=None, mdd=None, power=0.8, n=nk, n_reference=nk, n_candidate=nk, reference_successes=rs,
-        candidate_successes=cs, reference_rate=rs / nk, candidate_rate=cs / nk, drop=(b - c) / nk, b=b, c=c,
-        ignored_reference=len(ref) - nk, ignored_candidate=len(cand) - nk, explanation=text, sequential=info,
+        verdict=verdict,
+        mode="sequential",
+        alpha=design.alpha,
+        allowed_drop=delta,
+        p_value=p,
+        ci=None,
+        ci_level=None,
+        mdd=None,
+        power=0.8,
+        n=nk,
+        n_reference=nk,
+        n_candidate=nk,
+        reference_successes=rs,
+        candidate_successes=cs,
+        reference_rate=rs / nk,
+        candidate_rate=cs / nk,
+        drop=(b - c) / nk,
+        b=b,
+        c=c,
+        ignored_reference=len(ref) - nk,
+        ignored_candidate=len(cand) - nk,
+        explanation=text,
+        sequential=info,
     )

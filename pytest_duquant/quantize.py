@@ -116,6 +116,8 @@ def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dry
     anything changes.
     """
     config = from_env() if config is None else config
+    if config.debug:
+        enable_debug_logging()
     dry = config.dryrun if dryrun is None else dryrun
     start = time.perf_counter()
     plan = linear_choices(model, config)
@@ -179,9 +181,22 @@ def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dry
         log.info("Quantized to W%dA%d, block=%d%s", record.wbits, record.abits, record.block,
                  " (pack from cache)" if cached else "")
         log.info("Memory saved: %.1f MB", (record.bytes_before - record.bytes_after) / 1e6)
+        if layer.w_scales is not None:
+            log.debug("  weight scales: min %.3g median %.3g max %.3g; %.3f s", float(layer.w_scales.min()),
+                      float(layer.w_scales.median()), float(layer.w_scales.max()), record.seconds)
     report.seconds = time.perf_counter() - start
     log.info("%s", report.summary())
     return report
+
+
+def enable_debug_logging() -> None:
+    """OPENPI_DUQUANT_DEBUG=1: the `duquant` logger prints INFO lines to stderr (once)."""
+    log.setLevel(logging.INFO)
+    if not any(getattr(h, "_duquant", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[duquant] %(message)s"))
+        handler._duquant = True
+        log.addHandler(handler)
 
 
 def duquant_layers(model: nn.Module) -> list[DuQuantLinear]:

@@ -23,8 +23,8 @@ PRESETS = {  # kernel-relevant parts of the SPEC presets
 L2_FLUSH_BYTES = 160 * 2**20  # per-variant weight footprint that the rotation covers (H100 L2: 50 MB)
 
 
-def graph_time_us(fn, n_copies: int, *, reps: int = 15, warmup: int = 2, max_calls: int = 512) -> float:
-    """Median µs of one `fn(i)` call, i cycling over n_copies, from CUDA-graph replays."""
+def capture(fn, n_copies: int, *, max_calls: int = 512):
+    """A CUDA graph of `calls` invocations fn(i % n_copies) (after eager warm-up); returns (graph, calls)."""
     calls = int(min(max(n_copies, 8), max_calls))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -37,6 +37,12 @@ def graph_time_us(fn, n_copies: int, *, reps: int = 15, warmup: int = 2, max_cal
     with torch.cuda.graph(g):
         for i in range(calls):
             fn(i % n_copies)
+    return g, calls
+
+
+def graph_time_us(fn, n_copies: int, *, reps: int = 15, warmup: int = 2, max_calls: int = 512) -> float:
+    """Median µs of one `fn(i)` call, i cycling over n_copies, from CUDA-graph replays."""
+    g, calls = capture(fn, n_copies, max_calls=max_calls)
     for _ in range(warmup):
         g.replay()
     torch.cuda.synchronize()

@@ -62,13 +62,12 @@ def _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, row_mask, c,
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, perm_ptr, r_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+def _act_quant_kernel(x_ptr, perm_ptr, r_ptr, q_ptr, s_ptr, M, nch, stride_xm, stride_qm,
                       QMAX: tl.constexpr, B: tl.constexpr, W: tl.constexpr, HAS_PERM: tl.constexpr,
                       BM: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
-    nch = K // 64
     amax = tl.zeros((BM,), dtype=tl.float32)
     for c in range(0, nch):
         v = _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, rmask, c, B, W, HAS_PERM)
@@ -170,8 +169,8 @@ def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, ou
         else:
             al = tl.load(a_base + kt * 128, mask=mmask[:, None], other=0)
             ah = tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0)
-        acc = tl.dot(al, tl.trans(w_lo), acc)
-        acc = tl.dot(ah, tl.trans(w_hi), acc)
+        acc = tl.dot(al, tl.trans(w_lo), acc, out_dtype=tl.int32)
+        acc = tl.dot(ah, tl.trans(w_hi), acc, out_dtype=tl.int32)
     sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0)
     y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
     if SPLIT_K == 1:
@@ -192,6 +191,79 @@ def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, ou
             tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
+@triton.jit
+def _w4a8_gemm_swap_kernel(a_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, out_ptr, ws_ptr, cnt_ptr,
+                           M, N, K, stride_am, stride_om, NPM,
+                           NPM_P2: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           RESTORE: tl.constexpr, BO: tl.constexpr, SPLIT_K: tl.constexpr,
+                           BT: tl.constexpr, BW: tl.constexpr):
+    """Small-M variant ("swap AB"): acc[BW weights, BT tokens] = W_tile @ A_tileᵀ, so the unpacked weight is
+    the wgmma A operand (from registers) and one program covers up to BT tokens (weights read once)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rt = pid_m * BT + tl.arange(0, BT)
+    rw = pid_n * BW + tl.arange(0, BW)
+    tmask = rt < M
+    wmask = rw < N
+    kk = tl.arange(0, 64)
+    n_kt = K // 128
+    per = tl.cdiv(n_kt, SPLIT_K)
+    kt0 = pid_k * per
+    kt1 = tl.minimum(kt0 + per, n_kt)
+    pc = tl.arange(0, NPM_P2)
+    pm = tl.load(pm_ptr + rt[:, None] * NPM + pc[None, :], mask=tmask[:, None] & (pc < NPM)[None, :], other=0.0)
+    sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+    acc = tl.zeros((BW, BT), dtype=tl.int32)
+    a_base = a_ptr + rt[:, None] * stride_am + kk[None, :]
+    w_base = w_ptr + rw[:, None] * (K // 2) + kk[None, :]
+    for kt in range(kt0, kt1):
+        wp = tl.load(w_base + kt * 64, mask=wmask[:, None], other=0)
+        w32 = wp.to(tl.int32)
+        w_lo = ((w32 << 28) >> 28).to(tl.int8)
+        w_hi = ((w32 << 24) >> 28).to(tl.int8)
+        xl = tl.load(a_base + kt * 128, mask=tmask[:, None], other=0.0)
+        xh = tl.load(a_base + kt * 128 + 64, mask=tmask[:, None], other=0.0)
+        al = tl.minimum(tl.maximum(_rne(xl / sa[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+        ah = tl.minimum(tl.maximum(_rne(xh / sa[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+        acc = tl.dot(w_lo, tl.trans(al), acc, out_dtype=tl.int32)
+        acc = tl.dot(w_hi, tl.trans(ah), acc, out_dtype=tl.int32)
+    sw = tl.load(sw_ptr + rw, mask=wmask, other=0.0)
+    y = acc.to(tl.float32) * sw[:, None] * sa[None, :]  # [BW, BT] = y_tᵀ tile
+    omask = wmask[:, None] & tmask[None, :]
+    tile = rt[None, :] * N + rw[:, None]
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + pid_k * M * N + tile, y, mask=omask)
+        tl.debug_barrier()
+        count = tl.atomic_add(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            y = tl.zeros((BW, BT), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                y += tl.load(ws_ptr + s * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 0)
+            _swap_finish(y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om,
+                         HAS_BIAS, RESTORE, BO, BW)
+    else:
+        _swap_finish(y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om,
+                     HAS_BIAS, RESTORE, BO, BW)
+
+
+@triton.jit
+def _swap_finish(y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om,
+                 HAS_BIAS: tl.constexpr, RESTORE: tl.constexpr, BO: tl.constexpr, BW: tl.constexpr):
+    if RESTORE:  # yᵀ <- R_tileᵀ yᵀ, R_tileᵀ[i, j] = R_tile[j, i]
+        ii = tl.arange(0, BW)
+        g = pid_n * BW + ii
+        ridx = g[None, :] * BO + (ii % BO)[:, None]
+        rmsk = ((ii // BO)[:, None] == (ii // BO)[None, :]) & (g < N)[None, :]
+        rt_t = tl.load(ro_ptr + ridx, mask=rmsk, other=0.0)
+        y = tl.dot(rt_t, y)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rw, mask=wmask, other=0.0)
+        y = y + b[:, None]
+    tl.store(out_ptr + rt[None, :] * stride_om + rw[:, None], y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
 # ---- launchers -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -205,10 +277,11 @@ class GemmConfig:
     act_bm: int = 16
     act_warps: int = 4
     group_m: int = 8
+    swap: bool = False  # small M: weights as the MMA's M side, tokens (bm of them) as its N side
 
     def tag(self) -> str:
-        return (f"{self.path}/bm{self.bm}/bn{self.bn}/sk{self.split_k}/w{self.warps}/s{self.stages}"
-                f"/abm{self.act_bm}")
+        return (f"{'X' if self.swap else self.path}/bm{self.bm}/bn{self.bn}/sk{self.split_k}/w{self.warps}"
+                f"/s{self.stages}/abm{self.act_bm}")
 
 
 def _divisor_at_most(n: int, cap: int) -> int:
@@ -219,20 +292,23 @@ def _divisor_at_most(n: int, cap: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int) -> GemmConfig:
-    """Heuristic configuration (tuned on H100 with scripts/gpu_bench.py --sweep; see docs/gpu-notes.md)."""
+    """Heuristic configuration (from the H100 sweep of scripts/gpu_bench.py --sweep; docs/gpu-notes.md).
+
+    All M use the chunk-parallel activation kernel (path S). M <= 64: the swap-AB GEMM (one program covers
+    every token, weights streamed once), split-K to fill the 132 SMs. Larger M: the token-major GEMM."""
     n_kt = k // PACK_GROUP
     if m <= 64:
-        bn = 32 if n <= 512 else 64
-        tiles = -(-n // bn)
-        split = _divisor_at_most(n_kt, max(1, 264 // tiles))
-        return GemmConfig(path="S", bm=16, bn=bn, split_k=split, warps=4, stages=4, act_bm=16)
-    if m <= 512:
+        bt = 16 if m <= 16 else (32 if m <= 32 else 64)
+        bw = 64
+        n_t = -(-n // bw)
+        split = _divisor_at_most(n_kt, max(1, 256 // n_t))
+        return GemmConfig(path="S", bm=bt, bn=bw, split_k=split, warps=4, stages=4, act_bm=16, swap=True)
+    if m <= 256:
         bm, bn = 64, 64
         tiles = -(-m // bm) * -(-n // bn)
         split = _divisor_at_most(n_kt, max(1, 132 // tiles))
         return GemmConfig(path="S", bm=bm, bn=bn, split_k=split, warps=4, stages=3, act_bm=32)
-    bm, bn = 128, 128
-    return GemmConfig(path="L", bm=bm, bn=bn, split_k=1, warps=8, stages=3, act_bm=32, act_warps=4)
+    return GemmConfig(path="S", bm=128, bn=128, split_k=1, warps=8, stages=3, act_bm=64)
 
 
 _COUNTERS: dict = {}
@@ -266,7 +342,7 @@ def act_quant(x2d: torch.Tensor, pack: W4A8Pack, *, bm: int = 16, warps: int = 4
     b, w = _rot_params(pack.block)
     perm = pack.perm if pack.perm is not None else pack.w_scales
     _act_quant_kernel[(triton.cdiv(m, bm),)](
-        x2d, perm, pack.r_in, q, s, m, k, x2d.stride(0), q.stride(0),
+        x2d, perm, pack.r_in, q, s, m, k // CHUNK, x2d.stride(0), q.stride(0),
         QMAX=pack.qmax_a, B=b, W=w, HAS_PERM=pack.perm is not None, BM=bm, num_warps=warps)
     return q, s
 
@@ -301,13 +377,26 @@ def w4a8_gemm(a: torch.Tensor, a_scale_or_pmax: torch.Tensor, pack: W4A8Pack, cf
     cnt = _counters(a.device, tiles) if split > 1 else pack.w_scales
     npm = k // CHUNK
     out_k = out if not (restore and not fuse_restore) else _empty((m, n), torch.float32, a.device)
-    _w4a8_gemm_kernel[(tiles, split)](
-        a, a_scale_or_pmax, a_scale_or_pmax, pack.w_packed, pack.w_scales,
-        pack.bias if has_bias else pack.w_scales, pack.r_out if fuse_restore else pack.w_scales,
-        out_k, ws, cnt, m, n, k, a.stride(0), out_k.stride(0), npm,
-        A_FLOAT=a_float, NPM_P2=triton.next_power_of_2(npm), QMAX=pack.qmax_a, HAS_BIAS=has_bias,
-        RESTORE=fuse_restore, BO=max(pack.block_out, 1), SPLIT_K=split, BM=bm, BN=bn, GROUP_M=cfg.group_m,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+    if cfg.swap:
+        if not a_float:
+            raise ValueError("the swap-AB GEMM takes float x_t (path S)")
+        fuse_restore = restore and bn % pack.block_out == 0 and pack.block_out >= 16
+        n_t = triton.cdiv(n, bn)
+        _w4a8_gemm_swap_kernel[(n_t, split, triton.cdiv(m, bm))](
+            a, a_scale_or_pmax, pack.w_packed, pack.w_scales, pack.bias if has_bias else pack.w_scales,
+            pack.r_out if fuse_restore else pack.w_scales, out_k, ws,
+            _counters(a.device, n_t * triton.cdiv(m, bm)) if split > 1 else pack.w_scales,
+            m, n, k, a.stride(0), out_k.stride(0), npm, NPM_P2=triton.next_power_of_2(npm), QMAX=pack.qmax_a,
+            HAS_BIAS=has_bias, RESTORE=fuse_restore, BO=max(pack.block_out, 1), SPLIT_K=split, BT=bm, BW=bn,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+    else:
+        _w4a8_gemm_kernel[(tiles, split)](
+            a, a_scale_or_pmax, a_scale_or_pmax, pack.w_packed, pack.w_scales,
+            pack.bias if has_bias else pack.w_scales, pack.r_out if fuse_restore else pack.w_scales,
+            out_k, ws, cnt, m, n, k, a.stride(0), out_k.stride(0), npm,
+            A_FLOAT=a_float, NPM_P2=triton.next_power_of_2(npm), QMAX=pack.qmax_a, HAS_BIAS=has_bias,
+            RESTORE=fuse_restore, BO=max(pack.block_out, 1), SPLIT_K=split, BM=bm, BN=bn, GROUP_M=cfg.group_m,
+            num_warps=cfg.warps, num_stages=cfg.stages)
     if restore and not fuse_restore:  # block_out does not tile BN: a separate small step
         nbo, bo, _ = pack.r_out.shape
         y = torch.einsum("mnb,nbc->mnc", out_k.view(m, nbo, bo), pack.r_out).reshape(m, n)

@@ -50,7 +50,15 @@ class EpisodeSpec:
 
 
 class LiberoEnv:
-    """A real LIBERO task env (``OffScreenRenderEnv``) with its language and init states."""
+    """A real LIBERO task env (``OffScreenRenderEnv``) with its language and init states.
+
+    ``step(action, render=False)`` skips the two camera renders of that step (the cameras' sensors
+    return a blank image instead); physics, sensor timing and every other observation are
+    untouched. The harness renders only the steps whose images a policy query (or a video) reads:
+    in openpi's protocol that is 1 step in 5, and rendering is ~95% of a CPU step's cost.
+    ``tests/libero`` checks that query images and the state trajectory are byte-identical to
+    rendering every step.
+    """
 
     def __init__(self, suite: str, task_id: int, settings: ProtocolSettings):
         from pytest_duquant.libero import sim_setup
@@ -70,13 +78,43 @@ class LiberoEnv:
         self.env.seed(seed)
 
     def reset(self):
-        return self.env.reset()
+        out = self.env.reset()
+        self._wrap_cameras()  # a (hard) reset rebuilds robosuite's observables: wrap them again
+        return out
 
     def set_init_state(self, state):
+        self._render = True
         return self.env.set_init_state(state)
 
-    def step(self, action):
-        return self.env.step(action)
+    def step(self, action, render: bool = True):
+        self._render = bool(render)
+        try:
+            return self.env.step(action)
+        finally:
+            self._render = True
+
+    def _wrap_cameras(self) -> None:
+        self._render = True
+        observables = self.env.env._observables
+        for name, ob in observables.items():
+            sensor = ob._sensor
+            if getattr(sensor, "__modality__", None) != "image" or not name.endswith("_image"):
+                continue
+            if getattr(sensor, "_duquant_lazy", False):
+                continue
+
+            def lazy(obs_cache, _real=sensor, _blank={}):
+                if self._render:
+                    img = _real(obs_cache)
+                    _blank.setdefault("img", np.zeros_like(img))
+                    return img
+                if "img" not in _blank:  # never rendered yet: render once for the shape
+                    _blank["img"] = np.zeros_like(_real(obs_cache))
+                return _blank["img"]
+
+            lazy.__modality__ = sensor.__modality__
+            lazy._duquant_lazy = True
+            ob._sensor = lazy
 
     def check_success(self) -> bool:
         return bool(self.env.check_success())
@@ -105,7 +143,7 @@ def resolve_env_factory(factory) -> Callable:
 class EpisodeRunner:
     """Holds one env (rebuilt when the task changes) and the state of the episode in progress."""
 
-    def __init__(self, settings: ProtocolSettings | dict | None = None, env_factory=None):
+    def __init__(self, settings: ProtocolSettings | dict | None = None, env_factory=None, lazy_render: bool = True):
         if isinstance(settings, dict):
             settings = ProtocolSettings(**settings)
         self.settings = settings or ProtocolSettings()
@@ -114,6 +152,7 @@ class EpisodeRunner:
         self.env_key: tuple[str, int] | None = None
         self.spec: EpisodeSpec | None = None
         self.env_builds = 0
+        self.lazy_render = bool(lazy_render)  # render only the steps a query reads (see LiberoEnv)
 
     # ---- env lifetime -----------------------------------------------------------------------
     def _ensure_env(self, suite: str, task_id: int):
@@ -169,7 +208,7 @@ class EpisodeRunner:
             self.obs = env.set_init_state(env.init_states[spec.trial])
             self.reset_s = time.perf_counter() - t0
             while self.t < self.settings.num_steps_wait:
-                if self._step(DUMMY_ACTION):
+                if self._step(DUMMY_ACTION, render=self.t == self.settings.num_steps_wait - 1):
                     return self._finish()
         except Exception as exc:  # noqa: BLE001 - the protocol: an exception ends the episode as a failure
             return self._fail(exc)
@@ -183,10 +222,11 @@ class EpisodeRunner:
             if chunk.shape[0] < self.settings.replan_steps:
                 raise ValueError(f"action chunk has {chunk.shape[0]} actions; the protocol runs "
                                  f"{self.settings.replan_steps} of each chunk")
-            for action in chunk[: self.settings.replan_steps, :7]:
+            n = self.settings.replan_steps
+            for i, action in enumerate(chunk[:n, :7]):
                 if self.t >= self.budget:
                     break
-                if self._step(action.tolist()):
+                if self._step(action.tolist(), render=i == n - 1):
                     return self._finish()
         except Exception as exc:  # noqa: BLE001
             return self._fail(exc)
@@ -195,9 +235,10 @@ class EpisodeRunner:
         return self._query()
 
     # ---- internals ----------------------------------------------------------------------------
-    def _step(self, action) -> bool:
+    def _step(self, action, render: bool) -> bool:
         t0 = time.perf_counter()
-        obs, _reward, done, _info = self.env.step(action)
+        render = render or self.frames is not None or not self.lazy_render
+        obs, _reward, done, _info = self.env.step(action, render=render)
         self.sim_s += time.perf_counter() - t0
         self.env_steps += 1
         self.obs = obs
@@ -236,7 +277,7 @@ class EpisodeRunner:
             "success": bool(self.success), "steps": self.env_steps,
             "wall_s": round(time.perf_counter() - self.t_start, 3),
             "preset": spec.preset, "fingerprint": spec.fingerprint, "protocol": self.settings.name,
-            "error": self.error, "task": getattr(self, "language", None), "queries": self.queries,
+            "error": self.error, "instruction": getattr(self, "language", None), "queries": self.queries,
             "sim_s": round(self.sim_s, 3), "reset_s": round(getattr(self, "reset_s", 0.0), 3),
             "max_steps": self.max_steps, "video": video, "worker_pid": os.getpid(),
         }

@@ -49,7 +49,7 @@ class FakeLiberoEnv:
         self.n = 0
         return self._obs()
 
-    def step(self, action):
+    def step(self, action, render: bool = True):
         a = np.asarray(action, dtype=np.float64)
         if a.shape != (7,):
             raise ValueError(f"action has shape {a.shape}; expected (7,)")
@@ -58,14 +58,15 @@ class FakeLiberoEnv:
         if self.step_s:
             time.sleep(self.step_s)
         self.n += 1
+        self.renders = getattr(self, 'renders', 0) + bool(render)
         if self.trial in self.error_trials and self.n >= self.error_at_step:
             raise RuntimeError(f"fake simulator error at step {self.n}")
         self.pos = self.pos + 0.01 * np.clip(a[:3], -1, 1)
-        done = bool(self.pos[0] - self.start[0] >= self.goal_dx)
+        done = bool(self.pos[0] - self.start[0] >= self.goal_dx - 1e-9)
         return self._obs(), 0.0, done, {}
 
     def check_success(self) -> bool:
-        return bool(self.pos[0] - self.start[0] >= self.goal_dx)
+        return bool(self.pos[0] - self.start[0] >= self.goal_dx - 1e-9)
 
     def _obs(self) -> dict:
         img = np.zeros((self.res, self.res, 3), dtype=np.uint8)

@@ -63,3 +63,46 @@ class SeededRandomPolicy:
             out[i] = np.random.default_rng(int(s)).uniform(-self.scale, self.scale, (self.horizon, ACTION_DIM))
         out[..., -1] = np.sign(out[..., -1]) + (out[..., -1] == 0)
         return out
+
+
+class PolicyUnavailableError(RuntimeError):
+    """The pi0.5 policy cannot be loaded (module missing, bad checkpoint)."""
+
+
+def pi05_policy_factory(ckpt, config=None, *, tokenizer=None, backend: str = "builtin", device: str | None = None):
+    """A zero-argument factory: the pi0.5 policy of ``ckpt``, quantized and calibrated under ``config``.
+
+    ``config`` None or disabled (preset ``fp``) gives the FP policy. Nothing is loaded until the factory
+    is called, so a run with nothing left to do (resume) never loads the model. The factory carries
+    ``fingerprint`` (the checkpoint's) and ``preset`` so results can be labelled before loading.
+    """
+    try:
+        from pytest_duquant.policies import session
+    except ImportError as exc:  # the pi0.5 room is someone else's; say what is missing
+        raise PolicyUnavailableError(
+            f"pytest_duquant.policies (pi0.5) is not available ({type(exc).__name__}: {exc}); "
+            "rollouts with a checkpoint need it") from None
+    if device is None:
+        try:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            device = "cpu"
+    try:
+        base = session.policy_factory(ckpt, tokenizer=tokenizer, backend=backend, device=device)
+    except Exception as exc:  # noqa: BLE001 - a clear message naming the checkpoint
+        raise PolicyUnavailableError(f"--ckpt {ckpt}: cannot load the pi0.5 policy: {exc}") from exc
+    enabled = config is not None and config.enabled
+    preset = config.preset if enabled else "fp"
+
+    def make():
+        policy = base()
+        if enabled:
+            policy, _report = session.quantize_and_calibrate(policy, config)
+        policy.preset = preset
+        return policy
+
+    make.fingerprint = base.fingerprint
+    make.preset = preset
+    return make

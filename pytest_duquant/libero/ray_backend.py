@@ -29,9 +29,9 @@ def _import_ray():
 class _EnvWorker:
     """The actor body: one EpisodeRunner (one env)."""
 
-    def __init__(self, settings: dict, env_factory):
+    def __init__(self, settings: dict, env_factory, lazy_render: bool = True):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        self.runner = EpisodeRunner(ProtocolSettings(**settings), env_factory)
+        self.runner = EpisodeRunner(ProtocolSettings(**settings), env_factory, lazy_render=lazy_render)
 
     def handle(self, cmd):
         import traceback
@@ -47,7 +47,7 @@ class _EnvWorker:
 
 class RayTransport:
     def __init__(self, n: int, settings: ProtocolSettings, env_factory, address: str | None = None,
-                 num_cpus_per_worker: float = 1.0, init_kwargs: dict | None = None):
+                 num_cpus_per_worker: float = 1.0, init_kwargs: dict | None = None, lazy_render: bool = True):
         from pytest_duquant.libero.harness import RolloutError
 
         self._RolloutError = RolloutError
@@ -56,13 +56,13 @@ class RayTransport:
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS") or None
             kwargs = dict(init_kwargs or {})
-            if address is None:
+            if address in (None, "local"):  # a private local instance with one CPU per env worker
                 kwargs.setdefault("num_cpus", max(n, 1))
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      ignore_reinit_error=True, **kwargs)
             self.owns_ray = True
         actor_cls = ray.remote(num_cpus=num_cpus_per_worker)(_EnvWorker)
-        self.actors = [actor_cls.remote(dict(settings.__dict__), env_factory) for _ in range(n)]
+        self.actors = [actor_cls.remote(dict(settings.__dict__), env_factory, lazy_render) for _ in range(n)]
         self.futs: dict[int, object] = {}
         self._owner: dict[object, int] = {}
 

@@ -4,7 +4,7 @@ Record (one line)::
 
     {"suite": "libero_spatial", "task_id": 3, "trial": 17, "seed": 7, "success": true,
      "steps": 143, "wall_s": 41.2, "preset": "B", "fingerprint": "<checkpoint fingerprint>",
-     "protocol": "openpi-libero-v1", "error": null, "task": "<language>", "queries": 27,
+     "protocol": "openpi-libero-v1", "error": null, "instruction": "<task language>", "queries": 27,
      "video": null}
 
 An episode's key is (suite, task_id, trial, seed). A file holds one run (one protocol, checkpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -17,8 +18,11 @@ def _brute_paired_z(b, c, n, d):
     x = np.linspace(lo, hi, 200001)
     pb, pc, pa = x + d, x, 1.0 - 2 * x - d
     with np.errstate(divide="ignore", invalid="ignore"):
-        ll = (np.where(b > 0, b * np.log(pb), 0.0) + np.where(c > 0, c * np.log(pc), 0.0)
-              + np.where(n - b - c > 0, (n - b - c) * np.log(np.clip(pa, 0, None)), 0.0))
+        ll = (
+            np.where(b > 0, b * np.log(pb), 0.0)
+            + np.where(c > 0, c * np.log(pc), 0.0)
+            + np.where(n - b - c > 0, (n - b - c) * np.log(np.clip(pa, 0, None)), 0.0)
+        )
     i = int(np.nanargmax(ll))
     var = pb[i] + pc[i] - d * d
     num = b - c - n * d
@@ -30,7 +34,7 @@ def _brute_paired_z(b, c, n, d):
 def test_paired_statistic_matches_brute_force_mle_and_is_monotone(n, d):
     zs = g._paired_zstar(n, d)
     raw = {(b, c): _brute_paired_z(b, c, n, d) for b in range(n + 1) for c in range(n + 1 - b)}
-    for (b, c), z in raw.items():
+    for b, c in raw:
         # envelope = max over b' <= b, c' >= c of the raw statistic
         env = max(v for (bb, cc), v in raw.items() if bb <= b and cc >= c)
         assert zs[b, c] == pytest.approx(env, abs=2e-3), (b, c)
@@ -41,17 +45,24 @@ def test_paired_statistic_matches_brute_force_mle_and_is_monotone(n, d):
 
 
 def _brute_paired_tail(n, region, pb, pc):
-    """Sum over all 3^n episode sequences whose (b, c) lies in the region."""
-    probs = (pb, pc, 1.0 - pb - pc)
+    """Sum of the probabilities of all 3^n episode sequences whose (b, c) lies in the region.
+
+    The sequences are enumerated once per n (itertools, no multinomial formula) and grouped by (b, c).
+    """
     total = 0.0
-    for seq in itertools.product(range(3), repeat=n):
-        b, c = seq.count(0), seq.count(1)
+    for (b, c), count in _sequence_counts(n).items():
         if (b, c) in region:
-            p = 1.0
-            for s in seq:
-                p *= probs[s]
-            total += p
+            total += count * pb**b * pc**c * (1.0 - pb - pc) ** (n - b - c)
     return total
+
+
+@functools.cache
+def _sequence_counts(n):
+    counts = {}
+    for seq in itertools.product(range(3), repeat=n):
+        key = (seq.count(0), seq.count(1))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 @pytest.mark.parametrize("n,d", [(6, 0.0), (6, 0.15), (7, 0.3)])
@@ -79,14 +90,22 @@ def test_paired_pvalue_is_the_worst_case_over_the_whole_composite_null(n, d):
 
 
 def _brute_unpaired_tail(n1, n2, region, p1, p2):
+    """Reference arm: enumerate its 2^n1 sequences (grouped by success count); candidate arm: binomial sum."""
     total = 0.0
-    for s1 in itertools.product((0, 1), repeat=n1):
-        x1 = sum(s1)
-        w1 = p1**x1 * (1 - p1) ** (n1 - x1)
+    for x1, count in _binary_counts(n1).items():
+        w1 = count * p1**x1 * (1 - p1) ** (n1 - x1)
         for x2 in range(n2 + 1):
             if (x1, x2) in region:
                 total += w1 * math.comb(n2, x2) * p2**x2 * (1 - p2) ** (n2 - x2)
     return total
+
+
+@functools.cache
+def _binary_counts(n):
+    counts = {}
+    for seq in itertools.product((0, 1), repeat=n):
+        counts[sum(seq)] = counts.get(sum(seq), 0) + 1
+    return counts
 
 
 @pytest.mark.parametrize("d", [0.0, 0.2])
@@ -97,8 +116,12 @@ def test_unpaired_pvalue_against_enumeration(d):
         region = {(a, b) for a in range(n1 + 1) for b in range(n2 + 1) if zs[a, b] >= zs[x1, x2]}
         grid = np.linspace(max(0, -d), min(1, 1 - d), 401)
         boundary = max(_brute_unpaired_tail(n1, n2, region, x + d, x) for x in grid)
-        inner = max(_brute_unpaired_tail(n1, n2, region, p1, p2)
-                    for p1 in np.linspace(0, 1, 21) for p2 in np.linspace(0, 1, 21) if p1 - p2 <= d + 1e-12)
+        inner = max(
+            _brute_unpaired_tail(n1, n2, region, p1, p2)
+            for p1 in np.linspace(0, 1, 21)
+            for p2 in np.linspace(0, 1, 21)
+            if p1 - p2 <= d + 1e-12
+        )
         p = g.unpaired_pvalue(x1, n1, x2, n2, d)
         assert p == pytest.approx(boundary, abs=2e-4), (x1, x2)
         assert inner <= p + 1e-9
@@ -113,8 +136,12 @@ def test_farrington_manning_rmle_maximizes_the_restricted_likelihood(d):
             p2 = np.linspace(max(0, -d), min(1, 1 - d), 100001)
             p1 = p2 + d
             with np.errstate(divide="ignore", invalid="ignore"):
-                ll = (np.where(x1 > 0, x1 * np.log(p1), 0) + np.where(n1 - x1 > 0, (n1 - x1) * np.log(1 - p1), 0)
-                      + np.where(x2 > 0, x2 * np.log(p2), 0) + np.where(n2 - x2 > 0, (n2 - x2) * np.log(1 - p2), 0))
+                ll = (
+                    np.where(x1 > 0, x1 * np.log(p1), 0)
+                    + np.where(n1 - x1 > 0, (n1 - x1) * np.log(1 - p1), 0)
+                    + np.where(x2 > 0, x2 * np.log(p2), 0)
+                    + np.where(n2 - x2 > 0, (n2 - x2) * np.log(1 - p2), 0)
+                )
             assert float(t2) == pytest.approx(p2[int(np.nanargmax(ll))], abs=1e-4)
             assert float(t1 - t2) == pytest.approx(d, abs=1e-12)
 
@@ -122,7 +149,7 @@ def test_farrington_manning_rmle_maximizes_the_restricted_likelihood(d):
 def test_pvalue_is_monotone_in_the_evidence():
     n, d = 60, 0.05
     p = [g.paired_pvalue(b, 2, n, d) for b in range(2, 20)]
-    assert all(x >= y - 1e-12 for x, y in zip(p, p[1:]))
+    assert all(x >= y - 1e-12 for x, y in zip(p, p[1:], strict=False))
     assert p[0] > 0.5 and p[-1] < 0.001
 
 

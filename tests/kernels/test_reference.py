@@ -1,7 +1,5 @@
 """The kernels' torch twins compute the layer's math (CPU, runs in CI)."""
 
-import math
-
 import pytest
 import torch
 
@@ -137,4 +135,4 @@ def test_dispatch_refuses_cpu_input_without_importing_triton():
 
     ok, why = can_use_triton(L(), torch.zeros(2, 128))
     assert not ok and "CUDA" in why
-    assert "triton" not in sys.modules or math.isfinite(1.0)
+    assert "pytest_duquant.kernels.triton_kernels" not in sys.modules

@@ -11,6 +11,7 @@ _EXPORTS = {
     "Pi05Model": "modeling",
     "build_model": "modeling",
     "init_random_weights": "modeling",
+    "random_model": "modeling",
     "CheckpointError": "errors",
     "detect_layout": "checkpoint",
     "load_checkpoint": "checkpoint",

@@ -384,6 +384,9 @@ def load_checkpoint(
     model.to_empty(device=device)
     model.set_precision(precision)  # recomputes RoPE buffers on the real device
     load_weights(model, d / WEIGHTS_NAME, layout)
+    # openpi's create_trained_policy calls to_bfloat16_for_selected_params("bfloat16") after loading: the
+    # parameters kept in float32 (norms, adaRMS dense, patch/pos embeddings) end up rounded through bf16.
+    model.set_precision(precision)
     return model.eval(), config, norm_stats, layout
 
 

@@ -434,7 +434,7 @@ class Pi05Model(nn.Module):
         for gm in (pwe.language_model, pwe.expert):  # start from exact float32 frequencies
             gm.inv_freq = gm.fresh_inv_freq(device=gm.inv_freq.device)
         pwe.to(dtype=dtype)  # casts the RoPE buffers too (bf16-rounded frequencies, as in openpi)
-        if dtype == torch.bfloat16:
+        if dtype == torch.bfloat16:  # values pass through bf16 first (openpi casts all, then restores these)
             for name, param in pwe.named_parameters():
                 if any(sel in name for sel in FLOAT32_PARAM_SELECTORS):
                     param.data = param.data.to(torch.float32)
@@ -541,6 +541,16 @@ def build_model(config: Pi05Config, *, device: str | torch.device = "cpu", preci
     return model.eval()
 
 
+def random_model(config: Pi05Config, seed: int = 0, precision: str = "float32",
+                 device: str | torch.device = "cpu") -> Pi05Model:
+    """A randomly initialised model, allocated directly in its final dtypes (the full model in bf16 needs ~7 GB)."""
+    model = build_model(config, device="meta", precision=precision)
+    model.to_empty(device=device)
+    model.set_precision(precision)  # real RoPE buffers
+    init_random_weights(model, seed)
+    return model.set_precision(precision)  # bf16: round the float32-kept params as openpi's loader does
+
+
 @torch.no_grad()
 def init_random_weights(model: Pi05Model, seed: int = 0) -> Pi05Model:
     """Deterministic random init (same values for the same seed on any machine: drawn on CPU in float32).
@@ -566,5 +576,5 @@ def init_random_weights(model: Pi05Model, seed: int = 0) -> Pi05Model:
         else:  # Linear / Conv weights
             fan_in = int(np.prod(shape[1:]))
             x = x / math.sqrt(fan_in)
-        param.data.copy_(x.to(param.dtype))
+        param.data.copy_(x.to(device=param.device, dtype=param.dtype))
     return model

@@ -12,7 +12,7 @@ import torch
 from pytest_duquant.policies.pi05.checkpoint import load_checkpoint, random_norm_stats
 from pytest_duquant.policies.pi05.configuration import Pi05Config, variant_config
 from pytest_duquant.policies.pi05.errors import CheckpointError
-from pytest_duquant.policies.pi05.modeling import Pi05Model, build_model, init_random_weights
+from pytest_duquant.policies.pi05.modeling import Pi05Model, random_model
 from pytest_duquant.policies.pi05.processing import NormStats, postprocess_actions, prepare_inputs
 from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer, resolve_tokenizer_path
 
@@ -104,9 +104,7 @@ def build_policy(
     into a temporary directory).
     """
     config = config or variant_config(variant)
-    model = build_model(config, device="cpu")
-    init_random_weights(model, seed)
-    model.set_precision(_dtype_name(dtype))
+    model = random_model(config, seed, _dtype_name(dtype))
     tok = _tokenizer(tokenizer, None, config)
     return Pi05Policy(model, norm_stats or random_norm_stats(seed), tok, device=device,
                       source=f"random:{config.variant}:seed={seed}")

@@ -1,0 +1,236 @@
+"""Glue between the pytest fixtures and the pi0.5 policy: the session's FP policy, quantization + calibration.
+
+- `policy_factory(ckpt_dir, tokenizer=None, backend="builtin")` -> a callable returning a fresh FP policy:
+  `--ckpt` loaded by our pi0.5 loader (or openpi's, backend "openpi"); without a checkpoint, the built-in
+  dummy pi0.5, written once by `duquant init-checkpoint --variant dummy --seed 0` into a temporary folder and
+  loaded from there, so "no --ckpt" and "--ckpt <that checkpoint>" are the same model with the same
+  fingerprint (and share the model goldens).
+- `quantize_and_calibrate(policy, config, observations=None)` -> (policy, QuantReport): quantize the
+  policy's model in place, then observe CALIB_STEPS real policy calls (every denoising step) inside
+  `calibration(model)` and freeze the activation scales.
+- `checkpoint_fingerprint(ckpt_dir)`: sha256 of the weights file and config.json (16 hex), deterministic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pytest_duquant.config import DuQuantConfig
+from pytest_duquant.quantize import QuantReport, calibration, quantize_model
+
+BUILTIN_VARIANT = "dummy"
+BUILTIN_SEED = 0
+CALIB_OBS = 8  # distinct synthetic calibration observations (cycled over CALIB_STEPS calls)
+CALIB_OBS_SEED = 0
+CALIB_NOISE_SEED = 10_000  # call i uses noise seed CALIB_NOISE_SEED + i
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+_BUILTIN_DIRS: dict[tuple[str, int], Path] = {}
+
+
+class SessionPolicyError(RuntimeError):
+    """The session policy cannot be made (bad checkpoint directory, unusable backend)."""
+
+
+# ---- fingerprints ------------------------------------------------------------------------------
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+
+
+def checkpoint_fingerprint(ckpt_dir: str | os.PathLike) -> str:
+    """16 hex of sha256(weights file bytes, config.json bytes): same checkpoint files -> same fingerprint."""
+    d = Path(ckpt_dir)
+    weights, config = d / WEIGHTS_NAME, d / CONFIG_NAME
+    for p in (weights, config):
+        if not p.is_file():
+            raise SessionPolicyError(f"checkpoint {d}: {p.name} is missing, cannot fingerprint it")
+    h = hashlib.sha256()
+    h.update(b"pytest-duquant checkpoint v1\0")
+    _hash_file(h, weights)
+    h.update(b"\0config\0")
+    _hash_file(h, config)
+    return h.hexdigest()[:16]
+
+
+def tokenizer_digest(policy) -> str | None:
+    """16 hex of the policy's tokenizer model file (goldens record it: prompts become tokens through it)."""
+    tok = getattr(policy, "tokenizer", None)
+    path = getattr(tok, "path", None)
+    if isinstance(path, Path) and path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return None
+
+
+def builtin_checkpoint_dir(variant: str = BUILTIN_VARIANT, seed: int = BUILTIN_SEED) -> Path:
+    """The built-in random checkpoint, written once per process into a temporary folder."""
+    key = (variant, int(seed))
+    d = _BUILTIN_DIRS.get(key)
+    if d is None or not (d / WEIGHTS_NAME).is_file():
+        from pytest_duquant.commands.init_checkpoint import init_checkpoint
+
+        d = Path(tempfile.mkdtemp(prefix=f"duquant-{variant}-seed{seed}-"))
+        init_checkpoint(d, variant, int(seed))
+        _BUILTIN_DIRS[key] = d
+    return d
+
+
+# ---- policies ----------------------------------------------------------------------------------
+def policy_module(policy) -> nn.Module:
+    """The nn.Module quantize_model works on: Pi05Policy.model, or openpi's model behind the adapter."""
+    model = getattr(policy, "model", None)
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(policy, "policy", None)
+    for attr in ("_model", "model"):
+        model = getattr(inner, attr, None)
+        if isinstance(model, nn.Module):
+            return model
+    raise SessionPolicyError(f"{type(policy).__name__}: no nn.Module found to quantize (.model / .policy._model)")
+
+
+def policy_factory(ckpt_dir: str | os.PathLike | None, tokenizer=None, backend: str = "builtin",
+                   *, device: str = "cpu", dtype=None) -> Callable[[], object]:
+    """A callable returning a fresh FP policy (each call loads a new copy). Attributes set on each policy:
+    `fingerprint` (checkpoint fingerprint), `ckpt_dir`, `preset` ("fp")."""
+    if backend not in ("builtin", "openpi"):
+        raise SessionPolicyError(f"--policy-backend={backend}: must be builtin or openpi")
+    if ckpt_dir is not None:
+        ckpt = Path(ckpt_dir).expanduser()
+        if not ckpt.is_dir():
+            raise SessionPolicyError(f"--ckpt {ckpt}: no such checkpoint directory")
+    elif backend == "openpi":
+        raise SessionPolicyError("--policy-backend=openpi needs --ckpt (openpi cannot build the built-in dummy)")
+    else:
+        ckpt = builtin_checkpoint_dir()
+    fingerprint = checkpoint_fingerprint(ckpt)
+
+    def make():
+        if backend == "openpi":
+            from pytest_duquant.policies.pi05.openpi_adapter import load_openpi_policy
+
+            policy = load_openpi_policy(ckpt, device=device)
+        else:
+            from pytest_duquant.policies.pi05.policy import load_policy
+
+            policy = load_policy(ckpt, tokenizer=tokenizer, device=device, dtype=dtype)
+        policy.fingerprint = fingerprint
+        policy.ckpt_dir = ckpt if ckpt_dir is not None else None
+        policy.preset = "fp"
+        return policy
+
+    make.fingerprint = fingerprint
+    make.ckpt_dir = ckpt
+    make.builtin = ckpt_dir is None
+    return make
+
+
+def default_calibration_observations(n: int = CALIB_OBS, seed: int = CALIB_OBS_SEED) -> list[dict]:
+    from pytest_duquant.policies.pi05.processing import synthetic_observations
+
+    return synthetic_observations(n, seed)
+
+
+def run_calibration_calls(policy, observations: Sequence[dict], calls: int) -> None:
+    """`calls` real policy calls: call i runs observation i mod len(observations) with noise seed
+    CALIB_NOISE_SEED + i (10 denoising steps each)."""
+    if not observations:
+        raise ValueError("calibration needs at least one observation")
+    for i in range(calls):
+        policy.infer(observations[i % len(observations)], CALIB_NOISE_SEED + i)
+
+
+def quantize_and_calibrate(policy, config: DuQuantConfig, observations: Sequence[dict] | None = None):
+    """Quantize the policy's model under `config`, then calibrate on CALIB_STEPS real policy calls.
+
+    observations: the calibration observations (default: CALIB_OBS synthetic ones; LIBERO resets when the
+    caller has them). Returns (policy, QuantReport); the policy is changed in place.
+    """
+    model = policy_module(policy)
+    report = quantize_model(model, config)
+    if config.enabled and not report.dryrun and report.layers:
+        obs = list(observations) if observations is not None else default_calibration_observations()
+        with reuse_prefix(policy), calibration(model):
+            run_calibration_calls(policy, obs, config.calib_steps)
+    policy.preset = config.preset if config.enabled else "fp"
+    return policy, report
+
+
+# ---- speed: reuse the (unquantized) prefix across calls -----------------------------------------
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _prefix_signature(model: nn.Module) -> tuple | None:
+    """Identity of every module on the prefix path, or None when a quantized layer lies there (then every
+    call must really run, e.g. to be observed by calibration)."""
+    pwe = getattr(model, "paligemma_with_expert", None)
+    vlm = getattr(pwe, "paligemma", None)
+    if vlm is None:
+        return None
+    sig = []
+    for name, module in vlm.named_modules():
+        if hasattr(module, "calibrating"):  # a DuQuant / RTN layer on the prefix path
+            return None
+        sig.append((name, id(module)))
+    return tuple(sig)
+
+
+@contextlib.contextmanager
+def reuse_prefix(policy, max_entries: int = 64) -> Iterator[None]:
+    """Memoise the prefix (image + prompt embeddings, language-model KV cache) by input content.
+
+    Only the action expert runs per denoising step; the prefix depends on the VLM alone. The memo is keyed
+    by the inputs' bytes and the identity of every VLM module, and switches itself off when any quantized
+    layer is on the prefix path, so results are identical to running without it (tests check this).
+    """
+    try:
+        model = policy_module(policy)
+    except SessionPolicyError:
+        yield
+        return
+    if not (hasattr(model, "embed_prefix") and hasattr(model, "compute_prefix_cache")) or (
+            "embed_prefix" in vars(model) or "compute_prefix_cache" in vars(model)):
+        yield  # nothing to memoise, or already inside reuse_prefix / patched by someone else
+        return
+    orig_embed, orig_cache = model.embed_prefix, model.compute_prefix_cache
+    memo: dict = {}
+
+    def lookup(kind, fn, args):
+        sig = _prefix_signature(model)
+        if sig is None:
+            return fn(*args)
+        key = (kind, _digest(*args), hash(sig), str(getattr(model, "compute_dtype", "")))
+        if key not in memo:
+            if len(memo) >= max_entries:
+                memo.pop(next(iter(memo)))
+            memo[key] = fn(*args)
+        return memo[key]
+
+    def embed_prefix(images, image_masks, tokens, token_masks):
+        return lookup("embed", orig_embed, (images, image_masks, tokens, token_masks))
+
+    def compute_prefix_cache(prefix_embs, prefix_pad):
+        return lookup("cache", orig_cache, (prefix_embs, prefix_pad))
+
+    model.embed_prefix, model.compute_prefix_cache = embed_prefix, compute_prefix_cache
+    try:
+        yield
+    finally:
+        del model.embed_prefix, model.compute_prefix_cache
+        memo.clear()

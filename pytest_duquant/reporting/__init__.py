@@ -1,0 +1,1 @@
+"""Figures and JSON summaries of runs (matplotlib, Agg; imported lazily)."""

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""LIBERO episode throughput with 1 vs N env workers: policy ms/call, sim ms/step, episodes/hour.
+
+Meant for the GPU machine (16 cores + H100; MuJoCo's EGL renders on the GPU there), offline:
+
+    python scripts/libero_throughput.py --workers 1,4,8,15 --out libero_throughput.json
+    python scripts/libero_throughput.py --ckpt $CKPT --preset B --workers 1,15 --out tp_B.json
+
+Without --ckpt it writes the full-size pi0.5 with random weights (``duquant init-checkpoint --variant
+pi05``) into a temporary folder. A random policy never succeeds, so every episode runs its whole
+step budget (libero_spatial: 220 + 10 steps): the worst case, and the same work for every N.
+
+Measured, per worker count N (each run starts from an empty results file):
+  wall_s, episodes, episodes_per_hour, policy_calls, policy_ms_per_call, mean_batch, sim_ms_per_step
+  (time inside env.step over all steps: 1 step in 5 renders the two cameras, see docs/libero.md).
+Plus two micro-benchmarks: one env's ms/step with and without rendering, and the policy's ms/call at
+batch 1 and at batch N (synthetic LIBERO-like observations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _policy_factory(args):
+    from pytest_duquant.config import from_env
+    from pytest_duquant.libero.policy import pi05_policy_factory
+
+    ckpt = args.ckpt
+    if ckpt is None:
+        from pytest_duquant.commands.init_checkpoint import init_checkpoint
+
+        ckpt = Path(tempfile.mkdtemp(prefix="duquant-pi05-random-"))
+        t0 = time.perf_counter()
+        init_checkpoint(ckpt, "pi05", 0, args.dtype)
+        print(f"wrote random full-size pi0.5 to {ckpt} in {time.perf_counter() - t0:.0f} s", flush=True)
+    config = from_env(os.environ, preset=args.preset) if args.preset else None
+    return pi05_policy_factory(ckpt, config, device=args.device), str(ckpt)
+
+
+def sim_microbench(suite: str, task: int, steps: int) -> dict:
+    from pytest_duquant.libero.episode import LiberoEnv
+    from pytest_duquant.libero.protocol import DUMMY_ACTION, ProtocolSettings
+
+    t0 = time.perf_counter()
+    env = LiberoEnv(suite, task, ProtocolSettings())
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    env.seed(7)
+    env.reset()
+    env.set_init_state(env.init_states[0])
+    reset = time.perf_counter() - t0
+    out = {"env_build_s": round(build, 3), "env_reset_s": round(reset, 3)}
+    for render in (True, False):
+        env.step(list(DUMMY_ACTION), render=render)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            env.step(list(DUMMY_ACTION), render=render)
+        out[f"ms_per_step_{'rendered' if render else 'unrendered'}"] = round(1e3 * (time.perf_counter() - t0) / steps, 2)
+    env.close()
+    return out
+
+
+def policy_microbench(policy, batch_sizes, calls: int) -> dict:
+    from pytest_duquant.policies.pi05.processing import synthetic_observations
+
+    obs = synthetic_observations(max(batch_sizes), seed=0, image_size=224)  # what the harness sends: 224 px
+    out = {}
+    for b in batch_sizes:
+        batch = obs[:b]
+        policy.infer_batch(batch, list(range(b)))  # warm-up (compile, caches)
+        _sync()
+        t0 = time.perf_counter()
+        for i in range(calls):
+            policy.infer_batch(batch, [i * b + j for j in range(b)])
+        _sync()
+        out[f"batch{b}_ms_per_call"] = round(1e3 * (time.perf_counter() - t0) / calls, 2)
+    return out
+
+
+def _sync():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except ImportError:
+        pass
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="pi0.5 checkpoint (default: random full-size pi0.5)")
+    p.add_argument("--preset", default=None, help="DuQuant preset to quantize with (default: FP)")
+    p.add_argument("--suite", default="libero_spatial")
+    p.add_argument("--task", type=int, default=0)
+    p.add_argument("--workers", default="1,8", help="comma-separated worker counts (default 1,8)")
+    p.add_argument("--episodes-per-worker", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the random checkpoint (default bfloat16)")
+    p.add_argument("--policy-calls", type=int, default=10, help="calls per batch size in the policy micro-benchmark")
+    p.add_argument("--sim-steps", type=int, default=40, help="steps per mode in the sim micro-benchmark")
+    p.add_argument("--out", default="libero_throughput.json")
+    args = p.parse_args(argv)
+
+    from pytest_duquant.libero import sim_setup
+    from pytest_duquant.libero.harness import run_rollouts
+
+    sim_setup.prepare()
+    workers = [int(w) for w in args.workers.split(",")]
+    factory, ckpt = _policy_factory(args)
+    t0 = time.perf_counter()
+    policy = factory()
+    load_s = time.perf_counter() - t0
+    report = {
+        "suite": args.suite, "task": args.task, "ckpt": ckpt, "preset": args.preset or "fp",
+        "fingerprint": factory.fingerprint, "policy_load_s": round(load_s, 2),
+        "host": {"python": platform.python_version(), "cpus": os.cpu_count(), "mujoco_gl": os.environ.get("MUJOCO_GL")},
+    }
+    try:
+        import torch
+
+        report["host"]["torch"] = torch.__version__
+        report["host"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    print("sim micro-benchmark ...", flush=True)
+    report["sim"] = sim_microbench(args.suite, args.task, args.sim_steps)
+    print(json.dumps(report["sim"]), flush=True)
+    print("policy micro-benchmark ...", flush=True)
+    report["policy"] = policy_microbench(policy, sorted({1, *workers}), args.policy_calls)
+    print(json.dumps(report["policy"]), flush=True)
+    report["runs"] = []
+    with tempfile.TemporaryDirectory(prefix="libero-throughput-") as tmp:
+        for n in workers:
+            episodes = n * args.episodes_per_worker
+            trials = list(range(min(episodes, 50)))
+            out = Path(tmp) / f"w{n}.jsonl"
+            print(f"{n} workers, {len(trials)} episodes ...", flush=True)
+            s = run_rollouts(policy, args.suite, [args.task], trials, 7, n, out, backend="local")
+            stats = s.stats()
+            stats.pop("per_suite", None)
+            stats["errors"] = sum(r["error"] is not None for r in s.records)
+            report["runs"].append(stats)
+            print(json.dumps(stats), flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
