@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
@@ -232,6 +233,27 @@ def _sup(f: Callable[[float], float], lo: float, hi: float, grid: int = _GRID) -
     return best, arg
 
 
+def _grid_cache(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """Memoize statistic grids, keeping at most ~40M cells (320 MB) in total, least recently used out."""
+    store: OrderedDict[tuple, np.ndarray] = OrderedDict()
+    budget = 40_000_000
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> np.ndarray:
+        hit = store.get(args)
+        if hit is not None:
+            store.move_to_end(args)
+            return hit
+        out = fn(*args)
+        store[args] = out
+        while len(store) > 1 and sum(a.size for a in store.values()) > budget:
+            store.popitem(last=False)
+        return out
+
+    wrapper.cache_clear = store.clear  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _envelope(z: np.ndarray) -> np.ndarray:
     """Smallest array >= z that is non-decreasing along axis 0 and non-increasing along axis 1."""
     z = np.maximum.accumulate(z, axis=0)
@@ -265,7 +287,7 @@ def _paired_rmle(b: np.ndarray, c: np.ndarray, n: int, d: float) -> tuple[np.nda
     return x + d, x
 
 
-@functools.lru_cache(maxsize=16)
+@_grid_cache
 def _paired_zstar(n: int, delta: float) -> np.ndarray:
     # Tango's statistic on the (b, c) grid, written with in-place operations (n = 4500 is 20M cells).
     # Rows are b, columns c. For delta < 0 the restricted MLE is that of the swapped problem (c, b; -delta);
@@ -422,7 +444,7 @@ def _bisect_increasing(f: Callable[[float], float], lo: float, hi: float, tol: f
 
 
 def _lower_bound(
-    pfun: Callable[[float], float], alpha: float, est: float, se: float, tol: float = 2e-4
+    pfun: Callable[[float], float], alpha: float, est: float, se: float, tol: float = 5e-4
 ) -> float:
     """sup{d : pfun(d) <= alpha}: the exact one-sided (1 - alpha) lower confidence bound of the drop."""
     eps = 1e-6
@@ -477,7 +499,7 @@ def _unpaired_rmle(
     return t2 + d, t2
 
 
-@functools.lru_cache(maxsize=16)
+@_grid_cache
 def _unpaired_zstar(n1: int, n2: int, delta: float) -> np.ndarray:
     x1 = np.arange(n1 + 1, dtype=float)[:, None]
     x2 = np.arange(n2 + 1, dtype=float)[None, :]

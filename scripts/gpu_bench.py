@@ -58,9 +58,7 @@ def sweep_configs(m: int, k: int):
     else:
         for bm, bn, w, st in ((128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
                               (256, 128, 8, 3)):
-            for abm in (32, 64):
-                cands.append(tk.GemmConfig(path="S", bm=bm, bn=bn, split_k=1, warps=w, stages=st, act_bm=abm))
-        cands.append(tk.GemmConfig(path="L", bm=128, bn=128, split_k=1, warps=8, stages=3, act_bm=32))
+            cands.append(tk.GemmConfig(path="Q", bm=bm, bn=bn, split_k=1, warps=w, stages=st, act_bm=64))
     return cands
 
 
@@ -89,10 +87,11 @@ def time_layer(k, n, m, preset, sweep: bool):
     pick = tk.pick_config(m, n, k)
     t_w4 = graph_time_us(lambda i: tk.w4a8_linear(x, packs[i], pick), len(packs))
     # split: activation kernel alone and GEMM alone (same config)
-    if pick.path == "L":
-        q, s = tk.act_quant(x, lay.w4a8, bm=pick.act_bm, warps=pick.act_warps)
-        t_act = graph_time_us(lambda i: tk.act_quant(x, lay.w4a8, bm=pick.act_bm, warps=pick.act_warps), 1)
-        t_gemm = graph_time_us(lambda i: tk.w4a8_gemm(q, s, packs[i], pick, a_float=False), len(packs))
+    if pick.path == "Q":
+        q, s = tk.act_quant_chunked(x, lay.w4a8, bm=pick.act_bm, warps=pick.act_warps)
+        t_act = graph_time_us(lambda i: tk.act_quant_chunked(x, lay.w4a8, bm=pick.act_bm, warps=pick.act_warps), 1)
+        t_gemm = graph_time_us(lambda i: tk.w4a8_gemm(q, s, packs[i], pick, a_float=False,
+                                                      w_int8=tk.unpack_weight_int8(packs[i])), len(packs))
     else:
         xt, pm = tk.act_chunks(x, lay.w4a8.perm, lay.w4a8.r_in, lay.w4a8.block, mode=0, bm=pick.act_bm)
         t_act = graph_time_us(lambda i: tk.act_chunks(x, lay.w4a8.perm, lay.w4a8.r_in, lay.w4a8.block, mode=0,
@@ -126,6 +125,9 @@ def main() -> int:
     ap.add_argument("--bench-suite", action="store_true", help="also run suites/bench with pytest-benchmark")
     ap.add_argument("--quick", action="store_true", help="M in {50, 4096}, preset A only")
     ap.add_argument("--presets", default="A,B")
+    ap.add_argument("--sweep-min-m", type=int, default=0)
+    ap.add_argument("--suite-k", default="", help="pytest -k expression for the bench suite (default: all)")
+    ap.add_argument("--budget-s", type=float, default=560, help="stop the bench suite by this many seconds")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -163,21 +165,13 @@ def main() -> int:
     for preset in presets:
         for k, n in EXPERT_SHAPES:
             for m in ms:
-                row = time_layer(k, n, m, preset, args.sweep and preset == "A")
+                row = time_layer(k, n, m, preset, args.sweep and preset == "A" and m >= args.sweep_min_m)
                 rows.append(row)
                 (OUT / "gpu_bench.json").write_text(json.dumps(dict(info=info, layers=rows, expert=expert), indent=1))
                 print(f"[{time.time() - t0:.0f}s] {preset} {k}->{n} M={m}: bf16 {row['bf16_us']:.1f} "
                       f"sim {row['sim_us']:.1f} w4a8 {row['w4a8_us']:.1f} (act {row['w4a8_act_us']:.1f} + gemm "
                       f"{row['w4a8_gemm_us']:.1f}) best {row['best_us']:.1f} {row['best_cfg']}", flush=True)
     (OUT / "gpu_bench.json").write_text(json.dumps(dict(info=info, layers=rows, expert=expert), indent=1))
-    if args.bench_suite:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-p", "pytest_duquant.plugin", "suites/bench", "-q",
-                            "-p", "no:cacheprovider", "-m", "gpu", "-W", "ignore",
-                            f"--benchmark-json={OUT / 'bench_suite.json'}", "--benchmark-columns=median,rounds"],
-                           capture_output=True, text=True, env=env)
-        (OUT / "bench_suite.log").write_text(r.stdout + r.stderr)
-        print("\n".join((r.stdout + r.stderr).strip().splitlines()[-6:]), flush=True)
-        info["bench_suite_rc"] = r.returncode
     # ---- table ----
     print(f"\n{info['device']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
     print("preset shape        M     bf16us   sim us (x)      w4a8 us (x)     act+gemm    best(cfg)")
@@ -192,6 +186,20 @@ def main() -> int:
               f"({e['w4a8_B_us'] / b:.2f}x), sim-A {e['sim_A_us']:.0f} ({e['sim_A_us'] / b:.2f}x); weight bytes "
               f"bf16/W4A8-A {e['bf16_A_bytes'] / e['w4a8_A_bytes']:.2f}x, bf16/W4A8-B "
               f"{e['bf16_A_bytes'] / e['w4a8_B_bytes']:.2f}x")
+    if args.bench_suite:
+        try:
+            r = subprocess.run([sys.executable, "-m", "pytest", "-p", "pytest_duquant.plugin", "suites/bench", "-q",
+                                "-p", "no:cacheprovider", "-m", "gpu", "-W", "ignore",
+                                f"--benchmark-json={OUT / 'bench_suite.json'}", "--benchmark-columns=median,rounds"]
+                               + (["-k", args.suite_k] if args.suite_k else []),
+                               capture_output=True, text=True, env=env,
+                               timeout=max(30.0, args.budget_s - (time.time() - t0)))
+            (OUT / "bench_suite.log").write_text(r.stdout + r.stderr)
+            print("\n".join((r.stdout + r.stderr).strip().splitlines()[-6:]), flush=True)
+        except subprocess.TimeoutExpired as exc:
+            out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            (OUT / "bench_suite.log").write_text(out)
+            print("bench suite stopped at the time budget; partial log in bench_suite.log", flush=True)
     print(f"total {time.time() - t0:.0f}s")
     return 0
 

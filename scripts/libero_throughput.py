@@ -63,7 +63,9 @@ def sim_microbench(suite: str, task: int, steps: int) -> dict:
         t0 = time.perf_counter()
         for _ in range(steps):
             env.step(list(DUMMY_ACTION), render=render)
-        out[f"ms_per_step_{'rendered' if render else 'unrendered'}"] = round(1e3 * (time.perf_counter() - t0) / steps, 2)
+        out[f"ms_per_step_{'rendered' if render else 'unrendered'}"] = round(
+            1e3 * (time.perf_counter() - t0) / steps, 2
+        )
     env.close()
     return out
 
@@ -105,7 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--episodes-per-worker", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="bfloat16", help="dtype of the random checkpoint (default bfloat16)")
-    p.add_argument("--policy-calls", type=int, default=10, help="calls per batch size in the policy micro-benchmark")
+    p.add_argument(
+        "--policy-calls", type=int, default=10, help="calls per batch size in the policy micro-benchmark"
+    )
     p.add_argument("--sim-steps", type=int, default=40, help="steps per mode in the sim micro-benchmark")
     p.add_argument("--out", default="libero_throughput.json")
     args = p.parse_args(argv)
@@ -120,9 +124,17 @@ def main(argv=None) -> int:
     policy = factory()
     load_s = time.perf_counter() - t0
     report = {
-        "suite": args.suite, "task": args.task, "ckpt": ckpt, "preset": args.preset or "fp",
-        "fingerprint": factory.fingerprint, "policy_load_s": round(load_s, 2),
-        "host": {"python": platform.python_version(), "cpus": os.cpu_count(), "mujoco_gl": os.environ.get("MUJOCO_GL")},
+        "suite": args.suite,
+        "task": args.task,
+        "ckpt": ckpt,
+        "preset": args.preset or "fp",
+        "fingerprint": factory.fingerprint,
+        "policy_load_s": round(load_s, 2),
+        "host": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "mujoco_gl": os.environ.get("MUJOCO_GL"),
+        },
     }
     try:
         import torch

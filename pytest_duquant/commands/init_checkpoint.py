@@ -21,8 +21,12 @@ def register(subparsers) -> None:
     parser.add_argument("dir", help="output directory (created; must be empty unless --force)")
     parser.add_argument("--variant", choices=("dummy", "pi05"), default="dummy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="stored precision (default: float32 for dummy, bfloat16 for pi05)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="stored precision (default: float32 for dummy, bfloat16 for pi05)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     parser.set_defaults(func=run)
 

@@ -1,4 +1,4 @@
-"""`duquant list-linears CKPT [--scope S] [--preset P] [--json]`: every nn.Linear, its shape, selected or not, bits.
+"""`duquant list-linears CKPT [--scope S] [--preset P] [--json]`: every nn.Linear, shape, selected?, bits.
 
 CKPT is a pi0.5 checkpoint directory (openpi or lerobot layout; only config.json and the safetensors header
 are read, the model is built on the meta device) or a variant name (`pi05`, `dummy`) for the structure alone.
@@ -19,8 +19,12 @@ def register(subparsers) -> None:
         description=__doc__,
     )
     parser.add_argument("ckpt", help="checkpoint directory, or a variant name: pi05 | dummy")
-    parser.add_argument("--scope", default=None, help="qualified-name prefix (default: OPENPI_DUQUANT_SCOPE or "
-                        "paligemma_with_expert.gemma_expert.model.)")
+    parser.add_argument(
+        "--scope",
+        default=None,
+        help="qualified-name prefix (default: OPENPI_DUQUANT_SCOPE or "
+        "paligemma_with_expert.gemma_expert.model.)",
+    )
     parser.add_argument("--preset", default=None, help="DuQuant preset (A, B, precision, speed, fp)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)
@@ -55,7 +59,9 @@ def collect(ckpt: str, scope: str | None = None, preset: str | None = None) -> d
     else:
         from pytest_duquant.policies.pi05.errors import CheckpointError
 
-        raise CheckpointError(f"{ckpt}: neither a checkpoint directory nor a variant name ({', '.join(VARIANTS)})")
+        raise CheckpointError(
+            f"{ckpt}: neither a checkpoint directory nor a variant name ({', '.join(VARIANTS)})"
+        )
     overrides = {"scope": scope} if scope is not None else None
     dq = from_env(preset=preset, overrides=overrides)
     choices = linear_choices(model, dq)
@@ -85,12 +91,17 @@ def run(args) -> int:
         return 0
     rows = listing["linears"]
     width = max((len(r["name"]) for r in rows), default=4)
-    print(f"# {listing['checkpoint'] or 'variant ' + listing['variant']}  scope={listing['scope']!r}  "
-          f"preset={listing['preset']}")
+    print(
+        f"# {listing['checkpoint'] or 'variant ' + listing['variant']}  scope={listing['scope']!r}  "
+        f"preset={listing['preset']}"
+    )
     print(f"{'name':<{width}}  {'shape [out, in]':<16}  sel  bits  reason")
     for r in rows:
         shape = f"[{r['shape'][0]}, {r['shape'][1]}]"
         bits = "-" if r["wbits"] is None else str(r["wbits"])
-        print(f"{r['name']:<{width}}  {shape:<16}  {'yes' if r['selected'] else 'no ':<3}  {bits:>4}  {r['reason']}")
+        print(
+            f"{r['name']:<{width}}  {shape:<16}  {'yes' if r['selected'] else 'no ':<3}  "
+            f"{bits:>4}  {r['reason']}"
+        )
     print(f"# {listing['selected']} of {listing['total']} linears selected")
     return 0

@@ -18,29 +18,57 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("rollouts", help="run LIBERO episodes of a checkpoint (openpi protocol, resumable)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "rollouts",
+        help="run LIBERO episodes of a checkpoint (openpi protocol, resumable)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--ckpt", required=True, help="pi0.5 checkpoint directory (openpi or lerobot layout)")
-    p.add_argument("--suite", default="libero_spatial",
-                   help="libero_spatial, libero_object, libero_goal, libero_10 or libero_90; comma-separated for several")
+    p.add_argument(
+        "--suite",
+        default="libero_spatial",
+        help="libero_spatial, libero_object, libero_goal, libero_10 or libero_90 (comma-separated: several)",
+    )
     p.add_argument("--tasks", default=None, help="task ids, e.g. 0,1,5-9 (default all)")
     p.add_argument("--trials", type=int, default=50, help="trials (init states) per task, 1..50 (default 50)")
-    p.add_argument("--seed", type=int, default=7, help="env seed; also keys the policy noise (default 7, openpi's)")
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                   help="parallel env workers, ~2.1 GB RAM each (default min(8, cores-1))")
+    p.add_argument(
+        "--seed", type=int, default=7, help="env seed; also keys the policy noise (default 7, openpi's)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+        help="parallel env workers, ~2.1 GB RAM each (default min(8, cores-1))",
+    )
     p.add_argument("--out", required=True, help="results JSONL (appended; resumed when it exists)")
-    p.add_argument("--preset", default=None,
-                   help="DuQuant preset (A, B, precision, speed, fp); OPENPI_DUQUANT_* variables apply too")
-    p.add_argument("--backend", choices=("local", "ray"), default="local", help="episode scheduler (default local)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
-    p.add_argument("--policy-backend", choices=("builtin", "openpi"), default="builtin",
-                   help="load --ckpt with our pi0.5 (builtin) or openpi's own loader")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="DuQuant preset (A, B, precision, speed, fp); OPENPI_DUQUANT_* variables apply too",
+    )
+    p.add_argument(
+        "--backend", choices=("local", "ray"), default="local", help="episode scheduler (default local)"
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)"
+    )
+    p.add_argument(
+        "--policy-backend",
+        choices=("builtin", "openpi"),
+        default="builtin",
+        help="load --ckpt with our pi0.5 (builtin) or openpi's own loader",
+    )
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece tokenizer model")
     p.add_argument("--device", default=None, help="torch device for the policy (default cuda if available)")
     p.add_argument("--videos", default=None, metavar="DIR", help="write an MP4 of every failed episode here")
     p.add_argument("--max-batch", type=int, default=None, help="most observations per policy call")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="override the suite's step budget (changes the protocol name: for smoke runs only)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="override the suite's step budget (changes the protocol name: for smoke runs only)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -62,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
             sim_setup.check_suite_assets(s)
         sim_setup.libero_package_root()
         config = from_env(os.environ, preset=args.preset)
-        factory = pi05_policy_factory(args.ckpt, config, tokenizer=args.tokenizer, backend=args.policy_backend,
-                                      device=args.device)
+        factory = pi05_policy_factory(
+            args.ckpt, config, tokenizer=args.tokenizer, backend=args.policy_backend, device=args.device
+        )
     except (ValueError, sim_setup.LiberoSetupError, PolicyUnavailableError) as exc:
         print(f"duquant rollouts: {exc}", file=sys.stderr)
         return 2
@@ -79,10 +108,21 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     for suite in suites:
         try:
-            summary = run_rollouts(policy, suite, tasks[suite], args.trials, args.seed, args.workers, args.out,
-                                   protocol=protocol, backend=args.backend, video_dir=args.videos,
-                                   progress=not args.no_progress, max_batch=args.max_batch,
-                                   ray_address=args.ray_address)
+            summary = run_rollouts(
+                policy,
+                suite,
+                tasks[suite],
+                args.trials,
+                args.seed,
+                args.workers,
+                args.out,
+                protocol=protocol,
+                backend=args.backend,
+                video_dir=args.videos,
+                progress=not args.no_progress,
+                max_batch=args.max_batch,
+                ray_address=args.ray_address,
+            )
         except (RolloutError, ResultsFileError) as exc:
             print(f"duquant rollouts: {suite}: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, RolloutError) else 2

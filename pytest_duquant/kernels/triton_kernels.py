@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from pytest_duquant.kernels.packing import PACK_GROUP
 from pytest_duquant.kernels.packs import CHUNK, SimPack, W4A8Pack
@@ -85,7 +86,7 @@ def _act_quant_kernel(x_ptr, perm_ptr, r_ptr, q_ptr, s_ptr, M, nch, stride_xm, s
 @triton.jit
 def _act_chunk_kernel(x_ptr, perm_ptr, r_ptr, out_ptr, aux_ptr, M, K, stride_xm, stride_om,
                       MODE: tl.constexpr, QMAX: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                      HAS_PERM: tl.constexpr, BM: tl.constexpr):
+                      HAS_PERM: tl.constexpr, BM: tl.constexpr, scale_ptr=None, NPM_P2: tl.constexpr = 1):
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -101,8 +102,32 @@ def _act_chunk_kernel(x_ptr, perm_ptr, r_ptr, out_ptr, aux_ptr, M, K, stride_xm,
         q = _rne(v / s[None, :])
         q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
         tl.store(optr, (q * s[None, :]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
-    else:
+    elif MODE == 2:
         tl.store(optr, v.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    elif MODE == 3:  # partial max only (first pass of the large-M path)
+        tl.store(aux_ptr + rows * (K // 64) + c, tl.max(tl.abs(v), axis=1), mask=rmask)
+    else:  # MODE 4: int8 codes with the full per-token scale from the partial maxima in aux [M, K/64]
+        pc = tl.arange(0, NPM_P2)
+        pm = tl.load(aux_ptr + rows[:, None] * (K // 64) + pc[None, :],
+                     mask=rmask[:, None] & (pc < K // 64)[None, :], other=0.0)
+        sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+        q = tl.minimum(tl.maximum(_rne(v / sa[:, None]), -QMAX - 1.0), QMAX * 1.0)
+        tl.store(optr, q.to(tl.int8), mask=rmask[:, None])
+        if c == 0:
+            tl.store(scale_ptr + rows, sa, mask=rmask)
+
+
+@triton.jit
+def _unpack_int4_kernel(p_ptr, w_ptr, N, K, BN: tl.constexpr):
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    kk = tl.arange(0, 64)
+    m = (rn < N)[:, None]
+    w32 = tl.load(p_ptr + rn[:, None] * (K // 2) + g * 64 + kk[None, :], mask=m, other=0).to(tl.int32)
+    base = w_ptr + rn[:, None] * K + g * 128 + kk[None, :]
+    tl.store(base, ((w32 << 28) >> 28).to(tl.int8), mask=m)
+    tl.store(base + 64, ((w32 << 24) >> 28).to(tl.int8), mask=m)
 
 
 @triton.jit
@@ -127,7 +152,8 @@ def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, ou
                       M, N, K, stride_am, stride_om, NPM,
                       A_FLOAT: tl.constexpr, NPM_P2: tl.constexpr, QMAX: tl.constexpr,
                       HAS_BIAS: tl.constexpr, RESTORE: tl.constexpr, BO: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+                      SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+                      W_INT8: tl.constexpr = False):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -151,11 +177,21 @@ def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, ou
         pm = tl.load(pm_ptr + rm[:, None] * NPM + pc[None, :], mask=mmask[:, None] & (pc < NPM)[None, :],
                      other=0.0)
         sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+        inv = 1.0 / sa
     else:
         sa = tl.load(sa_ptr + rm, mask=mmask, other=1.0)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     a_base = a_ptr + rm[:, None] * stride_am + kk[None, :]
     w_base = w_ptr + rn[:, None] * (K // 2) + kk[None, :]
+    if W_INT8:  # one K=128 dot per step on int8 codes in natural order (A must be int8 codes)
+        kf = tl.arange(0, 128)
+        a_full = a_ptr + rm[:, None] * stride_am + kf[None, :]
+        w_full = w_ptr + rn[:, None] * K + kf[None, :]
+        for kt in range(kt0, kt1):
+            a_t = tl.load(a_full + kt * 128, mask=mmask[:, None], other=0)
+            w_t = tl.load(w_full + kt * 128, mask=nmask[:, None], other=0)
+            acc = tl.dot(a_t, tl.trans(w_t), acc, out_dtype=tl.int32)
+        kt1 = kt0  # the packed loop below does nothing
     for kt in range(kt0, kt1):
         wp = tl.load(w_base + kt * 64, mask=nmask[:, None], other=0)
         w32 = wp.to(tl.int32)
@@ -164,8 +200,8 @@ def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, ou
         if A_FLOAT:
             xl = tl.load(a_base + kt * 128, mask=mmask[:, None], other=0.0)
             xh = tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0.0)
-            al = tl.minimum(tl.maximum(_rne(xl / sa[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
-            ah = tl.minimum(tl.maximum(_rne(xh / sa[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+            al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+            ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
         else:
             al = tl.load(a_base + kt * 128, mask=mmask[:, None], other=0)
             ah = tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0)
@@ -214,6 +250,7 @@ def _w4a8_gemm_swap_kernel(a_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, out_p
     pc = tl.arange(0, NPM_P2)
     pm = tl.load(pm_ptr + rt[:, None] * NPM + pc[None, :], mask=tmask[:, None] & (pc < NPM)[None, :], other=0.0)
     sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+    inv = 1.0 / sa
     acc = tl.zeros((BW, BT), dtype=tl.int32)
     a_base = a_ptr + rt[:, None] * stride_am + kk[None, :]
     w_base = w_ptr + rw[:, None] * (K // 2) + kk[None, :]
@@ -224,8 +261,8 @@ def _w4a8_gemm_swap_kernel(a_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, out_p
         w_hi = ((w32 << 24) >> 28).to(tl.int8)
         xl = tl.load(a_base + kt * 128, mask=tmask[:, None], other=0.0)
         xh = tl.load(a_base + kt * 128 + 64, mask=tmask[:, None], other=0.0)
-        al = tl.minimum(tl.maximum(_rne(xl / sa[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
-        ah = tl.minimum(tl.maximum(_rne(xh / sa[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+        al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+        ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
         acc = tl.dot(w_lo, tl.trans(al), acc, out_dtype=tl.int32)
         acc = tl.dot(w_hi, tl.trans(ah), acc, out_dtype=tl.int32)
     sw = tl.load(sw_ptr + rw, mask=wmask, other=0.0)
@@ -268,7 +305,10 @@ def _swap_finish(y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, s
 
 @dataclass(frozen=True)
 class GemmConfig:
-    path: str = "L"  # "L": act_quant kernel -> int8 codes; "S": chunk kernel -> fp32 x_t, quantized in GEMM
+    # "S": chunk kernel -> fp32 x_t + partial max, quantized in the GEMM's loop (small M);
+    # "Q": two chunk-parallel passes -> int8 codes, weight unpacked to int8 once, int8 x int8 GEMM (large M);
+    # "L": one two-pass kernel per row tile -> int8 codes (reference variant; slow: little parallelism)
+    path: str = "L"
     bm: int = 64
     bn: int = 128
     split_k: int = 1
@@ -308,7 +348,7 @@ def pick_config(m: int, n: int, k: int) -> GemmConfig:
         tiles = -(-m // bm) * -(-n // bn)
         split = _divisor_at_most(n_kt, max(1, 132 // tiles))
         return GemmConfig(path="S", bm=bm, bn=bn, split_k=split, warps=4, stages=3, act_bm=32)
-    return GemmConfig(path="S", bm=128, bn=128, split_k=1, warps=8, stages=3, act_bm=64)
+    return GemmConfig(path="Q", bm=128, bn=128, split_k=1, warps=8, stages=3, act_bm=64)
 
 
 _COUNTERS: dict = {}
@@ -362,9 +402,36 @@ def act_chunks(x2d: torch.Tensor, perm, r_in, block: int, *, mode: int, aux=None
     return (out, aux) if mode == 0 else out
 
 
+def act_quant_chunked(x2d: torch.Tensor, pack: W4A8Pack, *, bm: int = 64, warps: int = 4):
+    """Large-M activation side, chunk-parallel: pass 1 partial max|x_t|, pass 2 recompute + int8 codes."""
+    m, k = x2d.shape
+    pm = _empty((m, k // CHUNK), torch.float32, x2d.device)
+    q = _empty((m, k), torch.int8, x2d.device)
+    s = _empty((m,), torch.float32, x2d.device)
+    b, w = _rot_params(pack.block)
+    perm = pack.perm if pack.perm is not None else pack.r_in
+    grid = (triton.cdiv(m, bm), k // CHUNK)
+    _act_chunk_kernel[grid](x2d, perm, pack.r_in, q, pm, m, k, x2d.stride(0), q.stride(0), MODE=3,
+                            QMAX=pack.qmax_a, B=b, W=w, HAS_PERM=pack.perm is not None, BM=bm, scale_ptr=s,
+                            NPM_P2=triton.next_power_of_2(k // CHUNK), num_warps=warps)
+    _act_chunk_kernel[grid](x2d, perm, pack.r_in, q, pm, m, k, x2d.stride(0), q.stride(0), MODE=4,
+                            QMAX=pack.qmax_a, B=b, W=w, HAS_PERM=pack.perm is not None, BM=bm, scale_ptr=s,
+                            NPM_P2=triton.next_power_of_2(k // CHUNK), num_warps=warps)
+    return q, s
+
+
+def unpack_weight_int8(pack: W4A8Pack) -> torch.Tensor:
+    """int8 codes [N, K] (natural order) from the packed weight: a per-call temporary for the large-M GEMM."""
+    n, k = pack.out_features, pack.in_features
+    w = _empty((n, k), torch.int8, pack.w_packed.device)
+    _unpack_int4_kernel[(triton.cdiv(n, 64), k // PACK_GROUP)](pack.w_packed, w, n, k, BN=64, num_warps=4)
+    return w
+
+
 def w4a8_gemm(a: torch.Tensor, a_scale_or_pmax: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig, *,
-              a_float: bool, out_dtype=torch.bfloat16, epilogue: bool = True) -> torch.Tensor:
-    """GEMM + epilogue. `epilogue=False` leaves out bias and restore (integer tests)."""
+              a_float: bool, out_dtype=torch.bfloat16, epilogue: bool = True, w_int8=None) -> torch.Tensor:
+    """GEMM + epilogue. `epilogue=False` leaves out bias and restore (integer tests). `w_int8`: the weight
+    already unpacked to int8 [N, K] (large-M path); otherwise the packed int4 weight is unpacked in registers."""
     m, k = a.shape
     n = pack.out_features
     out = _empty((m, n), out_dtype, a.device)
@@ -391,12 +458,12 @@ def w4a8_gemm(a: torch.Tensor, a_scale_or_pmax: torch.Tensor, pack: W4A8Pack, cf
             num_warps=cfg.warps, num_stages=cfg.stages)
     else:
         _w4a8_gemm_kernel[(tiles, split)](
-            a, a_scale_or_pmax, a_scale_or_pmax, pack.w_packed, pack.w_scales,
+            a, a_scale_or_pmax, a_scale_or_pmax, pack.w_packed if w_int8 is None else w_int8, pack.w_scales,
             pack.bias if has_bias else pack.w_scales, pack.r_out if fuse_restore else pack.w_scales,
             out_k, ws, cnt, m, n, k, a.stride(0), out_k.stride(0), npm,
             A_FLOAT=a_float, NPM_P2=triton.next_power_of_2(npm), QMAX=pack.qmax_a, HAS_BIAS=has_bias,
             RESTORE=fuse_restore, BO=max(pack.block_out, 1), SPLIT_K=split, BM=bm, BN=bn, GROUP_M=cfg.group_m,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            W_INT8=w_int8 is not None, num_warps=cfg.warps, num_stages=cfg.stages)
     if restore and not fuse_restore:  # block_out does not tile BN: a separate small step
         nbo, bo, _ = pack.r_out.shape
         y = torch.einsum("mnb,nbc->mnc", out_k.view(m, nbo, bo), pack.r_out).reshape(m, n)
@@ -418,6 +485,9 @@ def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) 
     if cfg.path == "L":
         q, s = act_quant(x2, pack, bm=cfg.act_bm, warps=cfg.act_warps)
         y = w4a8_gemm(q, s, pack, cfg, a_float=False, out_dtype=x.dtype)
+    elif cfg.path == "Q":
+        q, s = act_quant_chunked(x2, pack, bm=cfg.act_bm, warps=cfg.act_warps)
+        y = w4a8_gemm(q, s, pack, cfg, a_float=False, out_dtype=x.dtype, w_int8=unpack_weight_int8(pack))
     else:
         xt, pm = act_chunks(x2, pack.perm, pack.r_in, pack.block, mode=0, bm=cfg.act_bm, warps=cfg.act_warps)
         y = w4a8_gemm(xt, pm, pack, cfg, a_float=True, out_dtype=x.dtype)

@@ -32,7 +32,22 @@ def __getattr__(name):  # the harness pulls in multiprocessing machinery: load i
 
 
 __all__ = [
-    "PROTOCOL", "MAX_STEPS", "SUITE_TASKS", "ProtocolSettings", "make_observation", "noise_seed", "parse_ids",
-    "Policy", "ConstantPolicy", "SeededRandomPolicy", "EpisodeKey", "ResultsWriter", "ResultsFileError",
-    "read_results", "run_rollouts", "RolloutSummary", "RolloutError", "plan_episodes",
+    "PROTOCOL",
+    "MAX_STEPS",
+    "SUITE_TASKS",
+    "ProtocolSettings",
+    "make_observation",
+    "noise_seed",
+    "parse_ids",
+    "Policy",
+    "ConstantPolicy",
+    "SeededRandomPolicy",
+    "EpisodeKey",
+    "ResultsWriter",
+    "ResultsFileError",
+    "read_results",
+    "run_rollouts",
+    "RolloutSummary",
+    "RolloutError",
+    "plan_episodes",
 ]

@@ -71,8 +71,11 @@ class LiberoEnv:
         task = task_suite.get_task(task_id)
         self.language = str(task.language)
         self.init_states = task_suite.get_task_init_states(task_id)
-        self.env = OffScreenRenderEnv(bddl_file_name=task_suite.get_task_bddl_file_path(task_id),
-                                      camera_heights=settings.resolution, camera_widths=settings.resolution)
+        self.env = OffScreenRenderEnv(
+            bddl_file_name=task_suite.get_task_bddl_file_path(task_id),
+            camera_heights=settings.resolution,
+            camera_widths=settings.resolution,
+        )
 
     def seed(self, seed: int) -> None:
         self.env.seed(seed)
@@ -103,7 +106,7 @@ class LiberoEnv:
             if getattr(sensor, "_duquant_lazy", False):
                 continue
 
-            def lazy(obs_cache, _real=sensor, _blank={}):
+            def lazy(obs_cache, _real=sensor, _blank={}):  # noqa: B006 - one blank cache per camera
                 if self._render:
                     img = _real(obs_cache)
                     _blank.setdefault("img", np.zeros_like(img))
@@ -143,7 +146,9 @@ def resolve_env_factory(factory) -> Callable:
 class EpisodeRunner:
     """Holds one env (rebuilt when the task changes) and the state of the episode in progress."""
 
-    def __init__(self, settings: ProtocolSettings | dict | None = None, env_factory=None, lazy_render: bool = True):
+    def __init__(
+        self, settings: ProtocolSettings | dict | None = None, env_factory=None, lazy_render: bool = True
+    ):
         if isinstance(settings, dict):
             settings = ProtocolSettings(**settings)
         self.settings = settings or ProtocolSettings()
@@ -200,7 +205,9 @@ class EpisodeRunner:
         self.language = env.language
         n_init = len(env.init_states)
         if not 0 <= spec.trial < n_init:
-            raise ValueError(f"trial={spec.trial}: {spec.suite} task {spec.task_id} has init states 0..{n_init - 1}")
+            raise ValueError(
+                f"trial={spec.trial}: {spec.suite} task {spec.task_id} has init states 0..{n_init - 1}"
+            )
         try:
             t0 = time.perf_counter()
             env.seed(spec.seed)
@@ -220,8 +227,10 @@ class EpisodeRunner:
             if chunk.ndim != 2 or chunk.shape[1] < 7:
                 raise ValueError(f"action chunk has shape {chunk.shape}; expected [horizon, 7]")
             if chunk.shape[0] < self.settings.replan_steps:
-                raise ValueError(f"action chunk has {chunk.shape[0]} actions; the protocol runs "
-                                 f"{self.settings.replan_steps} of each chunk")
+                raise ValueError(
+                    f"action chunk has {chunk.shape[0]} actions; the protocol runs "
+                    f"{self.settings.replan_steps} of each chunk"
+                )
             n = self.settings.replan_steps
             for i, action in enumerate(chunk[:n, :7]):
                 if self.t >= self.budget:
@@ -273,13 +282,24 @@ class EpisodeRunner:
         if self.frames is not None and not self.success and self.frames:
             video = write_video(self.frames, Path(spec.video_dir) / video_name(spec))
         record = {
-            "suite": spec.suite, "task_id": spec.task_id, "trial": spec.trial, "seed": spec.seed,
-            "success": bool(self.success), "steps": self.env_steps,
+            "suite": spec.suite,
+            "task_id": spec.task_id,
+            "trial": spec.trial,
+            "seed": spec.seed,
+            "success": bool(self.success),
+            "steps": self.env_steps,
             "wall_s": round(time.perf_counter() - self.t_start, 3),
-            "preset": spec.preset, "fingerprint": spec.fingerprint, "protocol": self.settings.name,
-            "error": self.error, "instruction": getattr(self, "language", None), "queries": self.queries,
-            "sim_s": round(self.sim_s, 3), "reset_s": round(getattr(self, "reset_s", 0.0), 3),
-            "max_steps": self.max_steps, "video": video, "worker_pid": os.getpid(),
+            "preset": spec.preset,
+            "fingerprint": spec.fingerprint,
+            "protocol": self.settings.name,
+            "error": self.error,
+            "instruction": getattr(self, "language", None),
+            "queries": self.queries,
+            "sim_s": round(self.sim_s, 3),
+            "reset_s": round(getattr(self, "reset_s", 0.0), 3),
+            "max_steps": self.max_steps,
+            "video": video,
+            "worker_pid": os.getpid(),
         }
         self.frames = None
         return ("done", record)

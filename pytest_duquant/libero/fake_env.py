@@ -17,8 +17,18 @@ from pytest_duquant.libero.protocol import INIT_STATES_PER_TASK
 
 
 class FakeLiberoEnv:
-    def __init__(self, suite: str, task_id: int, settings, *, step_s: float = 0.0, build_s: float = 0.0,
-                 error_trials: tuple[int, ...] = (), error_at_step: int = 12, resolution: int | None = None):
+    def __init__(
+        self,
+        suite: str,
+        task_id: int,
+        settings,
+        *,
+        step_s: float = 0.0,
+        build_s: float = 0.0,
+        error_trials: tuple[int, ...] = (),
+        error_at_step: int = 12,
+        resolution: int | None = None,
+    ):
         if build_s:
             time.sleep(build_s)
         self.suite, self.task_id = suite, int(task_id)
@@ -27,7 +37,9 @@ class FakeLiberoEnv:
         self.error_trials = set(error_trials)
         self.error_at_step = int(error_at_step)
         self.language = f"fake task {task_id} of {suite}"
-        self.init_states = np.arange(INIT_STATES_PER_TASK, dtype=np.float64)[:, None] * np.array([[0.0, 0.001, 0.0]])
+        self.init_states = np.arange(INIT_STATES_PER_TASK, dtype=np.float64)[:, None] * np.array(
+            [[0.0, 0.001, 0.0]]
+        )
         self.goal_dx = 0.05 * (1 + self.task_id % 3)
         self.seeded = None
         self.closed = False
@@ -58,7 +70,7 @@ class FakeLiberoEnv:
         if self.step_s:
             time.sleep(self.step_s)
         self.n += 1
-        self.renders = getattr(self, 'renders', 0) + bool(render)
+        self.renders = getattr(self, "renders", 0) + bool(render)
         if self.trial in self.error_trials and self.n >= self.error_at_step:
             raise RuntimeError(f"fake simulator error at step {self.n}")
         self.pos = self.pos + 0.01 * np.clip(a[:3], -1, 1)
@@ -72,9 +84,13 @@ class FakeLiberoEnv:
         img = np.zeros((self.res, self.res, 3), dtype=np.uint8)
         img[: self.res // 2] = 200  # top half bright: the 180° flip is visible in the observation
         img[..., 0] = (self.n * 7) % 256
-        return {"agentview_image": img, "robot0_eye_in_hand_image": img[:, ::-1].copy(),
-                "robot0_eef_pos": self.pos.copy(), "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
-                "robot0_gripper_qpos": np.array([0.04, -0.04])}
+        return {
+            "agentview_image": img,
+            "robot0_eye_in_hand_image": img[:, ::-1].copy(),
+            "robot0_eef_pos": self.pos.copy(),
+            "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+            "robot0_gripper_qpos": np.array([0.04, -0.04]),
+        }
 
     def close(self) -> None:
         self.closed = True

@@ -75,9 +75,14 @@ class RolloutSummary:
         steps = sum(r["steps"] for r in new)
         sim_s = sum(r.get("sim_s", 0.0) for r in new)
         return {
-            "episodes": len(self.records), "new_episodes": self.new, "successes": self.successes,
-            "success_rate": self.success_rate, "wall_s": round(self.wall_s, 3), "workers": self.workers,
-            "backend": self.backend, "policy_calls": self.policy_calls,
+            "episodes": len(self.records),
+            "new_episodes": self.new,
+            "successes": self.successes,
+            "success_rate": self.success_rate,
+            "wall_s": round(self.wall_s, 3),
+            "workers": self.workers,
+            "backend": self.backend,
+            "policy_calls": self.policy_calls,
             "policy_ms_per_call": 1e3 * self.policy_s / self.policy_calls if self.policy_calls else None,
             "mean_batch": float(np.mean(self.batch_sizes)) if self.batch_sizes else None,
             "sim_ms_per_step": 1e3 * sim_s / steps if steps else None,
@@ -88,6 +93,7 @@ class RolloutSummary:
 
 
 # ---- transports: the same step machine behind pipes or Ray actors ----------------------------------
+
 
 def _worker_main(conn, settings: dict, env_factory, worker_id: int, lazy_render: bool = True) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -121,8 +127,12 @@ class LocalTransport:
         self.conns, self.procs = [], []
         for i in range(n):
             parent, child = ctx.Pipe(duplex=True)
-            p = ctx.Process(target=_worker_main, args=(child, settings.__dict__, env_factory, i, lazy_render),
-                            name=f"libero-worker-{i}", daemon=True)
+            p = ctx.Process(
+                target=_worker_main,
+                args=(child, settings.__dict__, env_factory, i, lazy_render),
+                name=f"libero-worker-{i}",
+                daemon=True,
+            )
             p.start()
             child.close()
             self.conns.append(parent)
@@ -141,12 +151,14 @@ class LocalTransport:
                 out.append((w, c.recv()))
             except (EOFError, OSError):
                 code = self.procs[w].exitcode
-                raise RolloutError(f"LIBERO worker {w} died (exit code {code}; -9 = killed, e.g. out of memory; "
-                                   "each rendered env needs ~2.1 GB)") from None
+                raise RolloutError(
+                    f"LIBERO worker {w} died (exit code {code}; -9 = killed, e.g. out of memory; "
+                    "each rendered env needs ~2.1 GB)"
+                ) from None
         return out
 
     def close(self) -> None:
-        for w, c in enumerate(self.conns):
+        for c in self.conns:
             try:
                 c.send(("close",))
             except (OSError, BrokenPipeError):
@@ -161,8 +173,9 @@ class LocalTransport:
             c.close()
 
 
-def _make_transport(backend: str, n: int, settings: ProtocolSettings, env_factory, ray_address=None,
-                    lazy_render: bool = True):
+def _make_transport(
+    backend: str, n: int, settings: ProtocolSettings, env_factory, ray_address=None, lazy_render: bool = True
+):
     if backend == "local":
         return LocalTransport(n, settings, env_factory, lazy_render)
     if backend == "ray":
@@ -174,6 +187,7 @@ def _make_transport(backend: str, n: int, settings: ProtocolSettings, env_factor
 
 # ---- the scheduler ------------------------------------------------------------------------------
 
+
 def _as_policy(policy_or_factory):
     if hasattr(policy_or_factory, "infer_batch"):
         return policy_or_factory
@@ -182,16 +196,20 @@ def _as_policy(policy_or_factory):
         if not hasattr(policy, "infer_batch"):
             raise TypeError(f"policy factory returned {type(policy).__name__}, which has no infer_batch")
         return policy
-    raise TypeError(f"policy={policy_or_factory!r}: need an object with infer_batch(observations, "
-                    "noise_seeds) or a zero-argument factory returning one")
+    raise TypeError(
+        f"policy={policy_or_factory!r}: need an object with infer_batch(observations, "
+        "noise_seeds) or a zero-argument factory returning one"
+    )
 
 
 def _trial_list(trials) -> list[int]:
     ids = list(range(int(trials))) if isinstance(trials, (int, np.integer)) else [int(t) for t in trials]
     for t in ids:
         if not 0 <= t < INIT_STATES_PER_TASK:
-            raise ValueError(f"trials: trial {t} out of range 0..{INIT_STATES_PER_TASK - 1} "
-                             f"(each task has {INIT_STATES_PER_TASK} init states)")
+            raise ValueError(
+                f"trials: trial {t} out of range 0..{INIT_STATES_PER_TASK - 1} "
+                f"(each task has {INIT_STATES_PER_TASK} init states)"
+            )
     return ids
 
 
@@ -261,9 +279,26 @@ def run_rollouts(
             policy_obj = _as_policy(policy)
             n_workers = min(int(workers), len(pending))
             summary.workers = n_workers
-            _schedule(policy_obj, pending, n_workers, settings, env_factory, backend, writer, summary,
-                      new_records, run, video_dir, progress, keys, batch_wait_s, max_batch, ray_address,
-                      on_record, lazy_render)
+            _schedule(
+                policy_obj,
+                pending,
+                n_workers,
+                settings,
+                env_factory,
+                backend,
+                writer,
+                summary,
+                new_records,
+                run,
+                video_dir,
+                progress,
+                keys,
+                batch_wait_s,
+                max_batch,
+                ray_address,
+                on_record,
+                lazy_render,
+            )
     finally:
         writer.close()
     summary.records = [writer.done[k] for k in keys if k in writer.done]
@@ -280,8 +315,10 @@ def _check_video_support() -> None:
 
         imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as exc:  # noqa: BLE001
-        raise RolloutError(f"video_dir given but MP4 writing is unavailable ({type(exc).__name__}: {exc}); "
-                           "install it with: pip install imageio imageio-ffmpeg") from None
+        raise RolloutError(
+            f"video_dir given but MP4 writing is unavailable ({type(exc).__name__}: {exc}); "
+            "install it with: pip install imageio imageio-ffmpeg"
+        ) from None
 
 
 def _progress_bar(total: int, initial: int, successes: int, enabled: bool):
@@ -291,13 +328,33 @@ def _progress_bar(total: int, initial: int, successes: int, enabled: bool):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    bar = tqdm(total=total, initial=initial, desc="LIBERO episodes", unit="ep", dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=total, initial=initial, desc="LIBERO episodes", unit="ep", dynamic_ncols=True, smoothing=0.1
+    )
     bar.set_postfix_str(f"success {successes}/{initial}")
     return bar
 
 
-def _schedule(policy, pending, n_workers, settings, env_factory, backend, writer, summary, new_records, run,
-              video_dir, progress, keys, batch_wait_s, max_batch, ray_address, on_record, lazy_render):
+def _schedule(
+    policy,
+    pending,
+    n_workers,
+    settings,
+    env_factory,
+    backend,
+    writer,
+    summary,
+    new_records,
+    run,
+    video_dir,
+    progress,
+    keys,
+    batch_wait_s,
+    max_batch,
+    ray_address,
+    on_record,
+    lazy_render,
+):
     done_keys = [k for k in keys if k in writer.done]
     successes = sum(bool(writer.done[k]["success"]) for k in done_keys)
     finished = len(done_keys)
@@ -327,8 +384,15 @@ def _schedule(policy, pending, n_workers, settings, env_factory, backend, writer
         k = next_for(w)
         if k is None:
             return False
-        spec = EpisodeSpec(k.suite, k.task_id, k.trial, k.seed, run["preset"], run["fingerprint"],
-                           None if video_dir is None else str(video_dir))
+        spec = EpisodeSpec(
+            k.suite,
+            k.task_id,
+            k.trial,
+            k.seed,
+            run["preset"],
+            run["fingerprint"],
+            None if video_dir is None else str(video_dir),
+        )
         worker_task[w] = (k.suite, k.task_id)
         transport.send(w, ("begin", spec))
         busy.add(w)
@@ -387,16 +451,24 @@ def _infer_and_send(policy, batch, transport, summary, settings) -> None:
     try:
         actions = policy.infer_batch(obs, seeds)
     except Exception as exc:
-        raise RolloutError(f"policy.infer_batch failed on a batch of {len(obs)}: {type(exc).__name__}: {exc}") from exc
+        raise RolloutError(
+            f"policy.infer_batch failed on a batch of {len(obs)}: {type(exc).__name__}: {exc}"
+        ) from exc
     summary.policy_s += time.perf_counter() - t0
     summary.policy_calls += 1
     summary.batch_sizes.append(len(obs))
     actions = np.asarray(_to_numpy(actions))
-    if (actions.ndim != 3 or actions.shape[0] != len(obs) or actions.shape[2] < 7
-            or actions.shape[1] < settings.replan_steps):
-        raise RolloutError(f"policy.infer_batch returned shape {actions.shape}; expected "
-                           f"[{len(obs)}, horizon>={settings.replan_steps}, 7]")
-    for (w, _, _), chunk in zip(batch, actions):
+    if (
+        actions.ndim != 3
+        or actions.shape[0] != len(obs)
+        or actions.shape[2] < 7
+        or actions.shape[1] < settings.replan_steps
+    ):
+        raise RolloutError(
+            f"policy.infer_batch returned shape {actions.shape}; expected "
+            f"[{len(obs)}, horizon>={settings.replan_steps}, 7]"
+        )
+    for (w, _, _), chunk in zip(batch, actions, strict=True):
         transport.send(w, ("advance", np.ascontiguousarray(chunk[:, :7], dtype=np.float64)))
 
 

@@ -60,7 +60,9 @@ class SeededRandomPolicy:
     def infer_batch(self, observations, noise_seeds):
         out = np.empty((len(observations), self.horizon, ACTION_DIM))
         for i, s in enumerate(noise_seeds):
-            out[i] = np.random.default_rng(int(s)).uniform(-self.scale, self.scale, (self.horizon, ACTION_DIM))
+            out[i] = np.random.default_rng(int(s)).uniform(
+                -self.scale, self.scale, (self.horizon, ACTION_DIM)
+            )
         out[..., -1] = np.sign(out[..., -1]) + (out[..., -1] == 0)
         return out
 
@@ -69,7 +71,9 @@ class PolicyUnavailableError(RuntimeError):
     """The pi0.5 policy cannot be loaded (module missing, bad checkpoint)."""
 
 
-def pi05_policy_factory(ckpt, config=None, *, tokenizer=None, backend: str = "builtin", device: str | None = None):
+def pi05_policy_factory(
+    ckpt, config=None, *, tokenizer=None, backend: str = "builtin", device: str | None = None
+):
     """A zero-argument factory: the pi0.5 policy of ``ckpt``, quantized and calibrated under ``config``.
 
     ``config`` None or disabled (preset ``fp``) gives the FP policy. Nothing is loaded until the factory
@@ -81,7 +85,8 @@ def pi05_policy_factory(ckpt, config=None, *, tokenizer=None, backend: str = "bu
     except ImportError as exc:  # the pi0.5 room is someone else's; say what is missing
         raise PolicyUnavailableError(
             f"pytest_duquant.policies (pi0.5) is not available ({type(exc).__name__}: {exc}); "
-            "rollouts with a checkpoint need it") from None
+            "rollouts with a checkpoint need it"
+        ) from None
     if device is None:
         try:
             import torch

@@ -135,9 +135,13 @@ def make_observation(obs: dict, prompt: str, resize: int = 224) -> dict:
     """The policy input openpi's LIBERO client builds from one LIBERO observation dict."""
     img = np.ascontiguousarray(obs["agentview_image"][::-1, ::-1])
     wrist = np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1])
-    state = np.concatenate((np.asarray(obs["robot0_eef_pos"], dtype=np.float64),
-                            quat2axisangle(obs["robot0_eef_quat"]),
-                            np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)))
+    state = np.concatenate(
+        (
+            np.asarray(obs["robot0_eef_pos"], dtype=np.float64),
+            quat2axisangle(obs["robot0_eef_quat"]),
+            np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64),
+        )
+    )
     return {
         OBS_IMAGE: _to_uint8(resize_with_pad(_to_uint8(img), resize, resize)),
         OBS_WRIST: _to_uint8(resize_with_pad(_to_uint8(wrist), resize, resize)),

@@ -21,8 +21,10 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise ImportError("--libero-backend=ray needs Ray: pip install -c constraints.txt ray "
-                          "(or use the default local process pool: --libero-backend=local)") from None
+        raise ImportError(
+            "--libero-backend=ray needs Ray: pip install -c constraints.txt ray "
+            "(or use the default local process pool: --libero-backend=local)"
+        ) from None
     return ray
 
 
@@ -46,8 +48,16 @@ class _EnvWorker:
 
 
 class RayTransport:
-    def __init__(self, n: int, settings: ProtocolSettings, env_factory, address: str | None = None,
-                 num_cpus_per_worker: float = 1.0, init_kwargs: dict | None = None, lazy_render: bool = True):
+    def __init__(
+        self,
+        n: int,
+        settings: ProtocolSettings,
+        env_factory,
+        address: str | None = None,
+        num_cpus_per_worker: float = 1.0,
+        init_kwargs: dict | None = None,
+        lazy_render: bool = True,
+    ):
         from pytest_duquant.libero.harness import RolloutError
 
         self._RolloutError = RolloutError
@@ -58,8 +68,13 @@ class RayTransport:
             kwargs = dict(init_kwargs or {})
             if address in (None, "local"):  # a private local instance with one CPU per env worker
                 kwargs.setdefault("num_cpus", max(n, 1))
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True, **kwargs)
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+                **kwargs,
+            )
             self.owns_ray = True
         actor_cls = ray.remote(num_cpus=num_cpus_per_worker)(_EnvWorker)
         self.actors = [actor_cls.remote(dict(settings.__dict__), env_factory, lazy_render) for _ in range(n)]
@@ -86,7 +101,9 @@ class RayTransport:
             try:
                 msg = self.ray.get(fut)
             except Exception as exc:  # noqa: BLE001 - RayActorError and friends
-                raise self._RolloutError(f"Ray LIBERO worker {w} failed: {type(exc).__name__}: {exc}") from None
+                raise self._RolloutError(
+                    f"Ray LIBERO worker {w} failed: {type(exc).__name__}: {exc}"
+                ) from None
             out.append((w, msg))
         return out
 

@@ -21,8 +21,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-REQUIRED = ("suite", "task_id", "trial", "seed", "success", "steps", "wall_s", "preset", "fingerprint",
-            "protocol", "error")
+REQUIRED = (
+    "suite",
+    "task_id",
+    "trial",
+    "seed",
+    "success",
+    "steps",
+    "wall_s",
+    "preset",
+    "fingerprint",
+    "protocol",
+    "error",
+)
 RUN_FIELDS = ("protocol", "fingerprint", "preset")
 
 
@@ -55,12 +66,15 @@ def _parse(path: Path, data: bytes) -> tuple[list[dict], int]:
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ResultsFileError(f"{path}:{lineno}: not a JSON object ({exc.msg}); the file is corrupt "
-                                   "(only a partial last line is repaired automatically)") from None
+            raise ResultsFileError(
+                f"{path}:{lineno}: not a JSON object ({exc.msg}); the file is corrupt "
+                "(only a partial last line is repaired automatically)"
+            ) from None
         missing = [k for k in REQUIRED if k not in rec] if isinstance(rec, dict) else list(REQUIRED)
         if missing:
-            raise ResultsFileError(f"{path}:{lineno}: record lacks {', '.join(missing)}; "
-                                   f"each line needs {', '.join(REQUIRED)}")
+            raise ResultsFileError(
+                f"{path}:{lineno}: record lacks {', '.join(missing)}; each line needs {', '.join(REQUIRED)}"
+            )
         records.append(rec)
     tail = data[end:]
     if tail.strip():
@@ -119,7 +133,8 @@ class ResultsWriter:
                 if other != mine:
                     raise ResultsFileError(
                         f"{self.path}: holds episodes of another run ({other}); this run is {mine}. "
-                        "Use another --out file (one file per checkpoint × preset × protocol).")
+                        "Use another --out file (one file per checkpoint × preset × protocol)."
+                    )
         self.done: dict[EpisodeKey, dict] = latest_by_key(records)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -129,7 +144,9 @@ class ResultsWriter:
             raise ValueError(f"result record lacks {', '.join(missing)}")
         key = EpisodeKey.of(record)
         if key in self.done:
-            raise ResultsFileError(f"{self.path}: episode {key} is already recorded; it is never written twice")
+            raise ResultsFileError(
+                f"{self.path}: episode {key} is already recorded; it is never written twice"
+            )
         line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
         written = os.write(self._fd, line)
         if written != len(line):  # a short write on a regular file means the disk is full

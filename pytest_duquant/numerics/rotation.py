@@ -59,9 +59,17 @@ class BlockRotation:
 
 
 def _left_singular_bases(mats: torch.Tensor) -> torch.Tensor:
-    """U of each matrix in a batch [k, r, c] (full: [k, r, r]), in float64."""
-    u, _, _ = torch.linalg.svd(mats.to(torch.float64), full_matrices=True)
-    return u
+    """U of each matrix in a batch [k, r, c] (always square [k, r, r]), in float64, columns by descending
+    singular value.
+
+    Computed as the eigenvectors of the r x r Gram matrix A A^T (eigh): the same left singular basis as an
+    SVD (up to column signs, which quantization is symmetric in), and 10-100x cheaper for the wide blocks
+    of a weight (r = block, c = thousands), which an SVD would factor in full.
+    """
+    a = mats.to(torch.float64)
+    gram = a @ a.transpose(-1, -2)
+    _, vecs = torch.linalg.eigh(gram)
+    return vecs.flip(-1)
 
 
 def input_rotation(weight: torch.Tensor, block: int) -> BlockRotation:

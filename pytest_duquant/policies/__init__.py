@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-_NAMES = ("Pi05Policy", "build_policy", "load_policy", "synthetic_observations", "CheckpointError", "Pi05Config")
+_NAMES = (
+    "Pi05Policy",
+    "build_policy",
+    "load_policy",
+    "synthetic_observations",
+    "CheckpointError",
+    "Pi05Config",
+)
 
 
 def __getattr__(name):

@@ -61,7 +61,7 @@ def _run(benchmark, g, calls):
     benchmark.pedantic(replay, rounds=15, warmup_rounds=2, iterations=1)
 
 
-@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("m", MS, ids=[f"M{m}" for m in MS])
 @pytest.mark.parametrize("k,n", SHAPES, ids=[f"{k}to{n}" for k, n in SHAPES])
 @pytest.mark.parametrize("impl,preset", IMPLS, ids=[f"{i}-{p}" for i, p in IMPLS])
 def test_layer(benchmark, kb, impl, preset, k, n, m):

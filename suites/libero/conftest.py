@@ -29,7 +29,11 @@ def _opt(config, name, default=None):
 
 def pytest_generate_tests(metafunc):
     if "libero_suite" in metafunc.fixturenames:
-        suites = [s.strip() for s in str(_opt(metafunc.config, "--libero-suite", DEFAULT_SUITE)).split(",") if s.strip()]
+        suites = [
+            s.strip()
+            for s in str(_opt(metafunc.config, "--libero-suite", DEFAULT_SUITE)).split(",")
+            if s.strip()
+        ]
         metafunc.parametrize("libero_suite", suites)
 
 

@@ -20,7 +20,9 @@ def _policy_factory(duquant_ckpt, config, opts):
     from pytest_duquant.libero.policy import PolicyUnavailableError, pi05_policy_factory
 
     try:
-        return pi05_policy_factory(duquant_ckpt, config, tokenizer=opts.tokenizer, backend=opts.policy_backend)
+        return pi05_policy_factory(
+            duquant_ckpt, config, tokenizer=opts.tokenizer, backend=opts.policy_backend
+        )
     except PolicyUnavailableError as exc:
         pytest.fail(str(exc), pytrace=False)
 
@@ -38,23 +40,29 @@ def _require_simulator(suite):
         sim_setup.libero_package_root()
         sim_setup.check_suite_assets(suite)
     except sim_setup.LiberoSetupError as exc:  # selected explicitly with -m libero: a failure, not a skip
-        pytest.fail(f"LIBERO rollouts were requested but the simulator is not installed: {exc}", pytrace=False)
+        pytest.fail(
+            f"LIBERO rollouts were requested but the simulator is not installed: {exc}", pytrace=False
+        )
 
 
 def _rollouts(factory, suite, opts, label, seed=7):
     from pytest_duquant.libero.harness import run_rollouts
 
     out = opts.results_dir / factory.fingerprint / f"{suite}_{label}.jsonl"
-    summary = run_rollouts(factory, suite, _tasks(suite, opts), opts.trials, seed, opts.workers, out,
-                           backend=opts.backend)
+    summary = run_rollouts(
+        factory, suite, _tasks(suite, opts), opts.trials, seed, opts.workers, out, backend=opts.backend
+    )
     if not summary.complete:
-        pytest.fail(f"{out}: only {len(summary.records)} of {summary.requested} episodes recorded; rerun to resume",
-                    pytrace=False)
+        pytest.fail(
+            f"{out}: only {len(summary.records)} of {summary.requested} episodes recorded; rerun to resume",
+            pytrace=False,
+        )
     return out, summary
 
 
-def test_libero_success_rate_vs_golden(libero_suite, duquant_ckpt, duquant_config, duquant_update_golden,
-                                       libero_options, record_property):
+def test_libero_success_rate_vs_golden(
+    libero_suite, duquant_ckpt, duquant_config, duquant_update_golden, libero_options, record_property
+):
     if duquant_ckpt is None:
         pytest.skip("LIBERO golden rollouts need a pi0.5 LIBERO checkpoint: pass --ckpt DIR")
     from pytest_duquant import gate as gate_mod
@@ -69,8 +77,12 @@ def test_libero_success_rate_vs_golden(libero_suite, duquant_ckpt, duquant_confi
         factory = _policy_factory(duquant_ckpt, None, opts)  # the FP reference: nothing quantized
         out, summary = _rollouts(factory, suite, opts, "fp")
         golden = golden_libero.golden_from_results(
-            results_io.read_results(out), suite=suite, protocol=PROTOCOL, seed=7,
-            config={"preset": "fp", "tasks": _tasks(suite, opts), "trials": opts.trials, "results": str(out)})
+            results_io.read_results(out),
+            suite=suite,
+            protocol=PROTOCOL,
+            seed=7,
+            config={"preset": "fp", "tasks": _tasks(suite, opts), "trials": opts.trials, "results": str(out)},
+        )
         path = golden_libero.golden_path(opts.golden_root, factory.fingerprint, suite)
         result = golden_libero.write_golden(path, golden, overwrite=True)
         print(f"\n{result.summary()}  (FP success {summary.successes}/{len(summary.records)})")
@@ -78,12 +90,16 @@ def test_libero_success_rate_vs_golden(libero_suite, duquant_ckpt, duquant_confi
         return
 
     if not duquant_config.enabled:
-        pytest.skip("preset fp quantizes nothing: choose a preset to judge (--duquant-preset=A|B|precision|speed), "
-                    "or write the golden with --duquant-update-golden")
+        pytest.skip(
+            "preset fp quantizes nothing: choose a preset to judge (--duquant-preset=A|B|precision|speed), "
+            "or write the golden with --duquant-update-golden"
+        )
     factory = _policy_factory(duquant_ckpt, duquant_config, opts)
     try:
         path = golden_libero.find_golden(opts.golden_root, factory.fingerprint, suite)
-        golden = golden_libero.read_golden(path, fingerprint=factory.fingerprint, protocol=PROTOCOL, suite=suite)
+        golden = golden_libero.read_golden(
+            path, fingerprint=factory.fingerprint, protocol=PROTOCOL, suite=suite
+        )
         allowed = golden.allowed_drop_for(duquant_config.preset)
     except golden_libero.GoldenError as exc:
         pytest.fail(f"LIBERO golden unusable: {exc}", pytrace=False)
@@ -93,4 +109,5 @@ def test_libero_success_rate_vs_golden(libero_suite, duquant_ckpt, duquant_confi
     record_property("gate", decision.to_dict())
     print(f"\n{suite} preset {duquant_config.preset}: {decision.explanation}")
     assert decision.verdict != gate_mod.REGRESSION, (
-        f"{suite}: preset {duquant_config.preset} regresses against {path}: {decision.explanation}")
+        f"{suite}: preset {duquant_config.preset} regresses against {path}: {decision.explanation}"
+    )

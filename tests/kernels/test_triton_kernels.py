@@ -41,6 +41,7 @@ def _configs(tk, m, n, k):
         tk.GemmConfig(path="L", bm=16 if m <= 64 else 64, bn=64, split_k=1, warps=4, stages=3),
         tk.GemmConfig(path="S", bm=16 if m <= 64 else 64, bn=128, split_k=min(4, n_kt), warps=4, stages=3),
         tk.GemmConfig(path="S", bm=16 if m <= 16 else 64, bn=64, split_k=min(4, n_kt), warps=4, stages=4, swap=True),
+        tk.GemmConfig(path="Q", bm=64 if m <= 256 else 128, bn=128, split_k=1, warps=4, stages=3),
     ]
     return [pick] + [c for c in other if c != pick]
 
@@ -59,9 +60,10 @@ def test_gemm_int32_accumulator_exact(tk, k, n, m):
     xt = a.float() * 2.0**-4
     pm = xt.abs().view(m, k // 64, 64).amax(-1)
     for cfg in _configs(tk, m, n, k):
-        if cfg.path == "L":
+        if cfg.path in ("L", "Q"):
             y = tk.w4a8_gemm(a, torch.full((m,), 2.0**-4, device=dev), pack, cfg, a_float=False,
-                             out_dtype=torch.float32, epilogue=False)
+                             out_dtype=torch.float32, epilogue=False,
+                             w_int8=tk.unpack_weight_int8(pack) if cfg.path == "Q" else None)
         else:
             y = tk.w4a8_gemm(xt, pm, pack, cfg, a_float=True, out_dtype=torch.float32, epilogue=False)
         got = (y.double() * 16).round().long()
@@ -81,6 +83,10 @@ def test_act_quant_codes_and_scales(tk, k, preset, m):
     diff = (q.int() - codes.int()).abs()
     assert diff.max() <= 1, "codes differ by more than a rounding step"
     assert (diff == 0).float().mean() > 0.999
+    q2, s2 = tk.act_quant_chunked(x, lay.w4a8)
+    assert torch.allclose(s2, scale, rtol=1e-5, atol=0)
+    d2 = (q2.int() - codes.int()).abs()
+    assert d2.max() <= 1 and (d2 == 0).float().mean() > 0.999
     xt, pm = tk.act_chunks(x, lay.w4a8.perm, lay.w4a8.r_in, lay.w4a8.block, mode=0)
     assert _rel(xt, ref.transform_ref(x, lay.w4a8.perm, lay.w4a8.r_in)) < 1e-5
     assert torch.allclose(pm.amax(1) / 127, scale, rtol=1e-5)
@@ -99,7 +105,9 @@ def test_w4a8_linear_matches_reference(tk, preset, k, n, m):
     assert _rel(y, expect) <= 1e-2
     pick = tk.pick_config(m, n, k)
     variants = [dataclasses.replace(pick, path="L", swap=False),
-                tk.GemmConfig(path="S", bm=64, bn=64, split_k=2, warps=4, stages=3, swap=not pick.swap)]
+                tk.GemmConfig(path="S", bm=64, bn=64, split_k=2, warps=4, stages=3, swap=not pick.swap),
+                tk.GemmConfig(path="Q", bm=64, bn=128, split_k=1, warps=4, stages=3)]
+    variants = [c for c in variants if c != pick]
     for cfg in variants:  # the other GEMM orientation and the two-pass activation kernel, whatever was picked
         assert _rel(tk.w4a8_linear(x, lay.w4a8, cfg), expect) <= 1e-2, cfg.tag()
 

@@ -12,8 +12,13 @@ from pytest_duquant.libero import protocol as P
 
 def test_protocol_constants_follow_openpi():
     assert P.PROTOCOL == "openpi-libero-v1"
-    assert P.MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
-                           "libero_10": 520, "libero_90": 400}
+    assert P.MAX_STEPS == {
+        "libero_spatial": 220,
+        "libero_object": 280,
+        "libero_goal": 300,
+        "libero_10": 520,
+        "libero_90": 400,
+    }
     s = P.ProtocolSettings()
     assert (s.resolution, s.resize, s.num_steps_wait, s.replan_steps) == (256, 224, 10, 5)
     assert P.DUMMY_ACTION == (0, 0, 0, 0, 0, 0, -1)
@@ -69,9 +74,13 @@ def _lib_obs():
     wrist[:, :10] = 255
     axis_angle = np.array([0.0, 0.0, 0.5])
     quat = np.array([0.0, 0.0, math.sin(0.25), math.cos(0.25)])
-    return {"agentview_image": agent, "robot0_eye_in_hand_image": wrist,
-            "robot0_eef_pos": np.array([0.1, -0.2, 1.0]), "robot0_eef_quat": quat,
-            "robot0_gripper_qpos": np.array([0.039, -0.039])}, axis_angle
+    return {
+        "agentview_image": agent,
+        "robot0_eye_in_hand_image": wrist,
+        "robot0_eef_pos": np.array([0.1, -0.2, 1.0]),
+        "robot0_eef_quat": quat,
+        "robot0_gripper_qpos": np.array([0.039, -0.039]),
+    }, axis_angle
 
 
 def test_make_observation_flips_resizes_and_builds_the_8d_state():
@@ -84,8 +93,9 @@ def test_make_observation_flips_resizes_and_builds_the_8d_state():
     assert img[-50:].mean() > 150 and img[:50, :, :2].max() == 0
     assert img[:, -50:, 2].min() == 50 and img[:, :50, 2].max() in (0, 200)
     assert wrist[:, -5:].min() == 255 and wrist[:, :100].max() == 0
-    np.testing.assert_allclose(out["observation/state"],
-                               np.concatenate([[0.1, -0.2, 1.0], axis_angle, [0.039, -0.039]]), atol=1e-6)
+    np.testing.assert_allclose(
+        out["observation/state"], np.concatenate([[0.1, -0.2, 1.0], axis_angle, [0.039, -0.039]]), atol=1e-6
+    )
     assert out["observation/state"].shape == (8,)
     assert out["prompt"] == "put the bowl on the plate"
 
@@ -93,9 +103,13 @@ def test_make_observation_flips_resizes_and_builds_the_8d_state():
 def test_noise_seed_is_a_pure_function_of_the_episode_and_query():
     a = P.noise_seed(7, "libero_spatial", 3, 17, 0)
     assert a == P.noise_seed(7, "libero_spatial", 3, 17, 0)
-    others = {P.noise_seed(7, "libero_spatial", 3, 17, 1), P.noise_seed(8, "libero_spatial", 3, 17, 0),
-              P.noise_seed(7, "libero_goal", 3, 17, 0), P.noise_seed(7, "libero_spatial", 4, 17, 0),
-              P.noise_seed(7, "libero_spatial", 3, 18, 0)}
+    others = {
+        P.noise_seed(7, "libero_spatial", 3, 17, 1),
+        P.noise_seed(8, "libero_spatial", 3, 17, 0),
+        P.noise_seed(7, "libero_goal", 3, 17, 0),
+        P.noise_seed(7, "libero_spatial", 4, 17, 0),
+        P.noise_seed(7, "libero_spatial", 3, 18, 0),
+    }
     assert a not in others and len(others) == 5
     assert 0 <= a < 2**32
 

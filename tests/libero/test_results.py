@@ -12,8 +12,17 @@ RUN = {"protocol": "openpi-libero-v1", "fingerprint": "abc", "preset": "B"}
 
 
 def rec(task, trial, success=True, **kw):
-    r = {"suite": "libero_spatial", "task_id": task, "trial": trial, "seed": 7, "success": success, "steps": 50,
-         "wall_s": 1.0, "error": None, **RUN}
+    r = {
+        "suite": "libero_spatial",
+        "task_id": task,
+        "trial": trial,
+        "seed": 7,
+        "success": success,
+        "steps": 50,
+        "wall_s": 1.0,
+        "error": None,
+        **RUN,
+    }
     r.update(kw)
     return r
 
@@ -92,7 +101,9 @@ def test_records_read_by_the_gate_reader(tmp_path):
         w.append(rec(2, 1, success=False, error="RuntimeError: boom"))
     got = results_io.read_results(p)
     assert [(r.task_id, r.trial, r.success, r.fingerprint, r.preset, r.protocol) for r in got] == [
-        (0, 0, True, "abc", "B", "openpi-libero-v1"), (2, 1, False, "abc", "B", "openpi-libero-v1")]
+        (0, 0, True, "abc", "B", "openpi-libero-v1"),
+        (2, 1, False, "abc", "B", "openpi-libero-v1"),
+    ]
 
 
 def test_summarize():

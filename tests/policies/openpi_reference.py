@@ -5,7 +5,8 @@ Not collected by pytest (needs openpi's source and transformers==4.53.2 patched 
 
     python -m venv --system-site-packages /tmp/refenv
     /tmp/refenv/bin/pip install -c constraints.txt transformers==4.53.2
-    cp -r <openpi>/src/openpi/models_pytorch/transformers_replace/* /tmp/refenv/lib/python3.11/site-packages/transformers/
+    cp -r <openpi>/src/openpi/models_pytorch/transformers_replace/* \
+          /tmp/refenv/lib/python3.11/site-packages/transformers/
     # a stub `openpi` package with the three real files models_pytorch/{pi0_pytorch,gemma_pytorch,
     # preprocessing_pytorch}.py, `models/gemma.py` reduced to get_config, `shared/image_tools.py` stub
     PYTHONPATH=/tmp/openpi_stub:. /tmp/refenv/bin/python tests/policies/openpi_reference.py CKPT_DIR
@@ -34,24 +35,39 @@ def build_openpi(config, state_dict, precision):
     from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 
     cfg = types.SimpleNamespace(
-        pi05=True, paligemma_variant=config.paligemma_variant, action_expert_variant=config.action_expert_variant,
-        dtype="float32", action_dim=config.action_dim, action_horizon=config.action_horizon,
+        pi05=True,
+        paligemma_variant=config.paligemma_variant,
+        action_expert_variant=config.action_expert_variant,
+        dtype="float32",
+        action_dim=config.action_dim,
+        action_horizon=config.action_horizon,
         pytorch_compile_mode=None,
     )
     model = PI0Pytorch(cfg)
     pwe = model.paligemma_with_expert
     if config.variant != "pi05":
         v = config.vision
-        vcfg = SiglipVisionConfig(hidden_size=v.width, num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
-                                  intermediate_size=v.mlp_dim, patch_size=v.patch_size, image_size=v.image_size,
-                                  hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+        vcfg = SiglipVisionConfig(
+            hidden_size=v.width,
+            num_hidden_layers=v.depth,
+            num_attention_heads=v.num_heads,
+            intermediate_size=v.mlp_dim,
+            patch_size=v.patch_size,
+            image_size=v.image_size,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        )
         vcfg.vision_use_head = False
         pwe.paligemma.model.vision_tower = SiglipVisionModel(vcfg)
-        pcfg = types.SimpleNamespace(vision_config=types.SimpleNamespace(hidden_size=v.width,
-                                                                         projection_dim=config.vlm.width))
+        pcfg = types.SimpleNamespace(
+            vision_config=types.SimpleNamespace(hidden_size=v.width, projection_dim=config.vlm.width)
+        )
         pwe.paligemma.model.multi_modal_projector = PaliGemmaMultiModalProjector(pcfg)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    allowed = {"paligemma_with_expert.paligemma.lm_head.weight", "paligemma_with_expert.gemma_expert.lm_head.weight"}
+    allowed = {
+        "paligemma_with_expert.paligemma.lm_head.weight",
+        "paligemma_with_expert.gemma_expert.lm_head.weight",
+    }
     assert set(missing) <= allowed and not unexpected, (missing, unexpected)
     pwe.to_bfloat16_for_selected_params(precision)
     return model.eval()
@@ -72,8 +88,11 @@ def main(ckpt_dir: str) -> int:
         observation = types.SimpleNamespace(
             images={k: inp["images"][:, i] for i, k in enumerate(keys)},
             image_masks={k: inp["image_masks"][:, i] for i, k in enumerate(keys)},
-            state=torch.zeros(2, 32), tokenized_prompt=inp["tokens"], tokenized_prompt_mask=inp["token_masks"],
-            token_ar_mask=None, token_loss_mask=None,
+            state=torch.zeros(2, 32),
+            tokenized_prompt=inp["tokens"],
+            tokenized_prompt_mask=inp["token_masks"],
+            token_ar_mask=None,
+            token_loss_mask=None,
         )
         with torch.no_grad():
             a_ref = ref.sample_actions("cpu", observation, noise=noise.clone())

@@ -1,4 +1,4 @@
-"""Built-in pi0.5 policy: checkpoints (openpi + lerobot layouts), errors, seeding, batching, attention masks."""
+"""Built-in pi0.5 policy: checkpoints (openpi + lerobot layouts), errors, seeds, batching, attention masks."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("dummy_ckpt")
     parser = argparse.ArgumentParser()
     init_cmd.register(parser.add_subparsers())
-    args = parser.parse_args(["init-checkpoint", str(out), "--variant", "dummy", "--seed", str(SEED), "--force"])
+    args = parser.parse_args(
+        ["init-checkpoint", str(out), "--variant", "dummy", "--seed", str(SEED), "--force"]
+    )
     assert args.func(args) == 0
     return out
 
@@ -61,19 +63,32 @@ def _copy(ckpt, tmp_path):
 def test_checkpoint_is_openpi_layout(ckpt):
     assert detect_layout(ckpt) == "openpi"
     cfg = json.loads((ckpt / "config.json").read_text())
-    assert (cfg["paligemma_variant"], cfg["action_expert_variant"], cfg["action_horizon"]) == ("dummy", "dummy", 10)
-    stats = json.loads((ckpt / "assets/physical-intelligence/libero/norm_stats.json").read_text())["norm_stats"]
+    assert (cfg["paligemma_variant"], cfg["action_expert_variant"], cfg["action_horizon"]) == (
+        "dummy",
+        "dummy",
+        10,
+    )
+    stats = json.loads((ckpt / "assets/physical-intelligence/libero/norm_stats.json").read_text())[
+        "norm_stats"
+    ]
     assert len(stats["actions"]["q01"]) == 7 and len(stats["state"]["q99"]) == 8
     keys = set(load_file(str(ckpt / "model.safetensors")))
     assert "paligemma_with_expert.gemma_expert.model.layers.3.self_attn.q_proj.weight" in keys
     assert "paligemma_with_expert.gemma_expert.model.layers.0.input_layernorm.dense.weight" in keys
     assert "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight" in keys
-    assert {"action_in_proj.weight", "time_mlp_in.bias", "time_mlp_out.weight", "action_out_proj.bias"} <= keys
+    assert {
+        "action_in_proj.weight",
+        "time_mlp_in.bias",
+        "time_mlp_out.weight",
+        "action_out_proj.bias",
+    } <= keys
 
 
 def test_loaded_policy_matches_the_in_memory_random_policy(ckpt, policy, obs):
     fresh = build_policy("dummy", seed=SEED, tokenizer=ckpt / "tokenizer.model")
-    for (name, a), (_, b) in zip(fresh.model.state_dict().items(), policy.model.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        fresh.model.state_dict().items(), policy.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     np.testing.assert_array_equal(fresh.infer(obs[0], 5), policy.infer(obs[0], 5))
 
@@ -180,17 +195,26 @@ def test_state_is_ignored_by_pi05_libero_but_used_with_discrete_state(policy, ob
 
 # ---------------------------------------------------------------- lerobot layout
 def test_lerobot_layout_loads_with_same_weights_and_actions(policy, ckpt, obs, tmp_path):
-    out = save_checkpoint(policy.model, policy.norm_stats, tmp_path / "lerobot", layout="lerobot",
-                          tokenizer_path=ckpt / "tokenizer.model")
+    out = save_checkpoint(
+        policy.model,
+        policy.norm_stats,
+        tmp_path / "lerobot",
+        layout="lerobot",
+        tokenizer_path=ckpt / "tokenizer.model",
+    )
     assert detect_layout(out) == "lerobot"
     assert all(k.startswith("model.") for k in load_file(str(out / "model.safetensors")))
     lr = load_policy(out)
     assert lr.config.prompt_format == "lerobot" and len(lr.config.image_keys) == 2
-    for (name, a), (_, b) in zip(policy.model.state_dict().items(), lr.model.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        policy.model.state_dict().items(), lr.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     # lerobot writes the normalized state into the prompt: compare with the openpi layout told to do the same
     op = load_policy(ckpt, discrete_state_input=True)
-    np.testing.assert_allclose(lr.infer_batch(obs[:2], [1, 2]), op.infer_batch(obs[:2], [1, 2]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        lr.infer_batch(obs[:2], [1, 2]), op.infer_batch(obs[:2], [1, 2]), atol=1e-4, rtol=0
+    )
 
 
 # ---------------------------------------------------------------- errors
@@ -243,7 +267,9 @@ def test_error_missing_key(ckpt, tmp_path):
 
 def test_error_unknown_key(ckpt, tmp_path):
     d = _copy(ckpt, tmp_path)
-    _rewrite_weights(d, lambda t: t.__setitem__("paligemma_with_expert.gemma_expert.model.extra.weight", torch.zeros(2)))
+    _rewrite_weights(
+        d, lambda t: t.__setitem__("paligemma_with_expert.gemma_expert.model.extra.weight", torch.zeros(2))
+    )
     with pytest.raises(CheckpointError, match=r"1 unexpected key.*gemma_expert\.model\.extra\.weight"):
         load_policy(d)
 
@@ -284,9 +310,14 @@ def test_error_missing_tokenizer(ckpt, tmp_path, monkeypatch):
 
 def test_error_bad_observation(policy):
     with pytest.raises(CheckpointError, match=r"missing 'prompt'"):
-        policy.infer({"observation/image": np.zeros((224, 224, 3), np.uint8),
-                      "observation/wrist_image": np.zeros((224, 224, 3), np.uint8),
-                      "observation/state": np.zeros(8)}, 0)
+        policy.infer(
+            {
+                "observation/image": np.zeros((224, 224, 3), np.uint8),
+                "observation/wrist_image": np.zeros((224, 224, 3), np.uint8),
+                "observation/state": np.zeros(8),
+            },
+            0,
+        )
 
 
 # ---------------------------------------------------------------- structure, list-linears, precision
@@ -298,11 +329,19 @@ def test_list_linears_full_pi05_on_meta(capsys):
     listing = json.loads(capsys.readouterr().out)
     selected = [r for r in listing["linears"] if r["selected"]]
     assert len(selected) == 126 == listing["selected"]
-    expected = {"q_proj": [2048, 1024], "k_proj": [256, 1024], "v_proj": [256, 1024], "o_proj": [1024, 2048],
-                "gate_proj": [4096, 1024], "up_proj": [4096, 1024], "down_proj": [1024, 4096]}
+    expected = {
+        "q_proj": [2048, 1024],
+        "k_proj": [256, 1024],
+        "v_proj": [256, 1024],
+        "o_proj": [1024, 2048],
+        "gate_proj": [4096, 1024],
+        "up_proj": [4096, 1024],
+        "down_proj": [1024, 4096],
+    }
     for layer in range(18):
         for sub, proj in [("self_attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
-                ("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")]:
+            ("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")
+        ]:
             name = f"paligemma_with_expert.gemma_expert.model.layers.{layer}.{sub}.{proj}"
             row = next(r for r in selected if r["name"] == name)
             assert row["shape"] == expected[proj] and row["wbits"] == 4
@@ -314,16 +353,33 @@ def test_list_linears_full_pi05_on_meta(capsys):
 
 
 def test_full_pi05_structure_on_meta():
-    m = build_model(__import__("pytest_duquant.policies.pi05.configuration", fromlist=["x"]).variant_config("pi05"),
-                    device="meta", precision="bfloat16")
+    m = build_model(
+        __import__("pytest_duquant.policies.pi05.configuration", fromlist=["x"]).variant_config("pi05"),
+        device="meta",
+        precision="bfloat16",
+    )
     sd = m.state_dict()
-    assert sd["paligemma_with_expert.paligemma.model.vision_tower.vision_model.embeddings.patch_embedding.weight"].shape == (1152, 3, 14, 14)
-    assert sd["paligemma_with_expert.paligemma.model.vision_tower.vision_model.embeddings.position_embedding.weight"].shape == (256, 1152)
-    assert sd["paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.26.mlp.fc1.weight"].shape == (4304, 1152)
-    assert sd["paligemma_with_expert.paligemma.model.language_model.layers.17.mlp.gate_proj.weight"].shape == (16384, 2048)
-    assert sd["paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"].shape == (257152, 2048)
+    assert sd[
+        "paligemma_with_expert.paligemma.model.vision_tower.vision_model.embeddings.patch_embedding.weight"
+    ].shape == (1152, 3, 14, 14)
+    assert sd[
+        "paligemma_with_expert.paligemma.model.vision_tower.vision_model.embeddings.position_embedding.weight"
+    ].shape == (256, 1152)
+    assert sd[
+        "paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.26.mlp.fc1.weight"
+    ].shape == (4304, 1152)
+    assert sd[
+        "paligemma_with_expert.paligemma.model.language_model.layers.17.mlp.gate_proj.weight"
+    ].shape == (16384, 2048)
+    assert sd["paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"].shape == (
+        257152,
+        2048,
+    )
     # openpi's selective bf16: norms (incl. adaRMS dense) and patch/pos embeddings stay float32
-    assert sd["paligemma_with_expert.gemma_expert.model.layers.0.input_layernorm.dense.weight"].dtype == torch.float32
+    assert (
+        sd["paligemma_with_expert.gemma_expert.model.layers.0.input_layernorm.dense.weight"].dtype
+        == torch.float32
+    )
     assert sd["paligemma_with_expert.paligemma.model.language_model.norm.weight"].dtype == torch.float32
     assert sd["paligemma_with_expert.gemma_expert.model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
     assert sd["action_out_proj.weight"].dtype == torch.float32
@@ -333,7 +389,9 @@ def test_full_pi05_structure_on_meta():
 def test_bfloat16_policy_runs_and_tracks_float32(ckpt, obs):
     fp = load_policy(ckpt, dtype=torch.float32)
     bf = load_policy(ckpt, dtype=torch.bfloat16)
-    assert bf.model.paligemma_with_expert.gemma_expert.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert (
+        bf.model.paligemma_with_expert.gemma_expert.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    )
     a, b = fp.infer(obs[0], 4), bf.infer(obs[0], 4)
     assert np.isfinite(b).all()
     assert np.abs(a - b).max() < 0.25 * np.abs(a).max()
@@ -347,7 +405,7 @@ def test_expert_layers_are_plain_linears_for_quantize_model(policy):
 
 # ---------------------------------------------------------------- openpi adapter
 def test_openpi_adapter_matches_builtin(obs):
-    """Our backend vs openpi's own loader on one full-size checkpoint (DUQUANT_PI05_CKPT) and the same noise."""
+    """Our backend vs openpi's own loader on a full-size checkpoint (DUQUANT_PI05_CKPT), same noise."""
     import os
 
     from pytest_duquant.policies.pi05 import openpi_adapter
@@ -357,7 +415,9 @@ def test_openpi_adapter_matches_builtin(obs):
         pytest.skip(f"openpi is not importable here ({reason}); run inside an openpi checkout")
     ckpt = os.environ.get("DUQUANT_PI05_CKPT")
     if not ckpt:
-        pytest.skip("set DUQUANT_PI05_CKPT to a full-size pi05 checkpoint (openpi cannot build the dummy variant)")
+        pytest.skip(
+            "set DUQUANT_PI05_CKPT to a full-size pi05 checkpoint (openpi cannot build the dummy variant)"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = openpi_adapter.load_openpi_policy(ckpt, device=device)
     ours = load_policy(ckpt, device=device, dtype=torch.bfloat16)

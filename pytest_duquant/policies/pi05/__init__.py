@@ -1,4 +1,4 @@
-"""Built-in PyTorch pi0.5 policy: openpi/lerobot checkpoints, LIBERO processing, seeded flow-matching sampling.
+"""Built-in PyTorch pi0.5 policy: openpi/lerobot checkpoints, LIBERO processing, seeded sampling.
 
 Heavy modules are imported lazily so `import pytest_duquant.policies.pi05` stays cheap.
 """

@@ -3,14 +3,17 @@
 openpi layout (examples/convert_jax_model_to_pytorch.py, policies/policy_config.py):
     model.safetensors            keys `paligemma_with_expert.…`, `action_in_proj.…`, `time_mlp_in.…`, …
                                  (written by safetensors.save_model: the tied `paligemma.lm_head.weight` may
-                                 stand for `…language_model.embed_tokens.weight`; `gemma_expert.lm_head.weight`
+                                 stand for `…language_model.embed_tokens.weight`;
+                                 `gemma_expert.lm_head.weight`
                                  is present but unused)
-    config.json                  {action_dim, action_horizon, paligemma_variant, action_expert_variant, precision}
+    config.json                  {action_dim, action_horizon, paligemma_variant, action_expert_variant,
+                                  precision}
     assets/<asset_id>/norm_stats.json   {"norm_stats": {"state": {mean, std, q01, q99}, "actions": {…}}}
                                  (pi05_libero: asset_id "physical-intelligence/libero"; the converter copies
                                  assets only when they sit beside the JAX checkpoint, so they can be missing)
 lerobot layout (lerobot policies/pi05, processor/pipeline.py, processor/normalize_processor.py):
-    config.json                  {"type": "pi05", chunk_size, max_action_dim, paligemma_variant, …, input_features,
+    config.json                  {"type": "pi05", chunk_size, max_action_dim, paligemma_variant, …,
+                                  input_features,
                                   output_features, tokenizer_max_length, num_inference_steps, dtype}
     model.safetensors            the same keys under a `model.` prefix
     policy_preprocessor.json     steps; the "normalizer_processor" step's "state_file" holds
@@ -116,7 +119,7 @@ def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 def _strip_prefix(shapes: dict, layout: str) -> dict:
     if layout != "lerobot":
         return shapes
-    return {(k[len(LEROBOT_PREFIX):] if k.startswith(LEROBOT_PREFIX) else k): v for k, v in shapes.items()}
+    return {(k[len(LEROBOT_PREFIX) :] if k.startswith(LEROBOT_PREFIX) else k): v for k, v in shapes.items()}
 
 
 def _config_from_weights(shapes: dict[str, tuple[int, ...]], path: Path) -> Pi05Config:
@@ -128,8 +131,12 @@ def _config_from_weights(shapes: dict[str, tuple[int, ...]], path: Path) -> Pi05
     for name in ("pi05", "dummy"):
         cfg = variant_config(name)
         if cfg.expert.width == width:
-            log.warning("%s: no config.json; inferred variant %r from weights, action_horizon %d (pi05_libero)",
-                        path.parent, name, cfg.action_horizon)
+            log.warning(
+                "%s: no config.json; inferred variant %r from weights, action_horizon %d (pi05_libero)",
+                path.parent,
+                name,
+                cfg.action_horizon,
+            )
             return cfg.replace(precision="bfloat16") if name == "pi05" else cfg
     raise CheckpointError(f"{path}: expert width {width} matches no known variant (pi05: 1024, dummy: 64)")
 
@@ -150,7 +157,9 @@ def read_config(ckpt_dir: str | os.PathLike, layout: str | None = None) -> Pi05C
 
 def _lerobot_config(data: dict, path: Path) -> Pi05Config:
     if data.get("type") != "pi05":
-        raise CheckpointError(f"{path}: \"type\" is {data.get('type')!r}; only lerobot 'pi05' checkpoints are supported")
+        raise CheckpointError(
+            f"{path}: \"type\" is {data.get('type')!r}; only lerobot 'pi05' checkpoints are supported"
+        )
     res = tuple(data.get("image_resolution") or (224, 224))
     if res != (224, 224):
         raise CheckpointError(f"{path}: image_resolution {list(res)}; only [224, 224] is supported")
@@ -190,7 +199,9 @@ def _variant_from_pair(data: dict, path: Path) -> str:
         return "pi05"
     if pair == ("dummy", "dummy"):
         return "dummy"
-    raise CheckpointError(f"{path}: paligemma_variant/action_expert_variant {pair} is not a known pi0.5 variant")
+    raise CheckpointError(
+        f"{path}: paligemma_variant/action_expert_variant {pair} is not a known pi0.5 variant"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,9 +235,9 @@ def find_norm_stats_file(ckpt_dir: str | os.PathLike, asset_id: str | None = Non
     found = sorted(assets.rglob("norm_stats.json")) if assets.is_dir() else []
     if not found:
         raise CheckpointError(
-            f"norm stats missing: no {assets}/<asset_id>/norm_stats.json (openpi's JAX->PyTorch converter copies "
-            f"assets only when they sit beside the JAX checkpoint; copy them from the JAX checkpoint's assets/, "
-            f"for pi05_libero assets/{OPENPI_LIBERO_ASSET_ID}/norm_stats.json)"
+            f"norm stats missing: no {assets}/<asset_id>/norm_stats.json (openpi's JAX->PyTorch converter "
+            f"copies assets only when they sit beside the JAX checkpoint; copy them from the JAX "
+            f"checkpoint's assets/, for pi05_libero assets/{OPENPI_LIBERO_ASSET_ID}/norm_stats.json)"
         )
     if len(found) > 1:
         preferred = assets / OPENPI_LIBERO_ASSET_ID / "norm_stats.json"
@@ -243,7 +254,10 @@ def read_openpi_norm_stats(path: Path) -> NormStats:
     data = _read_json(path)
     stats = data.get("norm_stats") if isinstance(data, dict) else None
     if not isinstance(stats, dict):
-        raise CheckpointError(f"{path}: expected {{\"norm_stats\": {{...}}}}, found keys {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        raise CheckpointError(
+            f'{path}: expected {{"norm_stats": {{...}}}}, found '
+            f"{sorted(data) if isinstance(data, dict) else type(data).__name__}"
+        )
     for key in ("state", "actions"):
         if key not in stats:
             raise CheckpointError(f"{path}: norm_stats has no {key!r} entry (found {sorted(stats)})")
@@ -255,7 +269,9 @@ def read_openpi_norm_stats(path: Path) -> NormStats:
     )
 
 
-def _lerobot_step_stats(ckpt: Path, pipeline_file: str, registry: str) -> tuple[dict[str, np.ndarray], dict, Path]:
+def _lerobot_step_stats(
+    ckpt: Path, pipeline_file: str, registry: str
+) -> tuple[dict[str, np.ndarray], dict, Path]:
     pipe_path = ckpt / pipeline_file
     pipe = _read_json(pipe_path)
     steps = pipe.get("steps", []) if isinstance(pipe, dict) else []
@@ -263,7 +279,9 @@ def _lerobot_step_stats(ckpt: Path, pipeline_file: str, registry: str) -> tuple[
         if step.get("registry_name") == registry:
             state_file = step.get("state_file")
             if not state_file:
-                raise CheckpointError(f"{pipe_path}: step {registry!r} has no state_file (normalization stats)")
+                raise CheckpointError(
+                    f"{pipe_path}: step {registry!r} has no state_file (normalization stats)"
+                )
             path = ckpt / state_file
             if not path.is_file():
                 raise CheckpointError(f"norm stats {path}: missing (named by {pipe_path} step {registry!r})")
@@ -298,7 +316,9 @@ def read_lerobot_norm_stats(ckpt_dir: str | os.PathLike) -> NormStats:
     return NormStats(state=state, actions=actions, convention="lerobot", source=str(path))
 
 
-def read_norm_stats(ckpt_dir: str | os.PathLike, layout: str | None = None, asset_id: str | None = None) -> NormStats:
+def read_norm_stats(
+    ckpt_dir: str | os.PathLike, layout: str | None = None, asset_id: str | None = None
+) -> NormStats:
     layout = layout or detect_layout(ckpt_dir)
     if layout == "lerobot":
         return read_lerobot_norm_stats(ckpt_dir)
@@ -319,7 +339,8 @@ def check_keys(model: Pi05Model, shapes: dict[str, tuple[int, ...]], path: Path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if any(k in shapes for k in PI0_ONLY_KEYS):
         raise CheckpointError(
-            f"{path}: a pi0 checkpoint (has {[k for k in PI0_ONLY_KEYS if k in shapes]}); only pi0.5 is supported"
+            f"{path}: a pi0 checkpoint (has {[k for k in PI0_ONLY_KEYS if k in shapes]}); "
+            "only pi0.5 is supported"
         )
     mapping = {k: k for k in shapes if k in expected}
     if EMBED_KEY in expected and EMBED_KEY not in shapes and PALIGEMMA_LM_HEAD in shapes:
@@ -338,7 +359,9 @@ def check_keys(model: Pi05Model, shapes: dict[str, tuple[int, ...]], path: Path)
         if tuple(shapes[f]) != expected[k]
     ]
     if bad:
-        problems.append(f"{len(bad)} shape mismatch(es): " + "; ".join(bad[:6]) + (" ..." if len(bad) > 6 else ""))
+        problems.append(
+            f"{len(bad)} shape mismatch(es): " + "; ".join(bad[:6]) + (" ..." if len(bad) > 6 else "")
+        )
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
     return mapping
@@ -353,7 +376,9 @@ def load_weights(model: Pi05Model, path: str | os.PathLike, layout: str = "openp
     if layout == "lerobot":
         bare = [k for k in raw_shapes if not k.startswith(LEROBOT_PREFIX)]
         if bare:
-            raise CheckpointError(f"{path}: lerobot layout expects every key under {LEROBOT_PREFIX!r}; not: {_fmt_keys(bare)}")
+            raise CheckpointError(
+                f"{path}: lerobot layout expects every key under {LEROBOT_PREFIX!r}; not: {_fmt_keys(bare)}"
+            )
     shapes = _strip_prefix(raw_shapes, layout)
     mapping = check_keys(model, shapes, path)
     prefix = LEROBOT_PREFIX if layout == "lerobot" else ""
@@ -394,7 +419,12 @@ def _precision(dtype, config: Pi05Config) -> str:
     if dtype is None:
         return config.precision
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype, dtype)
+        dtype = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+        }.get(dtype, dtype)
     if dtype == torch.float32:
         return "float32"
     if dtype == torch.bfloat16:
@@ -442,7 +472,11 @@ def save_checkpoint(
         stats_path.parent.mkdir(parents=True, exist_ok=True)
         stats_path.write_text(json.dumps(norm_stats.to_openpi_json(), indent=2) + "\n")
     elif layout == "lerobot":
-        save_file({LEROBOT_PREFIX + k: v for k, v in state.items()}, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(
+            {LEROBOT_PREFIX + k: v for k, v in state.items()},
+            str(out / WEIGHTS_NAME),
+            metadata={"format": "pt"},
+        )
         _write_lerobot_files(out, config, norm_stats)
     else:
         raise CheckpointError(f"layout={layout!r}: must be 'openpi' or 'lerobot'")
@@ -480,7 +514,10 @@ def _write_lerobot_files(out: Path, config: Pi05Config, stats: NormStats) -> Non
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
 
     def flat(prefix: str, s: QuantileStats) -> dict[str, torch.Tensor]:
-        d = {f"{prefix}.q01": torch.tensor(s.q01, dtype=torch.float32), f"{prefix}.q99": torch.tensor(s.q99, dtype=torch.float32)}
+        d = {
+            f"{prefix}.q01": torch.tensor(s.q01, dtype=torch.float32),
+            f"{prefix}.q99": torch.tensor(s.q99, dtype=torch.float32),
+        }
         if s.mean is not None:
             d[f"{prefix}.mean"] = torch.tensor(s.mean, dtype=torch.float32)
         if s.std is not None:
@@ -493,7 +530,9 @@ def _write_lerobot_files(out: Path, config: Pi05Config, stats: NormStats) -> Non
         "norm_map": {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "QUANTILES"},
     }
     pre_state = "policy_preprocessor_step_3_normalizer_processor.safetensors"
-    save_file({**flat("observation.state", stats.state), **flat("action", stats.actions)}, str(out / pre_state))
+    save_file(
+        {**flat("observation.state", stats.state), **flat("action", stats.actions)}, str(out / pre_state)
+    )
     pre = {
         "name": "policy_preprocessor",
         "steps": [
@@ -502,9 +541,15 @@ def _write_lerobot_files(out: Path, config: Pi05Config, stats: NormStats) -> Non
             {"registry_name": "relative_actions_processor", "config": {"enabled": False}},
             {"registry_name": "normalizer_processor", "config": norm_cfg, "state_file": pre_state},
             {"registry_name": "pi05_prepare_state_tokenizer_processor_step", "config": {"max_state_dim": 32}},
-            {"registry_name": "tokenizer_processor", "config": {
-                "tokenizer_name": "google/paligemma-3b-pt-224", "max_length": config.max_token_len,
-                "padding_side": "right", "padding": "max_length"}},
+            {
+                "registry_name": "tokenizer_processor",
+                "config": {
+                    "tokenizer_name": "google/paligemma-3b-pt-224",
+                    "max_length": config.max_token_len,
+                    "padding_side": "right",
+                    "padding": "max_length",
+                },
+            },
             {"registry_name": "device_processor", "config": {"device": "cpu"}},
         ],
     }
@@ -529,6 +574,8 @@ def random_norm_stats(seed: int = 0, state_dim: int = 8, action_dim: int = 7) ->
     a_lo[-1] = -1.0
     return NormStats(
         state=QuantileStats(q01=s_lo, q99=s_lo + rng.uniform(0.3, 2.0, size=state_dim)),
-        actions=QuantileStats(q01=a_lo, q99=np.concatenate([-a_lo[:-1] + rng.uniform(0, 0.2, action_dim - 1), [1.0]])),
+        actions=QuantileStats(
+            q01=a_lo, q99=np.concatenate([-a_lo[:-1] + rng.uniform(0, 0.2, action_dim - 1), [1.0]])
+        ),
         convention="openpi",
     )

@@ -98,7 +98,9 @@ class Pi05Config:
     image_present: tuple[bool, ...] = OPENPI_LIBERO_IMAGE_PRESENT
     discrete_state_input: bool = False  # pi05_libero: False; lerobot pi05 / pi05_droid: True
     prompt_format: str = "openpi"  # "openpi" (PaligemmaTokenizer) or "lerobot" (Pi05PrepareState... step)
-    norm_convention: str = "openpi"  # quantile eps: openpi adds 1e-6; lerobot substitutes 1e-8 only if q99 == q01
+    norm_convention: str = (
+        "openpi"  # quantile eps: openpi adds 1e-6; lerobot substitutes 1e-8 only if q99 == q01
+    )
     output_action_dim: int = 7  # LIBERO: first 7 of 32
     precision: str = "bfloat16"  # dtype stored in / intended for the checkpoint
     extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -129,7 +131,9 @@ class Pi05Config:
             if int(getattr(self, name)) <= 0:
                 raise Pi05ConfigError(f"{name}={getattr(self, name)!r}: must be a positive integer")
         if not 0 < self.output_action_dim <= self.action_dim:
-            raise Pi05ConfigError(f"output_action_dim={self.output_action_dim}: must be in 1..{self.action_dim}")
+            raise Pi05ConfigError(
+                f"output_action_dim={self.output_action_dim}: must be in 1..{self.action_dim}"
+            )
 
     @property
     def vlm(self) -> GemmaSpec:
@@ -218,8 +222,7 @@ def _variant_of(paligemma_variant: str, action_expert_variant: str, source: str)
             return name
     raise Pi05ConfigError(
         f"{source}: paligemma_variant={paligemma_variant!r}, action_expert_variant={action_expert_variant!r} "
-        f"is not a known pi0.5 variant; known: "
-        + ", ".join(f"{k} = {v}" for k, v in VARIANT_GEMMAS.items())
+        f"is not a known pi0.5 variant; known: " + ", ".join(f"{k} = {v}" for k, v in VARIANT_GEMMAS.items())
     )
 
 

@@ -73,7 +73,9 @@ def additive_mask(mask_bool: torch.Tensor) -> torch.Tensor:
     return torch.where(mask_bool[:, None, :, :], zero, neg)
 
 
-def sinusoidal_time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
+def sinusoidal_time_embedding(
+    time: torch.Tensor, dim: int, min_period: float, max_period: float
+) -> torch.Tensor:
     """openpi create_sinusoidal_pos_embedding: float64 math, returned in time's dtype (float32)."""
     if dim % 2:
         raise ValueError(f"time embedding dimension {dim} must be even")
@@ -85,7 +87,7 @@ def sinusoidal_time_embedding(time: torch.Tensor, dim: int, min_period: float, m
 
 
 def euler_times(num_steps: int) -> list[float]:
-    """The time values openpi visits: t = 1, accumulated in float32 with dt = -1/num_steps, while t >= -dt/2."""
+    """Times openpi visits: t = 1, accumulated in float32 with dt = -1/num_steps, while t >= -dt/2."""
     dt = np.float32(-1.0 / num_steps)
     t = np.float32(1.0)
     out = []
@@ -101,7 +103,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch.Tensor, scaling: float):
-    """Eager GQA attention, float32 softmax. q [B,Hq,T,D], k/v [B,Hkv,S,D], mask_add [B,1,T,S] -> [B,T,Hq*D]."""
+    """Eager GQA attention, float32 softmax. q [B,Hq,T,D], k/v [B,Hkv,S,D], mask [B,1,T,S] -> [B,T,Hq*D]."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     if hkv != hq and hkv != 1:
@@ -119,7 +121,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch
 # Gemma
 # ------------------------------------------------------------------------------------------------
 class GemmaRMSNorm(nn.Module):
-    """Gemma RMSNorm with (1 + weight) scaling, or adaptive (adaRMS) with `dense`: cond -> (scale, shift, gate)."""
+    """Gemma RMSNorm with (1 + weight) scaling, or adaptive (adaRMS): dense(cond) -> (scale, shift, gate)."""
 
     def __init__(self, dim: int, eps: float, cond_dim: int | None = None):
         super().__init__()
@@ -146,7 +148,9 @@ class GemmaRMSNorm(nn.Module):
         return normed.to(dtype), gate.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}" + (f", adaptive cond_dim={self.cond_dim}" if self.dense is not None else "")
+        return f"{self.dim}, eps={self.eps}" + (
+            f", adaptive cond_dim={self.cond_dim}" if self.dense is not None else ""
+        )
 
 
 class GemmaAttention(nn.Module):
@@ -183,7 +187,9 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaModel(nn.Module):
     """Gemma decoder stack (`embed_tokens` only for the language model; `norm` adaptive for the expert)."""
 
-    def __init__(self, spec: GemmaSpec, *, vocab_size: int | None, eps: float, rope_theta: float, adaptive: bool):
+    def __init__(
+        self, spec: GemmaSpec, *, vocab_size: int | None, eps: float, rope_theta: float, adaptive: bool
+    ):
         super().__init__()
         self.spec = spec
         self.embed_tokens = nn.Embedding(vocab_size, spec.width) if vocab_size else None
@@ -196,7 +202,9 @@ class GemmaModel(nn.Module):
     def fresh_inv_freq(self, device=None) -> torch.Tensor:
         """HF default RoPE init: 1 / theta^(2i/d), float32."""
         d = self.spec.head_dim
-        return 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+        return 1.0 / (
+            self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+        )
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin [B, T, head_dim] for integer positions [B, T] (float32 math, cast to dtype)."""
@@ -310,7 +318,10 @@ class PaliGemmaModel(nn.Module):
         self.vision_tower = SiglipVisionModel(config.vision, config.layer_norm_eps)
         self.multi_modal_projector = PaliGemmaMultiModalProjector(config.vision.width, config.vlm.width)
         self.language_model = GemmaModel(
-            config.vlm, vocab_size=config.vocab_size, eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+            config.vlm,
+            vocab_size=config.vocab_size,
+            eps=config.rms_norm_eps,
+            rope_theta=config.rope_theta,
             adaptive=False,
         )
 
@@ -329,8 +340,13 @@ class PaliGemmaWithExpertModel(nn.Module):
         super().__init__()
         self.paligemma = PaliGemmaForConditionalGeneration(config)
         self.gemma_expert = GemmaForCausalLM(
-            GemmaModel(config.expert, vocab_size=None, eps=config.rms_norm_eps, rope_theta=config.rope_theta,
-                       adaptive=True)
+            GemmaModel(
+                config.expert,
+                vocab_size=None,
+                eps=config.rms_norm_eps,
+                rope_theta=config.rope_theta,
+                adaptive=True,
+            )
         )
 
     @property
@@ -411,7 +427,7 @@ class PaliGemmaWithExpertModel(nn.Module):
 
 
 class Pi05Model(nn.Module):
-    """pi0.5: `sample_actions(images, image_masks, tokens, token_masks, noise) -> actions [B, H, action_dim]`."""
+    """pi0.5: `sample_actions(images, image_masks, tokens, token_masks, noise) -> actions [B, H, A]`."""
 
     def __init__(self, config: Pi05Config):
         super().__init__()
@@ -423,6 +439,8 @@ class Pi05Model(nn.Module):
         self.time_mlp_in = nn.Linear(w, w)
         self.time_mlp_out = nn.Linear(w, w)
         self.compute_dtype = torch.float32
+        self.euler_times = euler_times(config.num_steps)  # python floats: constants for compile / graphs
+        self.euler_dt = float(np.float32(-1.0 / config.num_steps))
 
     # ---- precision ------------------------------------------------------------------------------
     def set_precision(self, precision: str | torch.dtype) -> Pi05Model:
@@ -444,9 +462,10 @@ class Pi05Model(nn.Module):
         return self
 
     # ---- embeddings -----------------------------------------------------------------------------
-    def embed_prefix(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
-                     token_masks: torch.Tensor):
-        """images float [B, N, 3, H, W] in [-1, 1]; image_masks bool [B, N]; tokens long [B, L]; token_masks bool."""
+    def embed_prefix(
+        self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_masks: torch.Tensor
+    ):
+        """images float [B, N, 3, H, W] in [-1, 1]; image_masks bool [B, N]; tokens long [B, L]; masks."""
         pwe = self.paligemma_with_expert
         b, n = images.shape[:2]
         embs, pads = [], []
@@ -462,14 +481,15 @@ class Pi05Model(nn.Module):
 
     def embed_suffix(self, x_t: torch.Tensor, time: torch.Tensor):
         """-> action tokens [B, H, W] (compute dtype), adaRMS condition [B, W] (float32)."""
-        temb = sinusoidal_time_embedding(time, self.action_in_proj.out_features, self.config.min_period,
-                                         self.config.max_period)
+        temb = sinusoidal_time_embedding(
+            time, self.action_in_proj.out_features, self.config.min_period, self.config.max_period
+        )
         cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb))))
         return self.action_in_proj(x_t).to(self.compute_dtype), cond
 
     # ---- inference ------------------------------------------------------------------------------
     def compute_prefix_cache(self, prefix_embs: torch.Tensor, prefix_pad: torch.Tensor):
-        """One pass of the language model over the prefix -> per-layer (k, v) after RoPE, and prefix output."""
+        """One language-model pass over the prefix -> per-layer (k, v) after RoPE, and the prefix output."""
         mask = make_att_2d_masks(prefix_pad, torch.zeros_like(prefix_pad, dtype=torch.int32))
         positions = torch.cumsum(prefix_pad.to(torch.int64), dim=1) - 1
         outs, kv = self.paligemma_with_expert.run_layers(
@@ -487,28 +507,35 @@ class Pi05Model(nn.Module):
         ar[:, 0] = 1
         suffix_att = make_att_2d_masks(suffix_pad, ar)
         full = torch.cat([prefix_pad[:, None, :].expand(b, h, p), suffix_att], dim=2)
-        positions = prefix_pad.to(torch.int64).sum(dim=-1, keepdim=True) + torch.cumsum(
-            suffix_pad.to(torch.int64), dim=1) - 1
+        positions = (
+            prefix_pad.to(torch.int64).sum(dim=-1, keepdim=True)
+            + torch.cumsum(suffix_pad.to(torch.int64), dim=1)
+            - 1
+        )
         outs, _ = self.paligemma_with_expert.run_layers(
             [None, suffix], [None, cond], additive_mask(full), positions, past_kv=kv_cache
         )
-        out = outs[1][:, -self.config.action_horizon:].to(torch.float32)
+        out = outs[1][:, -self.config.action_horizon :].to(torch.float32)
         return self.action_out_proj(out)
 
     @torch.no_grad()
-    def sample_actions(self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor,
-                       token_masks: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Flow-matching sampling with static shapes (compile / CUDA-graph friendly). noise: float32 [B, H, A]."""
+    def sample_actions(
+        self,
+        images: torch.Tensor,
+        image_masks: torch.Tensor,
+        tokens: torch.Tensor,
+        token_masks: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """Flow-matching sampling, static shapes (compile / CUDA-graph friendly). noise: float32 [B, H, A]."""
         prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
         kv_cache, _ = self.compute_prefix_cache(prefix_embs, prefix_pad)
-        times = euler_times(self.config.num_steps)
-        dt = torch.tensor(-1.0 / self.config.num_steps, dtype=torch.float32, device=noise.device)
         x_t = noise.to(torch.float32)
         b = x_t.shape[0]
-        for t in times:
+        for t in self.euler_times:  # unrolled: no host sync, static shapes
             time = torch.full((b,), t, dtype=torch.float32, device=noise.device)
             v_t = self.denoise_step(kv_cache, prefix_pad, x_t, time)
-            x_t = x_t + dt * v_t
+            x_t = x_t + self.euler_dt * v_t  # dt is float32(-1/num_steps), as openpi's tensor
         return x_t
 
     @torch.no_grad()
@@ -529,21 +556,24 @@ class Pi05Model(nn.Module):
         outs, _ = self.paligemma_with_expert.run_layers(
             [prefix_embs, suffix], [None, cond], additive_mask(mask), positions
         )
-        v = self.action_out_proj(outs[1][:, -self.config.action_horizon:].to(torch.float32))
+        v = self.action_out_proj(outs[1][:, -self.config.action_horizon :].to(torch.float32))
         return v, outs[0]
 
 
-def build_model(config: Pi05Config, *, device: str | torch.device = "cpu", precision: str | None = None) -> Pi05Model:
-    """Construct the model (uninitialised values on 'meta'; use init_random_weights / a checkpoint otherwise)."""
+def build_model(
+    config: Pi05Config, *, device: str | torch.device = "cpu", precision: str | None = None
+) -> Pi05Model:
+    """Construct the model (no values on 'meta'; use init_random_weights or a checkpoint otherwise)."""
     with torch.device(device):
         model = Pi05Model(config)
     model.set_precision(precision or "float32")
     return model.eval()
 
 
-def random_model(config: Pi05Config, seed: int = 0, precision: str = "float32",
-                 device: str | torch.device = "cpu") -> Pi05Model:
-    """A randomly initialised model, allocated directly in its final dtypes (the full model in bf16 needs ~7 GB)."""
+def random_model(
+    config: Pi05Config, seed: int = 0, precision: str = "float32", device: str | torch.device = "cpu"
+) -> Pi05Model:
+    """A random-init model, allocated directly in its final dtypes (the full model in bf16: ~7 GB)."""
     model = build_model(config, device="meta", precision=precision)
     model.to_empty(device=device)
     model.set_precision(precision)  # real RoPE buffers

@@ -31,7 +31,11 @@ def unavailable_reason() -> str | None:
 class OpenpiPolicy:
     def __init__(self, policy, action_horizon: int, action_dim: int, output_action_dim: int = 7):
         self.policy = policy
-        self.action_horizon, self.action_dim, self.output_action_dim = action_horizon, action_dim, output_action_dim
+        self.action_horizon, self.action_dim, self.output_action_dim = (
+            action_horizon,
+            action_dim,
+            output_action_dim,
+        )
 
     def infer(self, observation: dict, noise_seed: int = 0) -> np.ndarray:
         noise = noise_for_seed(noise_seed, self.action_horizon, self.action_dim).numpy()
@@ -42,7 +46,9 @@ class OpenpiPolicy:
         return np.stack([self.infer(o, s) for o, s in zip(observations, noise_seeds, strict=True)])
 
 
-def load_openpi_policy(ckpt_dir: str | os.PathLike, config_name: str = "pi05_libero", device: str | None = None):
+def load_openpi_policy(
+    ckpt_dir: str | os.PathLike, config_name: str = "pi05_libero", device: str | None = None
+):
     """openpi `create_trained_policy(get_config(config_name), ckpt_dir)` wrapped as an OpenpiPolicy."""
     reason = unavailable_reason()
     if reason:

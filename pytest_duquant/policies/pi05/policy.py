@@ -18,13 +18,13 @@ from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer, resolve_t
 
 
 def noise_for_seed(seed: int, horizon: int, action_dim: int) -> torch.Tensor:
-    """float32 [horizon, action_dim] ~ N(0, 1) from torch.Generator(cpu).manual_seed(seed): device independent."""
+    """float32 [horizon, action_dim] ~ N(0, 1) from torch.Generator(cpu).manual_seed(seed) (any device)."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn((horizon, action_dim), generator=gen, dtype=torch.float32)
 
 
 class Pi05Policy:
-    """A pi0.5 model with its processing. `model` is a plain nn.Module (quantize_model can wrap its linears)."""
+    """A pi0.5 model with its processing. `model` is a plain nn.Module (quantize_model wraps its linears)."""
 
     def __init__(
         self,
@@ -51,13 +51,26 @@ class Pi05Policy:
         self._sample = torch.compile(self.model.sample_actions, mode=mode, **kwargs)
         return self
 
+    def cuda_graph(self) -> Pi05Policy:
+        """Capture sample_actions in a CUDA graph per batch size (eager kernels, no compile)."""
+        if self.device.type != "cuda":
+            raise RuntimeError("cuda_graph() needs the policy on a CUDA device")
+        self._sample = GraphedSampler(self.model.sample_actions)
+        return self
+
+    def eager(self) -> Pi05Policy:
+        self._sample = self.model.sample_actions
+        return self
+
     # ---- inference ----------------------------------------------------------------------------
     def prepare(self, observations: Sequence[dict]) -> dict[str, torch.Tensor]:
         return prepare_inputs(list(observations), self.config, self.norm_stats, self.tokenizer, self.device)
 
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
         cfg = self.config
-        return torch.stack([noise_for_seed(s, cfg.action_horizon, cfg.action_dim) for s in seeds]).to(self.device)
+        return torch.stack([noise_for_seed(s, cfg.action_horizon, cfg.action_dim) for s in seeds]).to(
+            self.device
+        )
 
     @torch.no_grad()
     def raw_actions(self, observations: Sequence[dict], noise_seeds: Sequence[int]) -> torch.Tensor:
@@ -68,7 +81,7 @@ class Pi05Policy:
         return self._sample(noise=self.noise(noise_seeds), **inputs)
 
     def infer_batch(self, observations: Sequence[dict], noise_seeds: Sequence[int]) -> np.ndarray:
-        """-> float32 [N, horizon, 7] actions in env units; noise of observation i from seed noise_seeds[i]."""
+        """-> float32 [N, horizon, 7] actions in env units; observation i gets the noise of noise_seeds[i]."""
         return postprocess_actions(self.raw_actions(observations, noise_seeds), self.config, self.norm_stats)
 
     def infer(self, observation: dict, noise_seed: int = 0) -> np.ndarray:
@@ -76,8 +89,40 @@ class Pi05Policy:
         return self.infer_batch([observation], [noise_seed])[0]
 
     def __repr__(self) -> str:
-        return (f"Pi05Policy(variant={self.config.variant!r}, layout={self.layout!r}, device={str(self.device)!r}, "
-                f"dtype={self.model.compute_dtype}, source={self.source!r})")
+        return (
+            f"Pi05Policy(variant={self.config.variant!r}, layout={self.layout!r}, "
+            f"device={str(self.device)!r}, "
+            f"dtype={self.model.compute_dtype}, source={self.source!r})"
+        )
+
+
+class GraphedSampler:
+    """Replays a captured CUDA graph of `fn(**inputs)`; one graph per input signature (batch size)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graphs: dict[tuple, tuple] = {}
+
+    @torch.no_grad()
+    def __call__(self, **inputs):
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()))
+        if key not in self.graphs:
+            static_in = {k: v.clone() for k, v in inputs.items()}
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.fn(**static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.fn(**static_in)
+            self.graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self.graphs[key]
+        for k, v in inputs.items():
+            static_in[k].copy_(v)
+        graph.replay()
+        return static_out.clone()
 
 
 def _dtype_name(dtype) -> str:
@@ -106,8 +151,13 @@ def build_policy(
     config = config or variant_config(variant)
     model = random_model(config, seed, _dtype_name(dtype))
     tok = _tokenizer(tokenizer, None, config)
-    return Pi05Policy(model, norm_stats or random_norm_stats(seed), tok, device=device,
-                      source=f"random:{config.variant}:seed={seed}")
+    return Pi05Policy(
+        model,
+        norm_stats or random_norm_stats(seed),
+        tok,
+        device=device,
+        source=f"random:{config.variant}:seed={seed}",
+    )
 
 
 def _tokenizer(tokenizer, ckpt_dir, config: Pi05Config, allow_tiny: bool = True):
@@ -146,6 +196,7 @@ def load_policy(
     read_norm_stats(d, layout, asset_id)  # fail early
     tok = _tokenizer(tokenizer, d, config, allow_tiny=False)
     overrides = {} if discrete_state_input is None else {"discrete_state_input": bool(discrete_state_input)}
-    model, config, norm_stats, layout = load_checkpoint(d, device=device, dtype=dtype, asset_id=asset_id,
-                                                        config_overrides=overrides)
+    model, config, norm_stats, layout = load_checkpoint(
+        d, device=device, dtype=dtype, asset_id=asset_id, config_overrides=overrides
+    )
     return Pi05Policy(model, norm_stats, tok, device=device, source=str(d), layout=layout)

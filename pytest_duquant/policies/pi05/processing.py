@@ -1,18 +1,19 @@
 """Observation -> model inputs and model outputs -> LIBERO actions (openpi pi05_libero conventions).
 
 Input observation (one dict per env, the openpi LIBERO client's keys; short aliases accepted):
-    "observation/image"        uint8 [H, W, 3] agent view (already flipped 180 deg by the harness)   alias "image"
-    "observation/wrist_image"  uint8 [H, W, 3] wrist view (flipped by the harness)                  alias "wrist_image"
-    "observation/state"        float [8]: eef pos (3) + axis-angle (3) + gripper qpos (2)          alias "state"
+    "observation/image"        uint8 [H, W, 3] agent view, flipped 180 deg by the harness (alias "image")
+    "observation/wrist_image"  uint8 [H, W, 3] wrist view, flipped by the harness (alias "wrist_image")
+    "observation/state"        float [8]: eef pos (3) + axis-angle (3) + gripper qpos (2) (alias "state")
     "prompt"                   str, the task's language instruction
 
 Steps (openpi Policy transforms for pi05_libero, in order):
   1. images to uint8 HWC (float images are scaled by 255 as openpi's _parse_image does);
-  2. state normalized with quantiles: (x - q01) / (q99 - q01 + 1e-6) * 2 - 1 (lerobot: / (q99 - q01), 1e-8 only
-     where q99 == q01); used only when the state goes into the prompt (discrete_state_input);
+  2. state normalized with quantiles: (x - q01) / (q99 - q01 + 1e-6) * 2 - 1 (lerobot:
+     / (q99 - q01), 1e-8 only where q99 == q01); used only when the state goes into the prompt
+     (discrete_state_input);
   3. resize with padding to 224 x 224 (openpi-client's PIL bilinear resize; zero padding; no-op at 224);
   4. prompt tokenized (tokenizer.py), padded to max_token_len;
-  5. image slots: [base, left wrist, right wrist] for openpi (the right wrist is a zero image with mask False),
+  5. image slots: [base, left wrist, right wrist] for openpi (the right wrist: zero image, mask False),
      [image, wrist_image] for lerobot LIBERO checkpoints; pixels -> float32 x / 255 * 2 - 1, NCHW;
   6. actions [H, 32] -> first dims unnormalized with the action quantiles, then the first 7 returned.
 """
@@ -102,7 +103,7 @@ def parse_image(image: Any, name: str) -> np.ndarray:
 
 
 def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """openpi-client resize_with_pad: keep aspect, PIL bilinear, zero padding centred; no-op at the target size."""
+    """openpi-client resize_with_pad: keep aspect, PIL bilinear, centred zero padding; no-op at the size."""
     cur_h, cur_w = image.shape[:2]
     if (cur_h, cur_w) == (height, width):
         return image
@@ -114,7 +115,9 @@ def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
         resized = np.asarray(Image.fromarray(image).resize((rw, rh), resample=Image.BILINEAR))
     except ImportError:  # torch's antialiased bilinear is designed to match PIL's
         t = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-        t = torch.nn.functional.interpolate(t, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+        t = torch.nn.functional.interpolate(
+            t, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False
+        )
         resized = t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
     out = np.zeros((height, width, image.shape[2]), dtype=np.uint8)
     ph, pw = max(0, int((height - rh) / 2)), max(0, int((width - rw) / 2))
@@ -154,7 +157,9 @@ def prepare_inputs(
         for slot, present in enumerate(config.image_present):
             if present:
                 if src >= len(given):
-                    raise CheckpointError(f"config has more present image slots than the 2 LIBERO images: {config.image_keys}")
+                    raise CheckpointError(
+                        f"config has more present image slots than the 2 LIBERO images: {config.image_keys}"
+                    )
                 images[i, slot] = resize_with_pad(given[src], size, size)
                 image_masks[i, slot] = True
                 src += 1
@@ -168,7 +173,8 @@ def prepare_inputs(
         tokens[i], token_masks[i] = tokenizer.tokenize(prompt, state, config.prompt_format)
     if tokens.max(initial=0) >= config.vocab_size:
         raise CheckpointError(
-            f"tokenizer {getattr(tokenizer, 'path', '?')} produced token id {int(tokens.max())} >= the model's "
+            f"tokenizer {getattr(tokenizer, 'path', '?')} produced token id {int(tokens.max())} >= "
+            "the model's "
             f"vocab_size {config.vocab_size}: wrong tokenizer for this checkpoint"
         )
     pix = torch.from_numpy(images).to(device)
@@ -181,7 +187,9 @@ def prepare_inputs(
     }
 
 
-def postprocess_actions(actions: torch.Tensor | np.ndarray, config: Pi05Config, norm_stats: NormStats) -> np.ndarray:
+def postprocess_actions(
+    actions: torch.Tensor | np.ndarray, config: Pi05Config, norm_stats: NormStats
+) -> np.ndarray:
     """Model actions [..., H, action_dim] (normalized) -> [..., H, output_action_dim] in env units."""
     a = actions.detach().float().cpu().numpy() if isinstance(actions, torch.Tensor) else np.asarray(actions)
     if norm_stats.convention == "lerobot":  # lerobot truncates first, then unnormalizes
@@ -189,7 +197,9 @@ def postprocess_actions(actions: torch.Tensor | np.ndarray, config: Pi05Config, 
     return unnormalize_actions(a, norm_stats)[..., : config.output_action_dim]
 
 
-def synthetic_observations(n: int, seed: int = 0, *, image_size: int = 256, prompts: list[str] | None = None) -> list[dict]:
+def synthetic_observations(
+    n: int, seed: int = 0, *, image_size: int = 256, prompts: list[str] | None = None
+) -> list[dict]:
     """LIBERO-like observations without the simulator (for calibration smoke runs and tests).
 
     Images are smooth random colour fields with a few rectangles (not pure noise), 256 x 256 like LIBERO's
@@ -217,13 +227,19 @@ def synthetic_observations(n: int, seed: int = 0, *, image_size: int = 256, prom
                 img[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0, 255, size=(3,))
             img = img + rng.normal(0, 4, size=img.shape)
             imgs.append(np.clip(img, 0, 255).astype(np.uint8))
-        state = np.concatenate([
-            rng.normal([0.0, 0.0, 1.0], 0.1), rng.normal(0, 1.0, size=3), rng.uniform(0, 0.04, size=2) * [1, -1]
-        ]).astype(np.float32)
-        out.append({
-            "observation/image": imgs[0],
-            "observation/wrist_image": imgs[1],
-            "observation/state": state,
-            "prompt": prompts[i % len(prompts)],
-        })
+        state = np.concatenate(
+            [
+                rng.normal([0.0, 0.0, 1.0], 0.1),
+                rng.normal(0, 1.0, size=3),
+                rng.uniform(0, 0.04, size=2) * [1, -1],
+            ]
+        ).astype(np.float32)
+        out.append(
+            {
+                "observation/image": imgs[0],
+                "observation/wrist_image": imgs[1],
+                "observation/state": state,
+                "prompt": prompts[i % len(prompts)],
+            }
+        )
     return out

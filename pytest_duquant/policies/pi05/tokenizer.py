@@ -16,7 +16,8 @@ Prompt formats (verified against openpi and lerobot sources):
       encode(f"Task: {clean}, State: {bins};\\nAction: ", add_bos=True)
   - lerobot pi05: the same "Task: ..., State: ...;\\nAction: " string (state always in the prompt),
       tokenized with BOS (lerobot uses the HF PaliGemma tokenizer; same SentencePiece vocabulary).
-  clean(p) = p.strip().replace("_", " ").replace("\\n", " "); bins = digitize(state, linspace(-1, 1, 257)[:-1]) - 1
+  clean(p) = p.strip().replace("_", " ").replace("\\n", " ");
+  bins = digitize(state, linspace(-1, 1, 257)[:-1]) - 1
   on the *normalized* state. Tokens are right-padded with 0 to max_len (mask False), truncated beyond it.
 """
 
@@ -40,7 +41,9 @@ def openpi_cache_tokenizer_path() -> Path:
     return home / "big_vision" / "paligemma_tokenizer.model"
 
 
-def resolve_tokenizer_path(explicit: str | os.PathLike | None = None, ckpt_dir: str | os.PathLike | None = None) -> Path:
+def resolve_tokenizer_path(
+    explicit: str | os.PathLike | None = None, ckpt_dir: str | os.PathLike | None = None
+) -> Path:
     """The tokenizer model file to use (see module docstring for the order), or CheckpointError."""
     looked: list[str] = []
     if explicit is not None:
@@ -65,7 +68,8 @@ def resolve_tokenizer_path(explicit: str | os.PathLike | None = None, ckpt_dir: 
         return cache
     looked.append(str(cache))
     raise CheckpointError(
-        "no PaliGemma tokenizer found (checkpoints do not contain it); looked at: " + "; ".join(looked)
+        "no PaliGemma tokenizer found (checkpoints do not contain it); looked at: "
+        + "; ".join(looked)
         + f". Pass --tokenizer PATH or set {ENV_TOKENIZER} to paligemma_tokenizer.model "
         "(openpi downloads it from gs://big_vision/paligemma_tokenizer.model)."
     )
@@ -83,7 +87,9 @@ def discretize_state(state: np.ndarray) -> np.ndarray:
 class PaligemmaTokenizer:
     """SentencePiece tokenizer producing (tokens int64[max_len], mask bool[max_len])."""
 
-    def __init__(self, model_path: str | os.PathLike | None, max_len: int = 200, *, model_proto: bytes | None = None):
+    def __init__(
+        self, model_path: str | os.PathLike | None, max_len: int = 200, *, model_proto: bytes | None = None
+    ):
         try:
             import sentencepiece
         except ImportError as exc:  # pragma: no cover - depends on the environment
