@@ -1,0 +1,102 @@
+"""`duquant quantize`: the main job. Quantize a pi0.5 policy under a preset and report per-layer error.
+
+Without --ckpt it uses the embedded default: the built-in pi0.5 `dummy` (random-init checkpoint, seed 0).
+Prints the plan, the per-layer table (SQNR of DuQuant vs plain RTN on real calibration inputs), the
+action error vs the FP policy and the bytes; writes the report JSON (and PNG when matplotlib is there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="quantize a pi0.5 policy under a preset and report the error",
+                              description=__doc__)
+    p.add_argument("--preset", default=None, help="A, B, precision, speed, fp (OPENPI_DUQUANT_* variables beat it)")
+    p.add_argument("--ckpt", default=None, help="pi0.5 checkpoint dir (default: the built-in dummy, seed 0)")
+    p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model (real checkpoints)")
+    p.add_argument("--out", default="duquant_report", help="folder for report.json / report.png")
+    p.add_argument("--no-rtn", action="store_true", help="skip the plain-RTN comparison (faster)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only; change nothing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pytest_duquant.config import from_env, replace
+    from pytest_duquant.quantize import enable_debug_logging, quantize_model
+
+    config = from_env(os.environ, preset=args.preset)
+    enable_debug_logging() if config.debug else None
+    print(f"duquant: {config.describe()}")
+    from pytest_duquant.policies.pi05.errors import CheckpointError
+    from pytest_duquant.policies.session import SessionPolicyError, policy_factory
+
+    try:
+        make = policy_factory(args.ckpt, tokenizer=args.tokenizer)
+        policy = make()
+    except (CheckpointError, SessionPolicyError) as exc:
+        print(f"duquant: {exc}", file=sys.stderr)
+        return 2
+    source = args.ckpt or f"built-in pi0.5 dummy (random init, seed 0) at {make.ckpt_dir}"
+    print(f"policy: {source}; fingerprint {make.fingerprint}")
+    if args.dry_run or config.dryrun or not config.enabled:
+        report = quantize_model(policy.model, replace(config, dryrun=True) if config.enabled else config)
+        print(report.table())
+        print(report.summary())
+        return 0
+
+    from pytest_duquant.model_metrics import PolicyProbe
+
+    probe = PolicyProbe(policy, fingerprint=make.fingerprint)
+    try:
+        metrics = probe.measure(config, rtn=not args.no_rtn)
+    finally:
+        probe.close()
+    print(format_metrics(metrics))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(metrics.to_dict(), indent=2) + "\n")
+    written = [out / "report.json"]
+    png = _maybe_plot(metrics, out)
+    if png:
+        written.append(png)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def format_metrics(metrics) -> str:
+    w = max([len(la.name) for la in metrics.layers] + [5])
+    rows = [f"{'layer':<{w}} {'shape':>11} {'bits':>4} {'SQNR dB':>8} {'RTN dB':>7} {'gain':>6}"]
+    for la in metrics.layers:
+        rtn = "-" if la.rtn_sqnr_db is None else f"{la.rtn_sqnr_db:7.2f}"
+        gain = "-" if la.gain_db is None else f"{la.gain_db:+6.2f}"
+        rows.append(f"{la.name:<{w}} {la.shape[0]:>5}x{la.shape[1]:<5} W{la.wbits:<3} {la.sqnr_db:8.2f} {rtn:>7} {gain:>6}")
+    out = metrics.output
+    rows.append("")
+    rows.append(f"layers: {len(metrics.layers)}; mean SQNR {metrics.mean_sqnr_db:.2f} dB"
+                + ("" if metrics.mean_rtn_sqnr_db is None else f" (plain RTN {metrics.mean_rtn_sqnr_db:.2f} dB)"))
+    rows.append(f"action error vs FP: rel L2 {out.rel_l2:.4f}, max abs {out.max_abs:.4f}"
+                + ("" if metrics.output_rtn is None else f" (plain RTN rel L2 {metrics.output_rtn.rel_l2:.4f})"))
+    if out.per_step_rel_l2:
+        rows.append("  per denoising step rel L2: " + " ".join(f"{v:.3f}" for v in out.per_step_rel_l2))
+    ratio = metrics.bytes_before / metrics.bytes_after if metrics.bytes_after else float("nan")
+    rows.append(f"quantized weights: {metrics.bytes_before / 2**20:.2f} MiB -> {metrics.bytes_after / 2**20:.2f} MiB "
+                f"({ratio:.2f}x, packed int codes + scales + transforms)")
+    return "\n".join(rows)
+
+
+def _maybe_plot(metrics, out: Path):
+    try:
+        from pytest_duquant.reporting import model as model_report
+    except ImportError:
+        return None
+    plot = getattr(model_report, "plot_model_report", None)
+    if plot is None:
+        return None
+    png = out / "report.png"
+    plot([metrics], png)
+    return png
