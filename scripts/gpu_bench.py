@@ -44,20 +44,31 @@ def sweep_configs(m: int, k: int):
         for bw in (64, 128):
             for sk in (1, 2, 4, 8, 16):
                 if n_kt % sk == 0:
-                    cands.append(tk.GemmConfig(path="S", bm=bt, bn=bw, split_k=sk, warps=4, stages=4, act_bm=16,
-                                               swap=True))
+                    cands.append(
+                        tk.GemmConfig(
+                            path="S", bm=bt, bn=bw, split_k=sk, warps=4, stages=4, act_bm=16, swap=True
+                        )
+                    )
         cands.append(tk.GemmConfig(path="S", bm=16, bn=64, split_k=4, warps=4, stages=4, act_bm=16))
     elif m <= 256:
         for sk in (1, 2, 4):
-            cands.append(tk.GemmConfig(path="S", bm=64, bn=64, split_k=sk, warps=4, stages=4, act_bm=32, swap=True))
-            cands.append(tk.GemmConfig(path="S", bm=64, bn=128, split_k=sk, warps=4, stages=4, act_bm=32,
-                                       swap=True))
+            cands.append(
+                tk.GemmConfig(path="S", bm=64, bn=64, split_k=sk, warps=4, stages=4, act_bm=32, swap=True)
+            )
+            cands.append(
+                tk.GemmConfig(path="S", bm=64, bn=128, split_k=sk, warps=4, stages=4, act_bm=32, swap=True)
+            )
         for bm, bn, w in ((64, 64, 4), (128, 128, 8)):
             for sk in (1, 2):
                 cands.append(tk.GemmConfig(path="S", bm=bm, bn=bn, split_k=sk, warps=w, stages=3, act_bm=32))
     else:
-        for bm, bn, w, st in ((128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
-                              (256, 128, 8, 3)):
+        for bm, bn, w, st in (
+            (128, 128, 8, 3),
+            (128, 256, 8, 3),
+            (128, 128, 4, 4),
+            (64, 128, 4, 4),
+            (256, 128, 8, 3),
+        ):
             cands.append(tk.GemmConfig(path="Q", bm=bm, bn=bn, split_k=1, warps=w, stages=st, act_bm=64))
     return cands
 
@@ -74,48 +85,73 @@ def time_layer(k, n, m, preset, sweep: bool):
     cb = copies_for(lay.weight.numel() * 2)
     wb = [lay.weight] + [lay.weight.clone() for _ in range(min(cb, 512) - 1)]
     t_bf16 = graph_time_us(lambda i: F.linear(x, wb[i]), len(wb))
-    del wb
+    wb.clear()
     # simulated
     cs = copies_for(lay.sim.weight.numel() * 2)
-    sims = [lay.sim] + [dataclasses.replace(lay.sim, weight=lay.sim.weight.clone()) for _ in range(min(cs, 512) - 1)]
+    sims = [lay.sim] + [
+        dataclasses.replace(lay.sim, weight=lay.sim.weight.clone()) for _ in range(min(cs, 512) - 1)
+    ]
     t_sim = graph_time_us(lambda i: tk.simulated_linear(x, sims[i]), len(sims))
-    del sims
+    sims.clear()
     # W4A8
     cw = copies_for(lay.w4a8.w_packed.numel())
-    packs = [lay.w4a8] + [dataclasses.replace(lay.w4a8, w_packed=lay.w4a8.w_packed.clone())
-                          for _ in range(min(cw, 512) - 1)]
+    packs = [lay.w4a8] + [
+        dataclasses.replace(lay.w4a8, w_packed=lay.w4a8.w_packed.clone()) for _ in range(min(cw, 512) - 1)
+    ]
     pick = tk.pick_config(m, n, k)
     t_w4 = graph_time_us(lambda i: tk.w4a8_linear(x, packs[i], pick), len(packs))
     # split: activation kernel alone and GEMM alone (same config)
     if pick.path == "Q":
         q, s = tk.act_quant_chunked(x, lay.w4a8, bm=pick.act_bm, warps=pick.act_warps)
-        t_act = graph_time_us(lambda i: tk.act_quant_chunked(x, lay.w4a8, bm=pick.act_bm, warps=pick.act_warps), 1)
-        t_gemm = graph_time_us(lambda i: tk.w4a8_gemm(q, s, packs[i], pick, a_float=False,
-                                                      w_int8=tk.unpack_weight_int8(packs[i])), len(packs))
+        t_act = graph_time_us(
+            lambda i: tk.act_quant_chunked(x, lay.w4a8, bm=pick.act_bm, warps=pick.act_warps), 1
+        )
+        t_gemm = graph_time_us(
+            lambda i: tk.w4a8_gemm(
+                q, s, packs[i], pick, a_float=False, w_int8=tk.unpack_weight_int8(packs[i])
+            ),
+            len(packs),
+        )
     else:
         xt, pm = tk.act_chunks(x, lay.w4a8.perm, lay.w4a8.r_in, lay.w4a8.block, mode=0, bm=pick.act_bm)
-        t_act = graph_time_us(lambda i: tk.act_chunks(x, lay.w4a8.perm, lay.w4a8.r_in, lay.w4a8.block, mode=0,
-                                                      bm=pick.act_bm), 1)
+        t_act = graph_time_us(
+            lambda i: tk.act_chunks(x, lay.w4a8.perm, lay.w4a8.r_in, lay.w4a8.block, mode=0, bm=pick.act_bm),
+            1,
+        )
         t_gemm = graph_time_us(lambda i: tk.w4a8_gemm(xt, pm, packs[i], pick, a_float=True), len(packs))
     best = (t_w4, pick.tag())
     sweep_rows = []
     if sweep:
         for cfg in sweep_configs(m, k):
             try:
-                t = graph_time_us(lambda i: tk.w4a8_linear(x, packs[i], cfg), len(packs), reps=7)
+                t = graph_time_us(lambda i, cfg=cfg: tk.w4a8_linear(x, packs[i], cfg), len(packs), reps=7)
             except Exception as exc:  # a config that does not compile/fit is recorded, not fatal
                 sweep_rows.append((cfg.tag(), None, repr(exc)[:120]))
                 continue
             sweep_rows.append((cfg.tag(), t, ""))
             if t < best[0]:
                 best = (t, cfg.tag())
-    del packs
+    packs.clear()
     w_bytes = k * n // 2
-    return dict(k=k, n=n, m=m, preset=preset, bf16_us=t_bf16, sim_us=t_sim, w4a8_us=t_w4,
-                w4a8_act_us=t_act, w4a8_gemm_us=t_gemm, cfg=pick.tag(), best_us=best[0], best_cfg=best[1],
-                sim_ratio=t_sim / t_bf16, w4a8_ratio=t_w4 / t_bf16,
-                gemm_GBps=(w_bytes + m * k + m * n * 2) / (t_gemm * 1e-6) / 1e9,
-                gemm_TOPS=2 * m * n * k / (t_gemm * 1e-6) / 1e12, sweep=sweep_rows)
+    return dict(
+        k=k,
+        n=n,
+        m=m,
+        preset=preset,
+        bf16_us=t_bf16,
+        sim_us=t_sim,
+        w4a8_us=t_w4,
+        w4a8_act_us=t_act,
+        w4a8_gemm_us=t_gemm,
+        cfg=pick.tag(),
+        best_us=best[0],
+        best_cfg=best[1],
+        sim_ratio=t_sim / t_bf16,
+        w4a8_ratio=t_w4 / t_bf16,
+        gemm_GBps=(w_bytes + m * k + m * n * 2) / (t_gemm * 1e-6) / 1e9,
+        gemm_TOPS=2 * m * n * k / (t_gemm * 1e-6) / 1e12,
+        sweep=sweep_rows,
+    )
 
 
 def main() -> int:
@@ -133,16 +169,38 @@ def main() -> int:
     t0 = time.time()
     import triton
 
-    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join(sys.argv))
+    info = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(sys.argv),
+    )
     print(json.dumps(info), flush=True)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), PYTHONUNBUFFERED="1")
     if not args.no_tests:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-p", "pytest_duquant.plugin", "tests/kernels", "-q",
-                            "--maxfail=10", "-p", "no:cacheprovider", "-m", "gpu", "-W", "ignore",
-                            "-rf"],
-                           capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-p",
+                "pytest_duquant.plugin",
+                "tests/kernels",
+                "-q",
+                "--maxfail=10",
+                "-p",
+                "no:cacheprovider",
+                "-m",
+                "gpu",
+                "-W",
+                "ignore",
+                "-rf",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         (OUT / "pytest_gpu.log").write_text(r.stdout + r.stderr)
         tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
         print("\n".join(tail), flush=True)
@@ -167,33 +225,61 @@ def main() -> int:
             for m in ms:
                 row = time_layer(k, n, m, preset, args.sweep and preset == "A" and m >= args.sweep_min_m)
                 rows.append(row)
-                (OUT / "gpu_bench.json").write_text(json.dumps(dict(info=info, layers=rows, expert=expert), indent=1))
-                print(f"[{time.time() - t0:.0f}s] {preset} {k}->{n} M={m}: bf16 {row['bf16_us']:.1f} "
-                      f"sim {row['sim_us']:.1f} w4a8 {row['w4a8_us']:.1f} (act {row['w4a8_act_us']:.1f} + gemm "
-                      f"{row['w4a8_gemm_us']:.1f}) best {row['best_us']:.1f} {row['best_cfg']}", flush=True)
+                (OUT / "gpu_bench.json").write_text(
+                    json.dumps(dict(info=info, layers=rows, expert=expert), indent=1)
+                )
+                print(
+                    f"[{time.time() - t0:.0f}s] {preset} {k}->{n} M={m}: bf16 {row['bf16_us']:.1f} "
+                    f"sim {row['sim_us']:.1f} w4a8 {row['w4a8_us']:.1f} (act {row['w4a8_act_us']:.1f} + gemm "
+                    f"{row['w4a8_gemm_us']:.1f}) best {row['best_us']:.1f} {row['best_cfg']}",
+                    flush=True,
+                )
     (OUT / "gpu_bench.json").write_text(json.dumps(dict(info=info, layers=rows, expert=expert), indent=1))
     # ---- table ----
     print(f"\n{info['device']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
     print("preset shape        M     bf16us   sim us (x)      w4a8 us (x)     act+gemm    best(cfg)")
     for r in rows:
-        print(f"{r['preset']:>2} {r['k']:>5}->{r['n']:<5} {r['m']:>5} {r['bf16_us']:8.1f} {r['sim_us']:7.1f} "
-              f"({r['sim_ratio']:.2f}) {r['w4a8_us']:8.1f} ({r['w4a8_ratio']:.2f})  {r['w4a8_act_us']:5.1f}+"
-              f"{r['w4a8_gemm_us']:6.1f}  {r['best_us']:.1f} {r['best_cfg']}")
+        print(
+            f"{r['preset']:>2} {r['k']:>5}->{r['n']:<5} {r['m']:>5} {r['bf16_us']:8.1f} {r['sim_us']:7.1f} "
+            f"({r['sim_ratio']:.2f}) {r['w4a8_us']:8.1f} ({r['w4a8_ratio']:.2f})  {r['w4a8_act_us']:5.1f}+"
+            f"{r['w4a8_gemm_us']:6.1f}  {r['best_us']:.1f} {r['best_cfg']}"
+        )
     for e in expert:
         b = e["bf16_A_us"]
-        print(f"expert denoise (18 layers x 10 steps) tokens={e['tokens']}: bf16 {b:.0f} us, "
-              f"W4A8-A {e['w4a8_A_us']:.0f} ({e['w4a8_A_us'] / b:.2f}x), W4A8-B {e['w4a8_B_us']:.0f} "
-              f"({e['w4a8_B_us'] / b:.2f}x), sim-A {e['sim_A_us']:.0f} ({e['sim_A_us'] / b:.2f}x); weight bytes "
-              f"bf16/W4A8-A {e['bf16_A_bytes'] / e['w4a8_A_bytes']:.2f}x, bf16/W4A8-B "
-              f"{e['bf16_A_bytes'] / e['w4a8_B_bytes']:.2f}x")
+        print(
+            f"expert denoise (18 layers x 10 steps) tokens={e['tokens']}: bf16 {b:.0f} us, "
+            f"W4A8-A {e['w4a8_A_us']:.0f} ({e['w4a8_A_us'] / b:.2f}x), W4A8-B {e['w4a8_B_us']:.0f} "
+            f"({e['w4a8_B_us'] / b:.2f}x), sim-A {e['sim_A_us']:.0f} ({e['sim_A_us'] / b:.2f}x); "
+            "weight bytes "
+            f"bf16/W4A8-A {e['bf16_A_bytes'] / e['w4a8_A_bytes']:.2f}x, bf16/W4A8-B "
+            f"{e['bf16_A_bytes'] / e['w4a8_B_bytes']:.2f}x"
+        )
     if args.bench_suite:
         try:
-            r = subprocess.run([sys.executable, "-m", "pytest", "-p", "pytest_duquant.plugin", "suites/bench", "-q",
-                                "-p", "no:cacheprovider", "-m", "gpu", "-W", "ignore",
-                                f"--benchmark-json={OUT / 'bench_suite.json'}", "--benchmark-columns=median,rounds"]
-                               + (["-k", args.suite_k] if args.suite_k else []),
-                               capture_output=True, text=True, env=env,
-                               timeout=max(30.0, args.budget_s - (time.time() - t0)))
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-p",
+                    "pytest_duquant.plugin",
+                    "suites/bench",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-m",
+                    "gpu",
+                    "-W",
+                    "ignore",
+                    f"--benchmark-json={OUT / 'bench_suite.json'}",
+                    "--benchmark-columns=median,rounds",
+                ]
+                + (["-k", args.suite_k] if args.suite_k else []),
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=max(30.0, args.budget_s - (time.time() - t0)),
+            )
             (OUT / "bench_suite.log").write_text(r.stdout + r.stderr)
             print("\n".join((r.stdout + r.stderr).strip().splitlines()[-6:]), flush=True)
         except subprocess.TimeoutExpired as exc:

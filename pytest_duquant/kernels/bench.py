@@ -79,15 +79,19 @@ class SynthLayer:
     sim: SimPack
 
 
-def synth_layer(k: int, n: int, preset: str = "A", *, device="cuda", bias: bool = True, gen=None,
-                act_dtype=torch.bfloat16) -> SynthLayer:
+def synth_layer(
+    k: int, n: int, preset: str = "A", *, device="cuda", bias: bool = True, gen=None, act_dtype=torch.bfloat16
+) -> SynthLayer:
     p = PRESETS[preset]
     w = torch.randn(n, k, device=device, generator=gen) / math.sqrt(k)
     b = 0.1 * torch.randn(n, device=device, generator=gen) if bias else None
     perm = torch.randperm(k, device="cpu", generator=None).to(device) if p["permute"] else None
     r_in = random_orthogonal_blocks(k // p["block"], p["block"], device, gen)
-    r_out = random_orthogonal_blocks(n // p["block_out"], p["block_out"], device, gen) \
-        if p["row_rot"] != "0" else None
+    r_out = (
+        random_orthogonal_blocks(n // p["block_out"], p["block_out"], device, gen)
+        if p["row_rot"] != "0"
+        else None
+    )
     wt = w if perm is None else w[:, perm]
     wt = torch.einsum("onb,nbc->onc", wt.reshape(n, -1, p["block"]), r_in).reshape(n, k)
     if r_out is not None:
@@ -95,18 +99,42 @@ def synth_layer(k: int, n: int, preset: str = "A", *, device="cuda", bias: bool 
     scales = (wt.abs().amax(1) / 7).clamp_min(1e-8)
     codes = torch.clamp(torch.round(wt / scales[:, None]), -8, 7).to(torch.int8)
     r_in_b = r_in.to(torch.bfloat16)
-    pack = make_w4a8_pack(perm=perm, r_in=r_in_b, w_codes=codes, w_scales=scales, bias=b, r_out=r_out,
-                          row_rot=p["row_rot"], abits=8)
+    pack = make_w4a8_pack(
+        perm=perm,
+        r_in=r_in_b,
+        w_codes=codes,
+        w_scales=scales,
+        bias=b,
+        r_out=r_out,
+        row_rot=p["row_rot"],
+        abits=8,
+    )
     act_scale = torch.full((k,), 3.0 / 127, device=device) * (1 + torch.rand(k, device=device, generator=gen))
-    sim = make_sim_pack(perm=perm, r_in=r_in_b, weight_q=codes.float() * scales[:, None], act_scale=act_scale,
-                        bias=b, r_out=r_out, row_rot=p["row_rot"], abits=8, dtype=act_dtype)
+    sim = make_sim_pack(
+        perm=perm,
+        r_in=r_in_b,
+        weight_q=codes.float() * scales[:, None],
+        act_scale=act_scale,
+        bias=b,
+        r_out=r_out,
+        row_rot=p["row_rot"],
+        abits=8,
+        dtype=act_dtype,
+    )
     return SynthLayer(weight=w.to(act_dtype), bias=None if b is None else b.to(act_dtype), w4a8=pack, sim=sim)
 
 
 # ---- expert-shaped stack (Gemma-300M action expert: width 1024, depth 18, MLP 4096, 8 q heads, 1 kv) ----
 
-EXPERT_LINEARS = (("q", 1024, 2048), ("k", 1024, 256), ("v", 1024, 256), ("o", 2048, 1024),
-                  ("gate", 1024, 4096), ("up", 1024, 4096), ("down", 4096, 1024))
+EXPERT_LINEARS = (
+    ("q", 1024, 2048),
+    ("k", 1024, 256),
+    ("v", 1024, 256),
+    ("o", 2048, 1024),
+    ("gate", 1024, 4096),
+    ("up", 1024, 4096),
+    ("down", 4096, 1024),
+)
 
 
 class ExpertStack:
@@ -141,8 +169,13 @@ class ExpertStack:
         for lay in self.layers:
             for name, _, _ in EXPERT_LINEARS:
                 t = lay[name]
-                total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes() \
-                    if isinstance(t, W4A8Pack) else t.weight.numel() * t.weight.element_size()
+                total += (
+                    t.numel() * t.element_size()
+                    if isinstance(t, torch.Tensor)
+                    else t.nbytes()
+                    if isinstance(t, W4A8Pack)
+                    else t.weight.numel() * t.weight.element_size()
+                )
         return total
 
     def _lin(self, w, x):

@@ -65,7 +65,10 @@ def can_use_triton(layer, x: torch.Tensor) -> tuple[bool, str]:
         if layer.act_scale is None or getattr(layer, "calibrating", False):
             return False, "static activation scale not frozen yet (calibration runs on the reference path)"
     if act_quant and layer.act_dynamic:
-        return False, f"dynamic activations with W{layer.wbits}A{layer.abits} have no kernel (needs W<=4, A<=8)"
+        return (
+            False,
+            f"dynamic activations with W{layer.wbits}A{layer.abits} have no kernel (needs W<=4, A<=8)",
+        )
     return True, "simulated path"
 
 
@@ -78,8 +81,14 @@ def _bias_for_kernel(layer):
 def _key(layer, x_dtype):
     t = layer.w_codes if uses_integer_path(layer) else layer.weight_q
     scale = getattr(layer, "act_scale", None)
-    return (uses_integer_path(layer), x_dtype, t.data_ptr(), t._version,
-            None if scale is None else (scale.data_ptr(), scale._version), layer.row_rot)
+    return (
+        uses_integer_path(layer),
+        x_dtype,
+        t.data_ptr(),
+        t._version,
+        None if scale is None else (scale.data_ptr(), scale._version),
+        layer.row_rot,
+    )
 
 
 def get_pack(layer, x_dtype=torch.bfloat16):
@@ -91,14 +100,28 @@ def get_pack(layer, x_dtype=torch.bfloat16):
         return hit[1]
     bias = _bias_for_kernel(layer)
     if uses_integer_path(layer):
-        pack = make_w4a8_pack(perm=layer.perm, r_in=layer.r_in, w_codes=layer.w_codes, w_scales=layer.w_scales,
-                              bias=None if bias is None else bias.detach(), r_out=layer.r_out,
-                              row_rot=layer.row_rot, abits=layer.abits)
+        pack = make_w4a8_pack(
+            perm=layer.perm,
+            r_in=layer.r_in,
+            w_codes=layer.w_codes,
+            w_scales=layer.w_scales,
+            bias=None if bias is None else bias.detach(),
+            r_out=layer.r_out,
+            row_rot=layer.row_rot,
+            abits=layer.abits,
+        )
     else:
-        pack = make_sim_pack(perm=layer.perm, r_in=layer.r_in, weight_q=layer.weight_q,
-                             act_scale=layer.act_scale, bias=None if bias is None else bias.detach(),
-                             r_out=layer.r_out, row_rot=layer.row_rot, abits=layer.abits,
-                             dtype=x_dtype if x_dtype != torch.float32 else layer.weight_q.dtype)
+        pack = make_sim_pack(
+            perm=layer.perm,
+            r_in=layer.r_in,
+            weight_q=layer.weight_q,
+            act_scale=layer.act_scale,
+            bias=None if bias is None else bias.detach(),
+            r_out=layer.r_out,
+            row_rot=layer.row_rot,
+            abits=layer.abits,
+            dtype=x_dtype if x_dtype != torch.float32 else layer.weight_q.dtype,
+        )
     cache["triton"] = (key, pack)
     return pack
 

@@ -43,7 +43,9 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_int4`: uint8 [N, K // 2] -> int8 codes [N, K]."""
     if packed.dim() != 2 or packed.dtype != torch.uint8:
-        raise ValueError(f"unpack_int4: packed must be uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}")
+        raise ValueError(
+            f"unpack_int4: packed must be uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}"
+        )
     n, kh = packed.shape
     if kh % HALF:
         raise ValueError(f"unpack_int4: packed width {kh} must be a multiple of {HALF}")

@@ -22,7 +22,7 @@ CHUNK = 64  # activation columns produced per rotation step in the kernels
 
 
 def rotation_supported(in_features: int, block: int) -> tuple[bool, str]:
-    """The kernels rotate 64 output columns at a time: blocks must tile 64 (b | 64) or be tiled by it (64 | b)."""
+    """The kernels rotate 64 output columns at a time: b must divide 64 (b >= 16) or be a multiple of 64."""
     if in_features % PACK_GROUP:
         return False, f"in_features={in_features} is not a multiple of {PACK_GROUP}"
     if in_features % block:
@@ -65,7 +65,9 @@ class SimPack:
     block: int
     perm: torch.Tensor | None  # int32 [K]
     r_in: torch.Tensor  # [nb, b, b] rot dtype
-    act_scale: torch.Tensor | None  # float32 [K] static per-channel step (transformed basis); None = no act quant
+    act_scale: (
+        torch.Tensor | None
+    )  # float32 [K] static per-channel step (transformed basis); None = no act quant
     weight: torch.Tensor  # [N, K] compute dtype: dequantized weight with the restore rotation folded in
     bias: torch.Tensor | None  # [N] compute dtype
     abits: int
@@ -79,8 +81,9 @@ def _perm32(perm: torch.Tensor | None, device) -> torch.Tensor | None:
     return None if perm is None else perm.to(device=device, dtype=torch.int32).contiguous()
 
 
-def make_w4a8_pack(*, perm, r_in, w_codes, w_scales, bias=None, r_out=None, row_rot="0", abits=8,
-                   rot_dtype=torch.bfloat16) -> W4A8Pack:
+def make_w4a8_pack(
+    *, perm, r_in, w_codes, w_scales, bias=None, r_out=None, row_rot="0", abits=8, rot_dtype=torch.bfloat16
+) -> W4A8Pack:
     """Build the packed form. `bias` must already be in the output basis the kernel adds it in
     (original basis for restore/0, rotated for propagate). `r_out` is used only when row_rot == "restore"."""
     n, k = w_codes.shape
@@ -101,24 +104,41 @@ def make_w4a8_pack(*, perm, r_in, w_codes, w_scales, bias=None, r_out=None, row_
             raise ValueError(f"r_out shape {tuple(r_out.shape)} does not match out_features={n}")
         ro = r_out.to(device=dev, dtype=torch.float32).contiguous()
     return W4A8Pack(
-        in_features=k, out_features=n, block=b, perm=_perm32(perm, dev),
+        in_features=k,
+        out_features=n,
+        block=b,
+        perm=_perm32(perm, dev),
         r_in=r_in.to(device=dev, dtype=rot_dtype).contiguous(),
-        w_packed=pack_int4(w_codes), w_scales=w_scales.to(device=dev, dtype=torch.float32).contiguous(),
+        w_packed=pack_int4(w_codes),
+        w_scales=w_scales.to(device=dev, dtype=torch.float32).contiguous(),
         bias=None if bias is None else bias.to(device=dev, dtype=torch.float32).contiguous(),
-        r_out=ro, block_out=bo, abits=abits,
+        r_out=ro,
+        block_out=bo,
+        abits=abits,
     )
 
 
 def fold_restore(weight_q: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
-    """W_eff with x W_effᵀ = (x W_qᵀ) @ blockdiag(r_out): per row block j, W_eff[j] = R_jᵀ W_q[j] (float64)."""
+    """W_eff with x W_effᵀ = (x W_qᵀ) @ blockdiag(r_out): per row block j, W_eff[j] = R_jᵀ W_q[j]."""
     n, k = weight_q.shape
     nbo, bo, _ = r_out.shape
     w = weight_q.to(torch.float64).reshape(nbo, bo, k)
     return torch.einsum("nij,nik->njk", r_out.to(torch.float64), w).reshape(n, k)
 
 
-def make_sim_pack(*, perm, r_in, weight_q, act_scale, bias=None, r_out=None, row_rot="0", abits=8,
-                  dtype=torch.bfloat16, rot_dtype=torch.bfloat16) -> SimPack:
+def make_sim_pack(
+    *,
+    perm,
+    r_in,
+    weight_q,
+    act_scale,
+    bias=None,
+    r_out=None,
+    row_rot="0",
+    abits=8,
+    dtype=torch.bfloat16,
+    rot_dtype=torch.bfloat16,
+) -> SimPack:
     n, k = weight_q.shape
     nb, b, _ = r_in.shape
     ok, why = rotation_supported(k, b)
@@ -130,7 +150,10 @@ def make_sim_pack(*, perm, r_in, weight_q, act_scale, bias=None, r_out=None, row
         w = fold_restore(weight_q, r_out)
     quant = 0 < abits < 16 and act_scale is not None
     return SimPack(
-        in_features=k, out_features=n, block=b, perm=_perm32(perm, dev),
+        in_features=k,
+        out_features=n,
+        block=b,
+        perm=_perm32(perm, dev),
         r_in=r_in.to(device=dev, dtype=rot_dtype).contiguous(),
         act_scale=act_scale.to(device=dev, dtype=torch.float32).contiguous() if quant else None,
         weight=w.to(device=dev, dtype=dtype).contiguous(),

@@ -39,8 +39,18 @@ def _rne(v):
 
 
 @triton.jit
-def _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, row_mask, c,
-               B: tl.constexpr, W: tl.constexpr, HAS_PERM: tl.constexpr):
+def _rot_chunk(
+    x_ptr,
+    stride_xm,
+    perm_ptr,
+    r_ptr,
+    rows,
+    row_mask,
+    c,
+    B: tl.constexpr,
+    W: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+):
     i = tl.arange(0, W)
     j = tl.arange(0, 64)
     if B <= 64:
@@ -63,9 +73,22 @@ def _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, row_mask, c,
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, perm_ptr, r_ptr, q_ptr, s_ptr, M, nch, stride_xm, stride_qm,
-                      QMAX: tl.constexpr, B: tl.constexpr, W: tl.constexpr, HAS_PERM: tl.constexpr,
-                      BM: tl.constexpr):
+def _act_quant_kernel(
+    x_ptr,
+    perm_ptr,
+    r_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    nch,
+    stride_xm,
+    stride_qm,
+    QMAX: tl.constexpr,
+    B: tl.constexpr,
+    W: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    BM: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -79,14 +102,32 @@ def _act_quant_kernel(x_ptr, perm_ptr, r_ptr, q_ptr, s_ptr, M, nch, stride_xm, s
         v = _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, rmask, c, B, W, HAS_PERM)
         q = _rne(v / scale[:, None])
         q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
-        tl.store(q_ptr + rows[:, None] * stride_qm + (c * 64 + j)[None, :], q.to(tl.int8), mask=rmask[:, None])
+        tl.store(
+            q_ptr + rows[:, None] * stride_qm + (c * 64 + j)[None, :], q.to(tl.int8), mask=rmask[:, None]
+        )
     tl.store(s_ptr + rows, scale, mask=rmask)
 
 
 @triton.jit
-def _act_chunk_kernel(x_ptr, perm_ptr, r_ptr, out_ptr, aux_ptr, M, K, stride_xm, stride_om,
-                      MODE: tl.constexpr, QMAX: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                      HAS_PERM: tl.constexpr, BM: tl.constexpr, scale_ptr=None, NPM_P2: tl.constexpr = 1):
+def _act_chunk_kernel(
+    x_ptr,
+    perm_ptr,
+    r_ptr,
+    out_ptr,
+    aux_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_om,
+    MODE: tl.constexpr,
+    QMAX: tl.constexpr,
+    B: tl.constexpr,
+    W: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    BM: tl.constexpr,
+    scale_ptr=None,
+    NPM_P2: tl.constexpr = 1,
+):
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -108,8 +149,11 @@ def _act_chunk_kernel(x_ptr, perm_ptr, r_ptr, out_ptr, aux_ptr, M, K, stride_xm,
         tl.store(aux_ptr + rows * (K // 64) + c, tl.max(tl.abs(v), axis=1), mask=rmask)
     else:  # MODE 4: int8 codes with the full per-token scale from the partial maxima in aux [M, K/64]
         pc = tl.arange(0, NPM_P2)
-        pm = tl.load(aux_ptr + rows[:, None] * (K // 64) + pc[None, :],
-                     mask=rmask[:, None] & (pc < K // 64)[None, :], other=0.0)
+        pm = tl.load(
+            aux_ptr + rows[:, None] * (K // 64) + pc[None, :],
+            mask=rmask[:, None] & (pc < K // 64)[None, :],
+            other=0.0,
+        )
         sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
         q = tl.minimum(tl.maximum(_rne(v / sa[:, None]), -QMAX - 1.0), QMAX * 1.0)
         tl.store(optr, q.to(tl.int8), mask=rmask[:, None])
@@ -131,8 +175,23 @@ def _unpack_int4_kernel(p_ptr, w_ptr, N, K, BN: tl.constexpr):
 
 
 @triton.jit
-def _gemm_finish(y, rm, rn, pid_n, N, mmask, nmask, bias_ptr, ro_ptr, out_ptr, stride_om,
-                 HAS_BIAS: tl.constexpr, RESTORE: tl.constexpr, BO: tl.constexpr, BN: tl.constexpr):
+def _gemm_finish(
+    y,
+    rm,
+    rn,
+    pid_n,
+    N,
+    mmask,
+    nmask,
+    bias_ptr,
+    ro_ptr,
+    out_ptr,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    RESTORE: tl.constexpr,
+    BO: tl.constexpr,
+    BN: tl.constexpr,
+):
     if RESTORE:
         ii = tl.arange(0, BN)
         g = pid_n * BN + ii
@@ -143,17 +202,43 @@ def _gemm_finish(y, rm, rn, pid_n, N, mmask, nmask, bias_ptr, ro_ptr, out_ptr, s
     if HAS_BIAS:
         b = tl.load(bias_ptr + rn, mask=nmask, other=0.0)
         y = y + b[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :],
+        y.to(out_ptr.dtype.element_ty),
+        mask=mmask[:, None] & nmask[None, :],
+    )
 
 
 @triton.jit
-def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, out_ptr, ws_ptr, cnt_ptr,
-                      M, N, K, stride_am, stride_om, NPM,
-                      A_FLOAT: tl.constexpr, NPM_P2: tl.constexpr, QMAX: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, RESTORE: tl.constexpr, BO: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                      W_INT8: tl.constexpr = False):
+def _w4a8_gemm_kernel(
+    a_ptr,
+    sa_ptr,
+    pm_ptr,
+    w_ptr,
+    sw_ptr,
+    bias_ptr,
+    ro_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_om,
+    NPM,
+    A_FLOAT: tl.constexpr,
+    NPM_P2: tl.constexpr,
+    QMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RESTORE: tl.constexpr,
+    BO: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    W_INT8: tl.constexpr = False,
+):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -174,8 +259,9 @@ def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, ou
     kt1 = tl.minimum(kt0 + per, n_kt)
     if A_FLOAT:
         pc = tl.arange(0, NPM_P2)
-        pm = tl.load(pm_ptr + rm[:, None] * NPM + pc[None, :], mask=mmask[:, None] & (pc < NPM)[None, :],
-                     other=0.0)
+        pm = tl.load(
+            pm_ptr + rm[:, None] * NPM + pc[None, :], mask=mmask[:, None] & (pc < NPM)[None, :], other=0.0
+        )
         sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
         inv = 1.0 / sa
     else:
@@ -200,8 +286,12 @@ def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, ou
         if A_FLOAT:
             xl = tl.load(a_base + kt * 128, mask=mmask[:, None], other=0.0)
             xh = tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0.0)
-            al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
-            ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+            al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(
+                tl.int8
+            )
+            ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(
+                tl.int8
+            )
         else:
             al = tl.load(a_base + kt * 128, mask=mmask[:, None], other=0)
             ah = tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0)
@@ -210,8 +300,9 @@ def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, ou
     sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0)
     y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
     if SPLIT_K == 1:
-        _gemm_finish(y, rm, rn, pid_n, N, mmask, nmask, bias_ptr, ro_ptr, out_ptr, stride_om,
-                     HAS_BIAS, RESTORE, BO, BN)
+        _gemm_finish(
+            y, rm, rn, pid_n, N, mmask, nmask, bias_ptr, ro_ptr, out_ptr, stride_om, HAS_BIAS, RESTORE, BO, BN
+        )
     else:
         omask = mmask[:, None] & nmask[None, :]
         tile = rm[:, None] * N + rn[None, :]
@@ -222,17 +313,52 @@ def _w4a8_gemm_kernel(a_ptr, sa_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, ou
             tot = tl.zeros((BM, BN), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 tot += tl.load(ws_ptr + s * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
-            _gemm_finish(tot, rm, rn, pid_n, N, mmask, nmask, bias_ptr, ro_ptr, out_ptr, stride_om,
-                         HAS_BIAS, RESTORE, BO, BN)
+            _gemm_finish(
+                tot,
+                rm,
+                rn,
+                pid_n,
+                N,
+                mmask,
+                nmask,
+                bias_ptr,
+                ro_ptr,
+                out_ptr,
+                stride_om,
+                HAS_BIAS,
+                RESTORE,
+                BO,
+                BN,
+            )
             tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
 @triton.jit
-def _w4a8_gemm_swap_kernel(a_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, out_ptr, ws_ptr, cnt_ptr,
-                           M, N, K, stride_am, stride_om, NPM,
-                           NPM_P2: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           RESTORE: tl.constexpr, BO: tl.constexpr, SPLIT_K: tl.constexpr,
-                           BT: tl.constexpr, BW: tl.constexpr):
+def _w4a8_gemm_swap_kernel(
+    a_ptr,
+    pm_ptr,
+    w_ptr,
+    sw_ptr,
+    bias_ptr,
+    ro_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_om,
+    NPM,
+    NPM_P2: tl.constexpr,
+    QMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RESTORE: tl.constexpr,
+    BO: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BT: tl.constexpr,
+    BW: tl.constexpr,
+):
     """Small-M variant ("swap AB"): acc[BW weights, BT tokens] = W_tile @ A_tileᵀ, so the unpacked weight is
     the wgmma A operand (from registers) and one program covers up to BT tokens (weights read once)."""
     pid_n = tl.program_id(0)
@@ -248,7 +374,9 @@ def _w4a8_gemm_swap_kernel(a_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, out_p
     kt0 = pid_k * per
     kt1 = tl.minimum(kt0 + per, n_kt)
     pc = tl.arange(0, NPM_P2)
-    pm = tl.load(pm_ptr + rt[:, None] * NPM + pc[None, :], mask=tmask[:, None] & (pc < NPM)[None, :], other=0.0)
+    pm = tl.load(
+        pm_ptr + rt[:, None] * NPM + pc[None, :], mask=tmask[:, None] & (pc < NPM)[None, :], other=0.0
+    )
     sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
     inv = 1.0 / sa
     acc = tl.zeros((BW, BT), dtype=tl.int32)
@@ -278,16 +406,47 @@ def _w4a8_gemm_swap_kernel(a_ptr, pm_ptr, w_ptr, sw_ptr, bias_ptr, ro_ptr, out_p
             for s in tl.static_range(SPLIT_K):
                 y += tl.load(ws_ptr + s * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 0)
-            _swap_finish(y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om,
-                         HAS_BIAS, RESTORE, BO, BW)
+            _swap_finish(
+                y,
+                rt,
+                rw,
+                pid_n,
+                N,
+                omask,
+                wmask,
+                bias_ptr,
+                ro_ptr,
+                out_ptr,
+                stride_om,
+                HAS_BIAS,
+                RESTORE,
+                BO,
+                BW,
+            )
     else:
-        _swap_finish(y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om,
-                     HAS_BIAS, RESTORE, BO, BW)
+        _swap_finish(
+            y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om, HAS_BIAS, RESTORE, BO, BW
+        )
 
 
 @triton.jit
-def _swap_finish(y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om,
-                 HAS_BIAS: tl.constexpr, RESTORE: tl.constexpr, BO: tl.constexpr, BW: tl.constexpr):
+def _swap_finish(
+    y,
+    rt,
+    rw,
+    pid_n,
+    N,
+    omask,
+    wmask,
+    bias_ptr,
+    ro_ptr,
+    out_ptr,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    RESTORE: tl.constexpr,
+    BO: tl.constexpr,
+    BW: tl.constexpr,
+):
     if RESTORE:  # yᵀ <- R_tileᵀ yᵀ, R_tileᵀ[i, j] = R_tile[j, i]
         ii = tl.arange(0, BW)
         g = pid_n * BW + ii
@@ -302,6 +461,7 @@ def _swap_finish(y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, s
 
 
 # ---- launchers -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -320,8 +480,10 @@ class GemmConfig:
     swap: bool = False  # small M: weights as the MMA's M side, tokens (bm of them) as its N side
 
     def tag(self) -> str:
-        return (f"{'X' if self.swap else self.path}/bm{self.bm}/bn{self.bn}/sk{self.split_k}/w{self.warps}"
-                f"/s{self.stages}/abm{self.act_bm}")
+        return (
+            f"{'X' if self.swap else self.path}/bm{self.bm}/bn{self.bn}/sk{self.split_k}/w{self.warps}"
+            f"/s{self.stages}/abm{self.act_bm}"
+        )
 
 
 def _divisor_at_most(n: int, cap: int) -> int:
@@ -382,13 +544,38 @@ def act_quant(x2d: torch.Tensor, pack: W4A8Pack, *, bm: int = 16, warps: int = 4
     b, w = _rot_params(pack.block)
     perm = pack.perm if pack.perm is not None else pack.w_scales
     _act_quant_kernel[(triton.cdiv(m, bm),)](
-        x2d, perm, pack.r_in, q, s, m, k // CHUNK, x2d.stride(0), q.stride(0),
-        QMAX=pack.qmax_a, B=b, W=w, HAS_PERM=pack.perm is not None, BM=bm, num_warps=warps)
+        x2d,
+        perm,
+        pack.r_in,
+        q,
+        s,
+        m,
+        k // CHUNK,
+        x2d.stride(0),
+        q.stride(0),
+        QMAX=pack.qmax_a,
+        B=b,
+        W=w,
+        HAS_PERM=pack.perm is not None,
+        BM=bm,
+        num_warps=warps,
+    )
     return q, s
 
 
-def act_chunks(x2d: torch.Tensor, perm, r_in, block: int, *, mode: int, aux=None, out_dtype=torch.float32,
-               qmax: int = 127, bm: int = 16, warps: int = 4):
+def act_chunks(
+    x2d: torch.Tensor,
+    perm,
+    r_in,
+    block: int,
+    *,
+    mode: int,
+    aux=None,
+    out_dtype=torch.float32,
+    qmax: int = 127,
+    bm: int = 16,
+    warps: int = 4,
+):
     """Chunk-parallel activation transform. mode 0: (x_t, partial max [M, K/64]); 1: fake quant; 2: x_t."""
     m, k = x2d.shape
     out = _empty((m, k), out_dtype, x2d.device)
@@ -396,9 +583,23 @@ def act_chunks(x2d: torch.Tensor, perm, r_in, block: int, *, mode: int, aux=None
         aux = _empty((m, k // CHUNK), torch.float32, x2d.device)
     b, w = _rot_params(block)
     _act_chunk_kernel[(triton.cdiv(m, bm), k // CHUNK)](
-        x2d, perm if perm is not None else r_in, r_in, out, aux if aux is not None else out, m, k,
-        x2d.stride(0), out.stride(0), MODE=mode, QMAX=qmax, B=b, W=w, HAS_PERM=perm is not None, BM=bm,
-        num_warps=warps)
+        x2d,
+        perm if perm is not None else r_in,
+        r_in,
+        out,
+        aux if aux is not None else out,
+        m,
+        k,
+        x2d.stride(0),
+        out.stride(0),
+        MODE=mode,
+        QMAX=qmax,
+        B=b,
+        W=w,
+        HAS_PERM=perm is not None,
+        BM=bm,
+        num_warps=warps,
+    )
     return (out, aux) if mode == 0 else out
 
 
@@ -411,12 +612,46 @@ def act_quant_chunked(x2d: torch.Tensor, pack: W4A8Pack, *, bm: int = 64, warps:
     b, w = _rot_params(pack.block)
     perm = pack.perm if pack.perm is not None else pack.r_in
     grid = (triton.cdiv(m, bm), k // CHUNK)
-    _act_chunk_kernel[grid](x2d, perm, pack.r_in, q, pm, m, k, x2d.stride(0), q.stride(0), MODE=3,
-                            QMAX=pack.qmax_a, B=b, W=w, HAS_PERM=pack.perm is not None, BM=bm, scale_ptr=s,
-                            NPM_P2=triton.next_power_of_2(k // CHUNK), num_warps=warps)
-    _act_chunk_kernel[grid](x2d, perm, pack.r_in, q, pm, m, k, x2d.stride(0), q.stride(0), MODE=4,
-                            QMAX=pack.qmax_a, B=b, W=w, HAS_PERM=pack.perm is not None, BM=bm, scale_ptr=s,
-                            NPM_P2=triton.next_power_of_2(k // CHUNK), num_warps=warps)
+    _act_chunk_kernel[grid](
+        x2d,
+        perm,
+        pack.r_in,
+        q,
+        pm,
+        m,
+        k,
+        x2d.stride(0),
+        q.stride(0),
+        MODE=3,
+        QMAX=pack.qmax_a,
+        B=b,
+        W=w,
+        HAS_PERM=pack.perm is not None,
+        BM=bm,
+        scale_ptr=s,
+        NPM_P2=triton.next_power_of_2(k // CHUNK),
+        num_warps=warps,
+    )
+    _act_chunk_kernel[grid](
+        x2d,
+        perm,
+        pack.r_in,
+        q,
+        pm,
+        m,
+        k,
+        x2d.stride(0),
+        q.stride(0),
+        MODE=4,
+        QMAX=pack.qmax_a,
+        B=b,
+        W=w,
+        HAS_PERM=pack.perm is not None,
+        BM=bm,
+        scale_ptr=s,
+        NPM_P2=triton.next_power_of_2(k // CHUNK),
+        num_warps=warps,
+    )
     return q, s
 
 
@@ -428,10 +663,20 @@ def unpack_weight_int8(pack: W4A8Pack) -> torch.Tensor:
     return w
 
 
-def w4a8_gemm(a: torch.Tensor, a_scale_or_pmax: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig, *,
-              a_float: bool, out_dtype=torch.bfloat16, epilogue: bool = True, w_int8=None) -> torch.Tensor:
+def w4a8_gemm(
+    a: torch.Tensor,
+    a_scale_or_pmax: torch.Tensor,
+    pack: W4A8Pack,
+    cfg: GemmConfig,
+    *,
+    a_float: bool,
+    out_dtype=torch.bfloat16,
+    epilogue: bool = True,
+    w_int8=None,
+) -> torch.Tensor:
     """GEMM + epilogue. `epilogue=False` leaves out bias and restore (integer tests). `w_int8`: the weight
-    already unpacked to int8 [N, K] (large-M path); otherwise the packed int4 weight is unpacked in registers."""
+    already unpacked to int8 [N, K] (large-M path); otherwise the packed int4 weight is unpacked in
+    registers."""
     m, k = a.shape
     n = pack.out_features
     out = _empty((m, n), out_dtype, a.device)
@@ -450,20 +695,64 @@ def w4a8_gemm(a: torch.Tensor, a_scale_or_pmax: torch.Tensor, pack: W4A8Pack, cf
         fuse_restore = restore and bn % pack.block_out == 0 and pack.block_out >= 16
         n_t = triton.cdiv(n, bn)
         _w4a8_gemm_swap_kernel[(n_t, split, triton.cdiv(m, bm))](
-            a, a_scale_or_pmax, pack.w_packed, pack.w_scales, pack.bias if has_bias else pack.w_scales,
-            pack.r_out if fuse_restore else pack.w_scales, out_k, ws,
+            a,
+            a_scale_or_pmax,
+            pack.w_packed,
+            pack.w_scales,
+            pack.bias if has_bias else pack.w_scales,
+            pack.r_out if fuse_restore else pack.w_scales,
+            out_k,
+            ws,
             _counters(a.device, n_t * triton.cdiv(m, bm)) if split > 1 else pack.w_scales,
-            m, n, k, a.stride(0), out_k.stride(0), npm, NPM_P2=triton.next_power_of_2(npm), QMAX=pack.qmax_a,
-            HAS_BIAS=has_bias, RESTORE=fuse_restore, BO=max(pack.block_out, 1), SPLIT_K=split, BT=bm, BW=bn,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            m,
+            n,
+            k,
+            a.stride(0),
+            out_k.stride(0),
+            npm,
+            NPM_P2=triton.next_power_of_2(npm),
+            QMAX=pack.qmax_a,
+            HAS_BIAS=has_bias,
+            RESTORE=fuse_restore,
+            BO=max(pack.block_out, 1),
+            SPLIT_K=split,
+            BT=bm,
+            BW=bn,
+            num_warps=cfg.warps,
+            num_stages=cfg.stages,
+        )
     else:
         _w4a8_gemm_kernel[(tiles, split)](
-            a, a_scale_or_pmax, a_scale_or_pmax, pack.w_packed if w_int8 is None else w_int8, pack.w_scales,
-            pack.bias if has_bias else pack.w_scales, pack.r_out if fuse_restore else pack.w_scales,
-            out_k, ws, cnt, m, n, k, a.stride(0), out_k.stride(0), npm,
-            A_FLOAT=a_float, NPM_P2=triton.next_power_of_2(npm), QMAX=pack.qmax_a, HAS_BIAS=has_bias,
-            RESTORE=fuse_restore, BO=max(pack.block_out, 1), SPLIT_K=split, BM=bm, BN=bn, GROUP_M=cfg.group_m,
-            W_INT8=w_int8 is not None, num_warps=cfg.warps, num_stages=cfg.stages)
+            a,
+            a_scale_or_pmax,
+            a_scale_or_pmax,
+            pack.w_packed if w_int8 is None else w_int8,
+            pack.w_scales,
+            pack.bias if has_bias else pack.w_scales,
+            pack.r_out if fuse_restore else pack.w_scales,
+            out_k,
+            ws,
+            cnt,
+            m,
+            n,
+            k,
+            a.stride(0),
+            out_k.stride(0),
+            npm,
+            A_FLOAT=a_float,
+            NPM_P2=triton.next_power_of_2(npm),
+            QMAX=pack.qmax_a,
+            HAS_BIAS=has_bias,
+            RESTORE=fuse_restore,
+            BO=max(pack.block_out, 1),
+            SPLIT_K=split,
+            BM=bm,
+            BN=bn,
+            GROUP_M=cfg.group_m,
+            W_INT8=w_int8 is not None,
+            num_warps=cfg.warps,
+            num_stages=cfg.stages,
+        )
     if restore and not fuse_restore:  # block_out does not tile BN: a separate small step
         nbo, bo, _ = pack.r_out.shape
         y = torch.einsum("mnb,nbc->mnc", out_k.view(m, nbo, bo), pack.r_out).reshape(m, n)
@@ -496,8 +785,18 @@ def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) 
 
 def sim_act(x2d: torch.Tensor, pack: SimPack, *, bm: int = 32, warps: int = 4) -> torch.Tensor:
     mode = 1 if pack.act_scale is not None else 2
-    return act_chunks(x2d, pack.perm, pack.r_in, pack.block, mode=mode, aux=pack.act_scale,
-                      out_dtype=pack.weight.dtype, qmax=max(pack.qmax_a, 1), bm=bm, warps=warps)
+    return act_chunks(
+        x2d,
+        pack.perm,
+        pack.r_in,
+        pack.block,
+        mode=mode,
+        aux=pack.act_scale,
+        out_dtype=pack.weight.dtype,
+        qmax=max(pack.qmax_a, 1),
+        bm=bm,
+        warps=warps,
+    )
 
 
 def simulated_linear(x: torch.Tensor, pack: SimPack, *, bm: int | None = None) -> torch.Tensor:

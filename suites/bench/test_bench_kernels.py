@@ -38,11 +38,15 @@ def _layer_fn(kb, impl, preset, k, n, m):
         ws = [lay.weight] + [lay.weight.clone() for _ in range(min(bench.copies_for(2 * n * k), 512) - 1)]
         return (lambda i: F.linear(x, ws[i])), len(ws)
     if impl == "sim":
-        ps = [lay.sim] + [dataclasses.replace(lay.sim, weight=lay.sim.weight.clone())
-                          for _ in range(min(bench.copies_for(2 * n * k), 512) - 1)]
+        ps = [lay.sim] + [
+            dataclasses.replace(lay.sim, weight=lay.sim.weight.clone())
+            for _ in range(min(bench.copies_for(2 * n * k), 512) - 1)
+        ]
         return (lambda i: tk.simulated_linear(x, ps[i])), len(ps)
-    ps = [lay.w4a8] + [dataclasses.replace(lay.w4a8, w_packed=lay.w4a8.w_packed.clone())
-                       for _ in range(min(bench.copies_for(n * k // 2), 512) - 1)]
+    ps = [lay.w4a8] + [
+        dataclasses.replace(lay.w4a8, w_packed=lay.w4a8.w_packed.clone())
+        for _ in range(min(bench.copies_for(n * k // 2), 512) - 1)
+    ]
     return (lambda i: tk.w4a8_linear(x, ps[i])), len(ps)
 
 
@@ -72,9 +76,18 @@ def test_layer(benchmark, kb, impl, preset, k, n, m):
     _run(benchmark, g, calls)
     base = _bf16_us(kb, k, n, m)
     benchmark.group = f"layer {k}->{n} M={m}"
-    benchmark.extra_info.update(impl=impl, preset=preset, k=k, n=n, m=m, calls_per_round=calls,
-                                per_call_us=round(us, 3), bf16_us=round(base, 3), ratio_to_bf16=round(us / base, 4),
-                                config=tk.pick_config(m, n, k).tag() if impl == "w4a8" else "")
+    benchmark.extra_info.update(
+        impl=impl,
+        preset=preset,
+        k=k,
+        n=n,
+        m=m,
+        calls_per_round=calls,
+        per_call_us=round(us, 3),
+        bf16_us=round(base, 3),
+        ratio_to_bf16=round(us / base, 4),
+        config=tk.pick_config(m, n, k).tag() if impl == "w4a8" else "",
+    )
 
 
 EXPERT = [("bf16", "A"), ("w4a8", "A"), ("w4a8", "B"), ("sim", "A")]
@@ -97,9 +110,15 @@ def test_expert_denoise(benchmark, kb, mode, preset, tokens):
     _run(benchmark, g, 1)
     base_us, base_bytes = _EXPERT_BF16[tokens]
     benchmark.group = f"expert denoise tokens={tokens}"
-    benchmark.extra_info.update(mode=mode, preset=preset, tokens=tokens, per_call_us=round(us, 1),
-                                bf16_us=round(base_us, 1), ratio_to_bf16=round(us / base_us, 4),
-                                weight_bytes=stack.weight_bytes(),
-                                memory_ratio_bf16_over_this=round(base_bytes / stack.weight_bytes(), 3))
-    del g, stack
+    benchmark.extra_info.update(
+        mode=mode,
+        preset=preset,
+        tokens=tokens,
+        per_call_us=round(us, 1),
+        bf16_us=round(base_us, 1),
+        ratio_to_bf16=round(us / base_us, 4),
+        weight_bytes=stack.weight_bytes(),
+        memory_ratio_bf16_over_this=round(base_bytes / stack.weight_bytes(), 3),
+    )
+    del g
     torch.cuda.empty_cache()

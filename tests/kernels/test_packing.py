@@ -31,12 +31,15 @@ def test_every_code_value_survives():
     assert torch.equal(unpack_int4(pack_int4(codes)), codes)
 
 
-@pytest.mark.parametrize("bad,msg", [
-    (torch.zeros(2, 100, dtype=torch.int8), "multiple of 128"),
-    (torch.full((2, 128), 8, dtype=torch.int8), r"\[-8, 7\]"),
-    (torch.zeros(2, 128), "integer"),
-    (torch.zeros(128, dtype=torch.int8), "2-D"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (torch.zeros(2, 100, dtype=torch.int8), "multiple of 128"),
+        (torch.full((2, 128), 8, dtype=torch.int8), r"\[-8, 7\]"),
+        (torch.zeros(2, 128), "integer"),
+        (torch.zeros(128, dtype=torch.int8), "2-D"),
+    ],
+)
 def test_bad_input_is_a_clear_error(bad, msg):
     with pytest.raises(ValueError, match=msg):
         pack_int4(bad)

@@ -54,14 +54,23 @@ def test_int_acc_is_exact():
 @pytest.mark.parametrize("row_rot", ["restore", "0"])
 def test_w4a8_ref_equals_dequantized_float_math(row_rot):
     g, perm, r_in, r_out, codes, scales, bias, x = _case()
-    pack = make_w4a8_pack(perm=perm, r_in=r_in, w_codes=codes, w_scales=scales, bias=bias, r_out=r_out,
-                          row_rot=row_rot, abits=8, rot_dtype=torch.float32)
+    pack = make_w4a8_pack(
+        perm=perm,
+        r_in=r_in,
+        w_codes=codes,
+        w_scales=scales,
+        bias=bias,
+        r_out=r_out,
+        row_rot=row_rot,
+        abits=8,
+        rot_dtype=torch.float32,
+    )
     assert torch.equal(unpack_int4(pack.w_packed), codes)
     y = ref.w4a8_linear_ref(x, pack)
     # the same math written with dequantized tensors and dense matrices
     x2 = x.reshape(-1, 256).double()
     xt = x2[:, perm] @ torch.block_diag(*r_in.double().unbind(0))
-    s = (xt.abs().amax(1, keepdim=True) / 127)
+    s = xt.abs().amax(1, keepdim=True) / 127
     xq = torch.round(xt / s).clamp(-128, 127) * s
     yt = xq @ (codes.double() * scales.double()[:, None]).T
     if row_rot == "restore":
@@ -87,15 +96,34 @@ def test_simulated_ref_matches_layer_reference_forward():
 
     lin = torch.nn.Linear(256, 128)
     pack = build_pack(lin.weight, wbits=4, block=16, block_out=16, ls=0.15, permute=True, row_rot="restore")
-    layer = DuQuantLinear.from_pack(lin, pack, name="t", wbits=4, abits=8, block=16, block_out=16,
-                                    row_rot="restore", act_pct=99.9, calib_steps=1)
+    layer = DuQuantLinear.from_pack(
+        lin,
+        pack,
+        name="t",
+        wbits=4,
+        abits=8,
+        block=16,
+        block_out=16,
+        row_rot="restore",
+        act_pct=99.9,
+        calib_steps=1,
+    )
     x = torch.randn(6, 256)
     with torch.no_grad():
         layer(x)  # calibrates and freezes the static scale
         y_layer = layer(x)
-    sp = make_sim_pack(perm=layer.perm, r_in=layer.r_in, weight_q=layer.weight_q, act_scale=layer.act_scale,
-                       bias=layer.bias.detach(), r_out=layer.r_out, row_rot="restore", abits=8,
-                       dtype=torch.float32, rot_dtype=torch.float32)
+    sp = make_sim_pack(
+        perm=layer.perm,
+        r_in=layer.r_in,
+        weight_q=layer.weight_q,
+        act_scale=layer.act_scale,
+        bias=layer.bias.detach(),
+        r_out=layer.r_out,
+        row_rot="restore",
+        abits=8,
+        dtype=torch.float32,
+        rot_dtype=torch.float32,
+    )
     y_ref = ref.simulated_linear_ref(x, sp)
     assert (y_ref.float() - y_layer).norm() / y_layer.norm() < 1e-4
 
@@ -107,20 +135,49 @@ def test_w4a8_ref_matches_layer_dynamic_forward():
 
     lin = torch.nn.Linear(256, 128)
     pack = build_pack(lin.weight, wbits=4, block=16, block_out=16, ls=0.15, permute=True, row_rot="restore")
-    layer = DuQuantLinear.from_pack(lin, pack, name="t", wbits=4, abits=8, block=16, block_out=16,
-                                    row_rot="restore", act_pct=99.9, calib_steps=1, act_dynamic=True)
+    layer = DuQuantLinear.from_pack(
+        lin,
+        pack,
+        name="t",
+        wbits=4,
+        abits=8,
+        block=16,
+        block_out=16,
+        row_rot="restore",
+        act_pct=99.9,
+        calib_steps=1,
+        act_dynamic=True,
+    )
     x = torch.randn(6, 256)
     with torch.no_grad():
         y_layer = layer(x)
-    wp = make_w4a8_pack(perm=layer.perm, r_in=layer.r_in, w_codes=layer.w_codes, w_scales=layer.w_scales,
-                        bias=layer.bias.detach(), r_out=layer.r_out, row_rot="restore", abits=8,
-                        rot_dtype=torch.float32)
+    wp = make_w4a8_pack(
+        perm=layer.perm,
+        r_in=layer.r_in,
+        w_codes=layer.w_codes,
+        w_scales=layer.w_scales,
+        bias=layer.bias.detach(),
+        r_out=layer.r_out,
+        row_rot="restore",
+        abits=8,
+        rot_dtype=torch.float32,
+    )
     y_ref = ref.w4a8_linear_ref(x, wp)
     assert (y_ref.float() - y_layer).norm() / y_layer.norm() < 1e-4
 
 
-@pytest.mark.parametrize("k,block,ok", [(1024, 16, True), (1024, 64, True), (1024, 128, True),
-                                        (1024, 8, False), (1024, 48, False), (1000, 8, False), (256, 256, True)])
+@pytest.mark.parametrize(
+    "k,block,ok",
+    [
+        (1024, 16, True),
+        (1024, 64, True),
+        (1024, 128, True),
+        (1024, 8, False),
+        (1024, 48, False),
+        (1000, 8, False),
+        (256, 256, True),
+    ],
+)
 def test_rotation_supported(k, block, ok):
     assert rotation_supported(k, block)[0] is ok
 

@@ -40,7 +40,9 @@ def _configs(tk, m, n, k):
     other = [
         tk.GemmConfig(path="L", bm=16 if m <= 64 else 64, bn=64, split_k=1, warps=4, stages=3),
         tk.GemmConfig(path="S", bm=16 if m <= 64 else 64, bn=128, split_k=min(4, n_kt), warps=4, stages=3),
-        tk.GemmConfig(path="S", bm=16 if m <= 16 else 64, bn=64, split_k=min(4, n_kt), warps=4, stages=4, swap=True),
+        tk.GemmConfig(
+            path="S", bm=16 if m <= 16 else 64, bn=64, split_k=min(4, n_kt), warps=4, stages=4, swap=True
+        ),
         tk.GemmConfig(path="Q", bm=64 if m <= 256 else 128, bn=128, split_k=1, warps=4, stages=3),
     ]
     return [pick] + [c for c in other if c != pick]
@@ -61,9 +63,16 @@ def test_gemm_int32_accumulator_exact(tk, k, n, m):
     pm = xt.abs().view(m, k // 64, 64).amax(-1)
     for cfg in _configs(tk, m, n, k):
         if cfg.path in ("L", "Q"):
-            y = tk.w4a8_gemm(a, torch.full((m,), 2.0**-4, device=dev), pack, cfg, a_float=False,
-                             out_dtype=torch.float32, epilogue=False,
-                             w_int8=tk.unpack_weight_int8(pack) if cfg.path == "Q" else None)
+            y = tk.w4a8_gemm(
+                a,
+                torch.full((m,), 2.0**-4, device=dev),
+                pack,
+                cfg,
+                a_float=False,
+                out_dtype=torch.float32,
+                epilogue=False,
+                w_int8=tk.unpack_weight_int8(pack) if cfg.path == "Q" else None,
+            )
         else:
             y = tk.w4a8_gemm(xt, pm, pack, cfg, a_float=True, out_dtype=torch.float32, epilogue=False)
         got = (y.double() * 16).round().long()
@@ -104,9 +113,11 @@ def test_w4a8_linear_matches_reference(tk, preset, k, n, m):
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert _rel(y, expect) <= 1e-2
     pick = tk.pick_config(m, n, k)
-    variants = [dataclasses.replace(pick, path="L", swap=False),
-                tk.GemmConfig(path="S", bm=64, bn=64, split_k=2, warps=4, stages=3, swap=not pick.swap),
-                tk.GemmConfig(path="Q", bm=64, bn=128, split_k=1, warps=4, stages=3)]
+    variants = [
+        dataclasses.replace(pick, path="L", swap=False),
+        tk.GemmConfig(path="S", bm=64, bn=64, split_k=2, warps=4, stages=3, swap=not pick.swap),
+        tk.GemmConfig(path="Q", bm=64, bn=128, split_k=1, warps=4, stages=3),
+    ]
     variants = [c for c in variants if c != pick]
     for cfg in variants:  # the other GEMM orientation and the two-pass activation kernel, whatever was picked
         assert _rel(tk.w4a8_linear(x, lay.w4a8, cfg), expect) <= 1e-2, cfg.tag()
@@ -120,14 +131,21 @@ def test_restore_unfused_when_block_out_exceeds_tile(tk, m):
 
     k, n = 1024, 512
     w = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
-    pack = make_w4a8_pack(perm=torch.randperm(k, device="cuda"),
-                          r_in=random_orthogonal_blocks(k // 32, 32, "cuda", g).bfloat16(), w_codes=w,
-                          w_scales=torch.rand(n, device="cuda") * 0.01, bias=torch.randn(n, device="cuda"),
-                          r_out=random_orthogonal_blocks(n // 128, 128, "cuda", g), row_rot="restore")
+    pack = make_w4a8_pack(
+        perm=torch.randperm(k, device="cuda"),
+        r_in=random_orthogonal_blocks(k // 32, 32, "cuda", g).bfloat16(),
+        w_codes=w,
+        w_scales=torch.rand(n, device="cuda") * 0.01,
+        bias=torch.randn(n, device="cuda"),
+        r_out=random_orthogonal_blocks(n // 128, 128, "cuda", g),
+        row_rot="restore",
+    )
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     expect = ref.w4a8_linear_ref(x, pack)
     for swap in (False, True):
-        cfg = tk.GemmConfig(path="S", bm=16 if m <= 64 else 64, bn=64, split_k=2, warps=4, stages=3, swap=swap)
+        cfg = tk.GemmConfig(
+            path="S", bm=16 if m <= 64 else 64, bn=64, split_k=2, warps=4, stages=3, swap=swap
+        )
         assert _rel(tk.w4a8_linear(x, pack, cfg), expect) <= 1e-2, cfg.tag()
 
 
@@ -154,10 +172,22 @@ def test_duquant_layer_dispatch(tk, dynamic, row_rot):
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(1024, 512).cuda().to(torch.bfloat16)
-    pack = build_pack(lin.weight.float(), wbits=4, block=16, block_out=16, ls=0.15, permute=True,
-                      row_rot=row_rot)
-    layer = DuQuantLinear.from_pack(lin, pack, name="t", wbits=4, abits=8, block=16, block_out=16,
-                                    row_rot=row_rot, act_pct=99.9, calib_steps=1, act_dynamic=dynamic)
+    pack = build_pack(
+        lin.weight.float(), wbits=4, block=16, block_out=16, ls=0.15, permute=True, row_rot=row_rot
+    )
+    layer = DuQuantLinear.from_pack(
+        lin,
+        pack,
+        name="t",
+        wbits=4,
+        abits=8,
+        block=16,
+        block_out=16,
+        row_rot=row_rot,
+        act_pct=99.9,
+        calib_steps=1,
+        act_dynamic=dynamic,
+    )
     x = torch.randn(2, 25, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         y_ref = layer(x)  # reference backend (also freezes the static scale)
