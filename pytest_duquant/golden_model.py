@@ -412,6 +412,11 @@ def describe_changes(old: dict | None, new: dict) -> str:
     return "\n".join(lines)
 
 
+def _same_numbers(a: dict, b: dict) -> bool:
+    keys = ("model", "fingerprint", "preset", "name", "settings", "protocol", "tolerances", "metrics", "layers")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
 @dataclass
 class GoldenResult:
     path: Path
@@ -434,6 +439,8 @@ def check_or_update(metrics: ModelMetrics, name: str, root: str | os.PathLike, *
                 old = None
         keep_tol = old["tolerances"] if old else None
         doc = to_golden(metrics, name, keep_tol, command=command)
+        if old is not None and _same_numbers(old, doc):
+            return GoldenResult(path, False, f"{path}: unchanged (same numbers; file left as it is)")
         write(path, doc)
         return GoldenResult(path, True, describe_changes(old, doc))
     if not path.is_file():

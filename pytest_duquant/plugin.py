@@ -27,6 +27,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--tokenizer", default=None, metavar="PATH", help="PaliGemma SentencePiece tokenizer model")
     group.addoption("--duquant-update-golden", action="store_true", default=False,
                     help="rewrite golden files from this run (explicit; prints what changed)")
+    group.addoption("--duquant-calib", default=None, metavar="SOURCE",
+                    help="calibration observations: synthetic (default), libero:<suite> (real resets) or FILE.npz")
     group.addoption("--duquant-report", default=None, metavar="DIR", help="write the report (PNG + JSON) here")
     group.addoption("--libero-suite", default=None, metavar="SUITE",
                     help="LIBERO suite(s), comma-separated (default libero_spatial)")
@@ -149,8 +151,19 @@ def duquant_policy_factory(request: pytest.FixtureRequest, duquant_ckpt: Path | 
 
 
 @pytest.fixture(scope="session")
-def quantized_model(duquant_policy_factory, duquant_config: DuQuantConfig):
+def duquant_calibration_observations(request: pytest.FixtureRequest):
+    """Calibration observations from --duquant-calib (None = the built-in synthetic ones)."""
+    from pytest_duquant.libero.calibration import CalibrationSourceError, calibration_observations
+
+    try:
+        return calibration_observations(request.config.getoption("--duquant-calib"))
+    except CalibrationSourceError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture(scope="session")
+def quantized_model(duquant_policy_factory, duquant_config: DuQuantConfig, duquant_calibration_observations):
     """(policy, QuantReport): the session's policy quantized under the session's config and calibrated."""
     from pytest_duquant.policies.session import quantize_and_calibrate
 
-    return quantize_and_calibrate(duquant_policy_factory(), duquant_config)
+    return quantize_and_calibrate(duquant_policy_factory(), duquant_config, duquant_calibration_observations)

@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default=None, help="A, B, precision, speed, fp (OPENPI_DUQUANT_* variables beat it)")
     p.add_argument("--ckpt", default=None, help="pi0.5 checkpoint dir (default: the built-in dummy, seed 0)")
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model (real checkpoints)")
+    p.add_argument("--calib", default="synthetic", metavar="SOURCE",
+                   help="calibration observations: synthetic (default), libero:<suite> (real resets) or FILE.npz")
     p.add_argument("--out", default="duquant_report", help="folder for report.json / report.png")
     p.add_argument("--no-rtn", action="store_true", help="skip the plain-RTN comparison (faster)")
     p.add_argument("--dry-run", action="store_true", help="print the plan only; change nothing")
@@ -51,7 +53,15 @@ def run(args) -> int:
 
     from pytest_duquant.model_metrics import PolicyProbe
 
-    probe = PolicyProbe(policy, fingerprint=make.fingerprint)
+    from pytest_duquant.libero.calibration import CalibrationSourceError, calibration_observations
+
+    try:
+        calib = calibration_observations(args.calib)
+    except CalibrationSourceError as exc:
+        print(f"duquant: {exc}", file=sys.stderr)
+        return 2
+    print(f"calibration: {args.calib} ({config.calib_steps} policy calls, every denoising step observed)")
+    probe = PolicyProbe(policy, fingerprint=make.fingerprint, calib_obs=calib)
     try:
         metrics = probe.measure(config, rtn=not args.no_rtn)
     finally:

@@ -60,6 +60,8 @@ def register(subparsers: Any) -> None:
         help="load --ckpt with our pi0.5 (builtin) or openpi's own loader",
     )
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece tokenizer model")
+    p.add_argument("--calib", default="synthetic", metavar="SOURCE",
+                   help="calibration observations: synthetic (default), libero:<suite> or FILE.npz")
     p.add_argument("--device", default=None, help="torch device for the policy (default cuda if available)")
     p.add_argument("--videos", default=None, metavar="DIR", help="write an MP4 of every failed episode here")
     p.add_argument("--max-batch", type=int, default=None, help="most observations per policy call")
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         sim_setup.libero_package_root()
         config = from_env(os.environ, preset=args.preset)
         factory = pi05_policy_factory(
-            args.ckpt, config, tokenizer=args.tokenizer, backend=args.policy_backend, device=args.device
+            args.ckpt, config, tokenizer=args.tokenizer, backend=args.policy_backend, device=args.device,
+            calibration=args.calib,
         )
     except (ValueError, sim_setup.LiberoSetupError, PolicyUnavailableError) as exc:
         print(f"duquant rollouts: {exc}", file=sys.stderr)

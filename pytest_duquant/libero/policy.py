@@ -72,11 +72,13 @@ class PolicyUnavailableError(RuntimeError):
 
 
 def pi05_policy_factory(
-    ckpt, config=None, *, tokenizer=None, backend: str = "builtin", device: str | None = None
+    ckpt, config=None, *, tokenizer=None, backend: str = "builtin", device: str | None = None,
+    calibration: str | None = None,
 ):
     """A zero-argument factory: the pi0.5 policy of ``ckpt``, quantized and calibrated under ``config``.
 
-    ``config`` None or disabled (preset ``fp``) gives the FP policy. Nothing is loaded until the factory
+    ``config`` None or disabled (preset ``fp``) gives the FP policy. ``calibration``: the calibration
+    source (``synthetic`` default, ``libero:<suite>``, or an .npz path; see libero/calibration.py). Nothing is loaded until the factory
     is called, so a run with nothing left to do (resume) never loads the model. The factory carries
     ``fingerprint`` (the checkpoint's) and ``preset`` so results can be labelled before loading.
     """
@@ -104,7 +106,9 @@ def pi05_policy_factory(
     def make():
         policy = base()
         if enabled:
-            policy, _report = session.quantize_and_calibrate(policy, config)
+            from pytest_duquant.libero.calibration import calibration_observations
+
+            policy, _report = session.quantize_and_calibrate(policy, config, calibration_observations(calibration))
         policy.preset = preset
         return policy
 

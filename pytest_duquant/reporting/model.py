@@ -137,14 +137,17 @@ def _layer_order(layers) -> list:
     return sorted(layers, key=key)
 
 
-def plot_model_report(data: dict[str, Any], png_path: str | os.PathLike, *, focus: str | None = None) -> Path:
-    """Per model: per-layer SQNR (x = layer index, one marker per projection kind; DuQuant filled per
+def plot_model_report(data: dict[str, Any] | Sequence[ModelMetrics], png_path: str | os.PathLike, *,
+                      focus: str | None = None) -> Path:
+    """`data`: report_data(...) or a list of ModelMetrics. Per model: per-layer SQNR (x = layer index, one marker per projection kind; DuQuant filled per
     rotation, RTN hollow) of the `focus` preset (default: the first measured), and the output error
     (final rel L2) of every variant vs RTN. Written with matplotlib's Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
+    if not isinstance(data, dict):
+        data = report_data(data)
     models = list(data["models"].items())
     if not models:
         raise ValueError("nothing to plot: no model metrics")
@@ -192,6 +195,9 @@ def plot_model_report(data: dict[str, Any], png_path: str | os.PathLike, *, focu
         s = shown[0]["settings"] if shown else {}
         ax.set_title(f"{model} ({entry['fingerprint']}): per-layer SQNR, preset {fp} "
                      f"(W{s.get('wbits_default')}A{s.get('abits')})", fontsize=9)
+        idxs = sorted({la["index"] for v in shown for la in v["layers"] if la["index"] is not None})
+        if idxs and len(idxs) <= 40:
+            ax.set_xticks(idxs)
         ax.set_xlabel("layer index (markers: projection kind)")
         ax.set_ylabel("SQNR, dB (higher is better)")
         ax.grid(alpha=0.3)

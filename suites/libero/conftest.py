@@ -47,6 +47,7 @@ class LiberoRunOptions:
     golden_root: Path
     tokenizer: str | None
     policy_backend: str
+    calibration: str | None
 
 
 @pytest.fixture(scope="session")
@@ -62,4 +63,5 @@ def libero_options(request) -> LiberoRunOptions:
         golden_root=Path(c.rootpath) / "golden",
         tokenizer=_opt(c, "--tokenizer"),
         policy_backend=_opt(c, "--policy-backend", "builtin"),
+        calibration=_opt(c, "--duquant-calib"),
     )

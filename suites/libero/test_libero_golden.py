@@ -21,7 +21,8 @@ def _policy_factory(duquant_ckpt, config, opts):
 
     try:
         return pi05_policy_factory(
-            duquant_ckpt, config, tokenizer=opts.tokenizer, backend=opts.policy_backend
+            duquant_ckpt, config, tokenizer=opts.tokenizer, backend=opts.policy_backend,
+            calibration=opts.calibration,
         )
     except PolicyUnavailableError as exc:
         pytest.fail(str(exc), pytrace=False)

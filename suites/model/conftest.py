@@ -14,6 +14,16 @@ from pytest_duquant.model_metrics import ModelMetrics, Probe, numeric_settings
 from pytest_duquant.reporting.model import remember
 
 
+UPDATES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if UPDATES:
+        terminalreporter.section("DuQuant model goldens (--duquant-update-golden)")
+        for message in UPDATES:
+            terminalreporter.write_line(message)
+
+
 class Measurements:
     """probe.measure, cached by numeric settings (a measurement without RTN is redone when RTN is asked)."""
 
@@ -115,13 +125,13 @@ def golden_step(request, golden_root, duquant_update_golden):
             problem = str(exc)
         if problem is not None:
             pytest.fail(problem, pytrace=False)
-        if result.updated:
+        if result.comparison is None:  # --duquant-update-golden: written (or unchanged)
+            UPDATES.append(result.message)
             reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-            text = f"\n[duquant golden] {result.path}\n{result.message}"
-            if reporter is not None:
-                reporter.write_line(text)
-            else:
-                print(text)
+            capman = request.config.pluginmanager.get_plugin("capturemanager")
+            if reporter is not None and capman is not None:
+                with capman.global_and_fixture_disabled():
+                    reporter.write_line("\n[duquant golden] " + result.message)
             return result
         if not result.comparison.ok:
             pytest.fail(result.message, pytrace=False)

@@ -9,6 +9,7 @@ on the same layers; error falls as WBITS rises. docs/model-suite.md has the meas
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pytest_duquant import golden_model
 from pytest_duquant.config import from_env, replace
@@ -98,8 +99,13 @@ def test_packed_bytes_are_those_of_int_codes_and_scales(measure, session_preset,
     assert m.info["peak_memory_bytes"] and m.info["peak_memory_bytes"] > 0
 
 
-def _scale_search_dropped(weight, bits, grid=quantizers.MSE_GRID):
-    return quantizers.quantize_weight_rtn(weight, bits)
+def _scale_search_inverted(weight, bits, grid=quantizers.MSE_GRID):
+    """The classic flipped comparison: the scale search keeps the grid scale with the LARGEST error."""
+    w = weight.detach().float()
+    base = (w.abs().amax(dim=1) / quantizers.qmax(bits)).clamp_min(1e-8)
+    errs = torch.stack([((quantizers.fake_quant_sym(w, (base / a)[:, None], bits) - w) ** 2).mean(1) for a in grid])
+    scale = base / torch.tensor(grid)[errs.argmax(0)]
+    return quantizers.quantize_codes(w, scale[:, None], bits).to(torch.int8), scale
 
 
 def _codes_off_by_one(weight, bits, grid=quantizers.MSE_GRID):
@@ -108,7 +114,7 @@ def _codes_off_by_one(weight, bits, grid=quantizers.MSE_GRID):
     return (codes.to(scales.dtype) + 1).clamp(-q - 1, q).to(codes.dtype), scales
 
 
-@pytest.mark.parametrize("bug", [_scale_search_dropped, _codes_off_by_one], ids=["no-scale-search", "codes+1"])
+@pytest.mark.parametrize("bug", [_scale_search_inverted, _codes_off_by_one], ids=["scale-search-picks-worst", "codes+1"])
 def test_a_broken_weight_quantizer_fails_the_golden_with_the_worst_layers_table(
         monkeypatch, tmp_path, measure, model_probe, session_preset, bug):
     """The comparison catches a real bug: the good run is the golden, the bugged run must fail it."""

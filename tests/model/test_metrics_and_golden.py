@@ -176,6 +176,10 @@ def test_update_rewrites_explicitly_and_says_what_changed(tmp_path):
     assert "output rel L2 0.02 -> 0.03" in second.message
     again = gm.check_or_update(_metrics(sqnr=(20.0, 16.0, 25.0), rel=0.03), "B", tmp_path)
     assert not again.updated and again.comparison.ok
+    before = (tmp_path / "abc123" / "B.json").read_text()
+    same = gm.check_or_update(_metrics(sqnr=(20.0, 16.0, 25.0), rel=0.03), "B", tmp_path, update=True)
+    assert not same.updated and "unchanged" in same.message
+    assert (tmp_path / "abc123" / "B.json").read_text() == before  # no churn of dates
 
 
 def test_golden_name_follows_the_settings():
