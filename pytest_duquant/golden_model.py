@@ -60,7 +60,9 @@ class GoldenMissing(GoldenError):
 # ---- names and paths ----------------------------------------------------------------------------
 def golden_name(preset: str, settings: dict, preset_settings: dict) -> str:
     """File stem for a run with `settings` under `preset` (whose pure settings are `preset_settings`)."""
-    diff = sorted(k for k in set(settings) | set(preset_settings) if settings.get(k) != preset_settings.get(k))
+    diff = sorted(
+        k for k in set(settings) | set(preset_settings) if settings.get(k) != preset_settings.get(k)
+    )
     if not diff:
         return preset
     if diff == ["rotation"]:
@@ -74,7 +76,7 @@ def golden_path(root: str | os.PathLike, fingerprint: str, name: str) -> Path:
 
 
 def default_root(start: str | os.PathLike | None = None) -> Path:
-    """<repo>/golden/model: the nearest `golden/model` above `start` (default: this package's repo, else cwd)."""
+    """<repo>/golden/model: the nearest `golden/model` above `start` (else this package's repo, else cwd)."""
     candidates = []
     if start is not None:
         candidates.append(Path(start).resolve())
@@ -102,18 +104,30 @@ def _check_output(d: Any, where: str, key: str) -> None:
         _check(_num(d.get(k)) and d[k] >= 0, where, f"{key}.{k}", "must be a finite number >= 0")
     for k in ("per_step_rel_l2", "per_step_max_abs"):
         v = d.get(k, [])
-        _check(isinstance(v, list) and all(_num(x) and x >= 0 for x in v), where, f"{key}.{k}",
-               "must be a list of finite numbers >= 0")
-    _check(len(d.get("per_step_rel_l2", [])) == len(d.get("per_step_max_abs", [])), where, key,
-           "per_step_rel_l2 and per_step_max_abs differ in length")
+        _check(
+            isinstance(v, list) and all(_num(x) and x >= 0 for x in v),
+            where,
+            f"{key}.{k}",
+            "must be a list of finite numbers >= 0",
+        )
+    _check(
+        len(d.get("per_step_rel_l2", [])) == len(d.get("per_step_max_abs", [])),
+        where,
+        key,
+        "per_step_rel_l2 and per_step_max_abs differ in length",
+    )
 
 
 def validate(data: Any, where: str = "golden") -> dict:
     """Check `data` against the schema; returns it. Raises GoldenSchemaError naming the key."""
     _check(isinstance(data, dict), where, "(top level)", "must be a JSON object")
     _check(data.get("schema") == SCHEMA, where, "schema", f"must be {SCHEMA!r}, got {data.get('schema')!r}")
-    _check(data.get("schema_version") == SCHEMA_VERSION, where, "schema_version",
-           f"must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
+    _check(
+        data.get("schema_version") == SCHEMA_VERSION,
+        where,
+        "schema_version",
+        f"must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}",
+    )
     for k in ("model", "fingerprint", "preset", "name"):
         _check(isinstance(data.get(k), str) and data[k], where, k, "must be a non-empty string")
     for k in ("settings", "protocol", "tolerances", "metrics", "provenance"):
@@ -134,16 +148,27 @@ def validate(data: Any, where: str = "golden") -> dict:
     for i, la in enumerate(layers):
         key = f"layers[{i}]"
         _check(isinstance(la, dict), where, key, "must be an object")
-        _check(isinstance(la.get("name"), str) and la["name"], where, f"{key}.name", "must be a non-empty string")
+        _check(
+            isinstance(la.get("name"), str) and la["name"], where, f"{key}.name", "must be a non-empty string"
+        )
         _check(la["name"] not in names, where, f"{key}.name", f"duplicate layer {la['name']!r}")
         names.add(la["name"])
-        _check(isinstance(la.get("shape"), list) and len(la["shape"]) == 2
-               and all(isinstance(x, int) and x > 0 for x in la["shape"]), where, f"{key}.shape",
-               "must be [out, in] positive integers")
+        _check(
+            isinstance(la.get("shape"), list)
+            and len(la["shape"]) == 2
+            and all(isinstance(x, int) and x > 0 for x in la["shape"]),
+            where,
+            f"{key}.shape",
+            "must be [out, in] positive integers",
+        )
         _check(isinstance(la.get("wbits"), int), where, f"{key}.wbits", "must be an integer")
         _check(_num(la.get("sqnr_db")), where, f"{key}.sqnr_db", "must be a finite number")
-        _check(la.get("rtn_sqnr_db") is None or _num(la["rtn_sqnr_db"]), where, f"{key}.rtn_sqnr_db",
-               "must be a finite number or null")
+        _check(
+            la.get("rtn_sqnr_db") is None or _num(la["rtn_sqnr_db"]),
+            where,
+            f"{key}.rtn_sqnr_db",
+            "must be a finite number or null",
+        )
     return data
 
 
@@ -166,12 +191,17 @@ def _r(x: float | None, digits: int = 6) -> float | None:
 def _output_dict(o: OutputError | None) -> dict | None:
     if o is None:
         return None
-    return {"rel_l2": _r(o.rel_l2), "max_abs": _r(o.max_abs),
-            "per_step_rel_l2": [_r(x) for x in o.per_step_rel_l2],
-            "per_step_max_abs": [_r(x) for x in o.per_step_max_abs]}
+    return {
+        "rel_l2": _r(o.rel_l2),
+        "max_abs": _r(o.max_abs),
+        "per_step_rel_l2": [_r(x) for x in o.per_step_rel_l2],
+        "per_step_max_abs": [_r(x) for x in o.per_step_max_abs],
+    }
 
 
-def to_golden(metrics: ModelMetrics, name: str, tolerances: dict | None = None, command: str | None = None) -> dict:
+def to_golden(
+    metrics: ModelMetrics, name: str, tolerances: dict | None = None, command: str | None = None
+) -> dict:
     """The golden document for `metrics` (validated)."""
     import torch
 
@@ -196,8 +226,13 @@ def to_golden(metrics: ModelMetrics, name: str, tolerances: dict | None = None, 
             "bytes_after": int(metrics.bytes_after),
         },
         "layers": [
-            {"name": la.name, "shape": list(la.shape), "wbits": la.wbits, "sqnr_db": _r(la.sqnr_db, 5),
-             "rtn_sqnr_db": _r(la.rtn_sqnr_db, 5)}
+            {
+                "name": la.name,
+                "shape": list(la.shape),
+                "wbits": la.wbits,
+                "sqnr_db": _r(la.sqnr_db, 5),
+                "rtn_sqnr_db": _r(la.rtn_sqnr_db, 5),
+            }
             for la in metrics.layers
         ],
         "provenance": {
@@ -213,7 +248,9 @@ def to_golden(metrics: ModelMetrics, name: str, tolerances: dict | None = None, 
     return validate(json.loads(json.dumps(doc)), f"golden {name}")
 
 
-_SCALAR_LIST = re.compile(r"\[\s*((?:-?[0-9.eE+-]+|null|true|false)(?:,\s*(?:-?[0-9.eE+-]+|null|true|false))*)\s*\]")
+_SCALAR_LIST = re.compile(
+    r"\[\s*((?:-?[0-9.eE+-]+|null|true|false)(?:,\s*(?:-?[0-9.eE+-]+|null|true|false))*)\s*\]"
+)
 
 
 def _compact_scalar_lists(text: str) -> str:
@@ -271,8 +308,10 @@ class Comparison:
 
     def table(self, n: int = WORST_LAYERS) -> str:
         tol = self.tolerances.get("sqnr_db", DEFAULT_TOLERANCES["sqnr_db"])
-        rows = [f"worst layers (SQNR dB, now vs golden; per-layer tolerance +/-{tol} dB):",
-                f"  {'layer':<60} {'now':>8} {'golden':>8} {'delta':>8} {'RTN now':>8} {'RTN gold':>8}"]
+        rows = [
+            f"worst layers (SQNR dB, now vs golden; per-layer tolerance +/-{tol} dB):",
+            f"  {'layer':<60} {'now':>8} {'golden':>8} {'delta':>8} {'RTN now':>8} {'RTN gold':>8}",
+        ]
         for d in self.worst(n):
             g = "-" if d.golden is None else f"{d.golden:8.2f}"
             dl = "-" if d.golden is None else f"{d.delta:+8.2f}"
@@ -285,9 +324,18 @@ class Comparison:
     def report(self) -> str:
         head = f"model golden {self.path}: {len(self.failures)} figure(s) beyond tolerance"
         shown = self.failures[:20]
-        more = [f"  ... and {len(self.failures) - len(shown)} more"] if len(self.failures) > len(shown) else []
-        return "\n".join([head, *("  " + f for f in shown), *more, self.table(),
-                          "If the change is intended, re-record with --duquant-update-golden."])
+        more = (
+            [f"  ... and {len(self.failures) - len(shown)} more"] if len(self.failures) > len(shown) else []
+        )
+        return "\n".join(
+            [
+                head,
+                *("  " + f for f in shown),
+                *more,
+                self.table(),
+                "If the change is intended, re-record with --duquant-update-golden.",
+            ]
+        )
 
 
 def check_applicable(golden: dict, metrics: ModelMetrics, path: str) -> None:
@@ -295,20 +343,30 @@ def check_applicable(golden: dict, metrics: ModelMetrics, path: str) -> None:
     if golden["fingerprint"] != metrics.fingerprint:
         raise GoldenMismatch(
             f"{path}: recorded for checkpoint fingerprint {golden['fingerprint']}, this run's checkpoint is "
-            f"{metrics.fingerprint}; a golden of another checkpoint is never used")
+            f"{metrics.fingerprint}; a golden of another checkpoint is never used"
+        )
     if golden["model"] != metrics.model:
-        raise GoldenMismatch(f"{path}: recorded for model {golden['model']!r}, this run measures {metrics.model!r}")
-    diff = sorted(k for k in set(golden["settings"]) | set(metrics.settings)
-                  if golden["settings"].get(k) != metrics.settings.get(k))
+        raise GoldenMismatch(
+            f"{path}: recorded for model {golden['model']!r}, this run measures {metrics.model!r}"
+        )
+    diff = sorted(
+        k
+        for k in set(golden["settings"]) | set(metrics.settings)
+        if golden["settings"].get(k) != metrics.settings.get(k)
+    )
     if diff:
-        details = ", ".join(f"{k}: golden {golden['settings'].get(k)!r} vs run {metrics.settings.get(k)!r}"
-                            for k in diff)
+        details = ", ".join(
+            f"{k}: golden {golden['settings'].get(k)!r} vs run {metrics.settings.get(k)!r}" for k in diff
+        )
         raise GoldenMismatch(f"{path}: recorded with other DuQuant settings ({details})")
     if golden["protocol"] != json.loads(json.dumps(metrics.protocol)):
         gp, mp = golden["protocol"], json.loads(json.dumps(metrics.protocol))
         keys = sorted(k for k in set(gp) | set(mp) if gp.get(k) != mp.get(k))
-        raise GoldenMismatch(f"{path}: recorded with another measurement protocol (differs in {', '.join(keys)}: "
-                             + "; ".join(f"{k}: golden {gp.get(k)!r} vs run {mp.get(k)!r}" for k in keys) + ")")
+        raise GoldenMismatch(
+            f"{path}: recorded with another measurement protocol (differs in {', '.join(keys)}: "
+            + "; ".join(f"{k}: golden {gp.get(k)!r} vs run {mp.get(k)!r}" for k in keys)
+            + ")"
+        )
 
 
 def _close(now: float, gold: float, rtol: float, atol: float) -> bool:
@@ -323,8 +381,10 @@ def _compare_output(name: str, now: OutputError | None, gold: dict | None, tol: 
     rtol, atol = tol["output_rtol"], tol["output_atol"]
     for key, value in (("rel_l2", now.rel_l2), ("max_abs", now.max_abs)):
         if not _close(value, gold[key], rtol, atol):
-            out.append(f"{name}.{key}: {value:.6g} vs golden {gold[key]:.6g} "
-                       f"({(value - gold[key]) / max(abs(gold[key]), 1e-30):+.1%}; tolerance +/-{rtol:.0%})")
+            out.append(
+                f"{name}.{key}: {value:.6g} vs golden {gold[key]:.6g} "
+                f"({(value - gold[key]) / max(abs(gold[key]), 1e-30):+.1%}; tolerance +/-{rtol:.0%})"
+            )
     for key, values in (("per_step_rel_l2", now.per_step_rel_l2), ("per_step_max_abs", now.per_step_max_abs)):
         g = gold.get(key, [])
         if len(g) != len(values):
@@ -333,8 +393,10 @@ def _compare_output(name: str, now: OutputError | None, gold: dict | None, tol: 
         bad = [i for i, (a, b) in enumerate(zip(values, g, strict=True)) if not _close(a, b, rtol, atol)]
         if bad:
             i = bad[0]
-            out.append(f"{name}.{key}: {len(bad)} step(s) beyond tolerance, e.g. step {i + 1}: "
-                       f"{values[i]:.6g} vs golden {g[i]:.6g}")
+            out.append(
+                f"{name}.{key}: {len(bad)} step(s) beyond tolerance, e.g. step {i + 1}: "
+                f"{values[i]:.6g} vs golden {g[i]:.6g}"
+            )
 
 
 def compare(golden: dict, metrics: ModelMetrics, path: str = "golden") -> Comparison:
@@ -347,31 +409,48 @@ def compare(golden: dict, metrics: ModelMetrics, path: str = "golden") -> Compar
     now_names = [la.name for la in metrics.layers]
     missing, extra = sorted(set(gl) - set(now_names)), sorted(set(now_names) - set(gl))
     if missing:
-        cmp.failures.append(f"layers: {len(missing)} golden layer(s) not quantized in this run, e.g. {missing[0]}")
+        cmp.failures.append(
+            f"layers: {len(missing)} golden layer(s) not quantized in this run, e.g. {missing[0]}"
+        )
     if extra:
         cmp.failures.append(f"layers: {len(extra)} layer(s) quantized but not in the golden, e.g. {extra[0]}")
     beyond = beyond_rtn = 0
     for la in metrics.layers:
         g = gl.get(la.name)
-        cmp.layers.append(LayerDelta(la.name, la.sqnr_db, None if g is None else g["sqnr_db"], la.rtn_sqnr_db,
-                                     None if g is None else g.get("rtn_sqnr_db")))
+        cmp.layers.append(
+            LayerDelta(
+                la.name,
+                la.sqnr_db,
+                None if g is None else g["sqnr_db"],
+                la.rtn_sqnr_db,
+                None if g is None else g.get("rtn_sqnr_db"),
+            )
+        )
         if g is None:
             continue
         if abs(la.sqnr_db - g["sqnr_db"]) > tol["sqnr_db"]:
             beyond += 1
-        if la.rtn_sqnr_db is not None and g.get("rtn_sqnr_db") is not None and \
-                abs(la.rtn_sqnr_db - g["rtn_sqnr_db"]) > tol["sqnr_db"]:
+        if (
+            la.rtn_sqnr_db is not None
+            and g.get("rtn_sqnr_db") is not None
+            and abs(la.rtn_sqnr_db - g["rtn_sqnr_db"]) > tol["sqnr_db"]
+        ):
             beyond_rtn += 1
     if beyond:
-        cmp.failures.append(f"per-layer SQNR: {beyond} of {len(metrics.layers)} layer(s) moved by more than "
-                            f"{tol['sqnr_db']} dB")
+        cmp.failures.append(
+            f"per-layer SQNR: {beyond} of {len(metrics.layers)} layer(s) moved by more than "
+            f"{tol['sqnr_db']} dB"
+        )
     if beyond_rtn:
-        cmp.failures.append(f"per-layer RTN SQNR (baseline): {beyond_rtn} layer(s) moved by more than "
-                            f"{tol['sqnr_db']} dB")
+        cmp.failures.append(
+            f"per-layer RTN SQNR (baseline): {beyond_rtn} layer(s) moved by more than {tol['sqnr_db']} dB"
+        )
     gm = golden["metrics"]
     if abs(metrics.mean_sqnr_db - gm["mean_sqnr_db"]) > tol["mean_sqnr_db"]:
-        cmp.failures.append(f"mean SQNR: {metrics.mean_sqnr_db:.3f} dB vs golden {gm['mean_sqnr_db']:.3f} dB "
-                            f"({metrics.mean_sqnr_db - gm['mean_sqnr_db']:+.3f}; tolerance +/-{tol['mean_sqnr_db']})")
+        cmp.failures.append(
+            f"mean SQNR: {metrics.mean_sqnr_db:.3f} dB vs golden {gm['mean_sqnr_db']:.3f} dB "
+            f"({metrics.mean_sqnr_db - gm['mean_sqnr_db']:+.3f}; tolerance +/-{tol['mean_sqnr_db']})"
+        )
     _compare_output("output", metrics.output, gm["output"], tol, cmp.failures)
     _compare_output("output_rtn", metrics.output_rtn, gm.get("output_rtn"), tol, cmp.failures)
     for key in ("bytes_before", "bytes_after"):
@@ -384,8 +463,10 @@ def describe_changes(old: dict | None, new: dict) -> str:
     """What an update changes (printed by --duquant-update-golden)."""
     name = f"{new['fingerprint']}/{new['name']}.json"
     if old is None:
-        return (f"{name}: new golden (mean SQNR {new['metrics']['mean_sqnr_db']:.3f} dB, output rel L2 "
-                f"{new['metrics']['output']['rel_l2']:.6g}, {len(new['layers'])} layers)")
+        return (
+            f"{name}: new golden (mean SQNR {new['metrics']['mean_sqnr_db']:.3f} dB, output rel L2 "
+            f"{new['metrics']['output']['rel_l2']:.6g}, {len(new['layers'])} layers)"
+        )
     lines = [f"{name}: updated"]
     om, nm = old["metrics"], new["metrics"]
     if old.get("settings") != new.get("settings"):
@@ -393,19 +474,30 @@ def describe_changes(old: dict | None, new: dict) -> str:
     if old.get("protocol") != new.get("protocol"):
         lines.append("  protocol changed")
     lines.append(f"  mean SQNR {om['mean_sqnr_db']:.3f} -> {nm['mean_sqnr_db']:.3f} dB")
-    lines.append(f"  output rel L2 {om['output']['rel_l2']:.6g} -> {nm['output']['rel_l2']:.6g}; max abs "
-                 f"{om['output']['max_abs']:.6g} -> {nm['output']['max_abs']:.6g}")
+    lines.append(
+        f"  output rel L2 {om['output']['rel_l2']:.6g} -> {nm['output']['rel_l2']:.6g}; max abs "
+        f"{om['output']['max_abs']:.6g} -> {nm['output']['max_abs']:.6g}"
+    )
     if om.get("output_rtn") and nm.get("output_rtn"):
-        lines.append(f"  RTN output rel L2 {om['output_rtn']['rel_l2']:.6g} -> {nm['output_rtn']['rel_l2']:.6g}")
+        lines.append(
+            f"  RTN output rel L2 {om['output_rtn']['rel_l2']:.6g} -> {nm['output_rtn']['rel_l2']:.6g}"
+        )
     if (om["bytes_before"], om["bytes_after"]) != (nm["bytes_before"], nm["bytes_after"]):
-        lines.append(f"  bytes {om['bytes_before']}->{om['bytes_after']} became {nm['bytes_before']}->{nm['bytes_after']}")
+        lines.append(
+            f"  bytes {om['bytes_before']}->{om['bytes_after']} became "
+            f"{nm['bytes_before']}->{nm['bytes_after']}"
+        )
     ol = {la["name"]: la for la in old["layers"]}
-    moved = sorted(((la["sqnr_db"] - ol[la["name"]]["sqnr_db"], la["name"]) for la in new["layers"]
-                    if la["name"] in ol), key=lambda t: -abs(t[0]))
+    moved = sorted(
+        ((la["sqnr_db"] - ol[la["name"]]["sqnr_db"], la["name"]) for la in new["layers"] if la["name"] in ol),
+        key=lambda t: -abs(t[0]),
+    )
     tol = new["tolerances"]["sqnr_db"]
     big = [m for m in moved if abs(m[0]) > tol]
-    lines.append(f"  {len(big)} layer(s) moved by more than {tol} dB"
-                 + (": " + ", ".join(f"{n} {d:+.2f}" for d, n in big[:5]) if big else ""))
+    lines.append(
+        f"  {len(big)} layer(s) moved by more than {tol} dB"
+        + (": " + ", ".join(f"{n} {d:+.2f}" for d, n in big[:5]) if big else "")
+    )
     added = set(la["name"] for la in new["layers"]) ^ set(ol)
     if added:
         lines.append(f"  {len(added)} layer name(s) added/removed")
@@ -413,7 +505,17 @@ def describe_changes(old: dict | None, new: dict) -> str:
 
 
 def _same_numbers(a: dict, b: dict) -> bool:
-    keys = ("model", "fingerprint", "preset", "name", "settings", "protocol", "tolerances", "metrics", "layers")
+    keys = (
+        "model",
+        "fingerprint",
+        "preset",
+        "name",
+        "settings",
+        "protocol",
+        "tolerances",
+        "metrics",
+        "layers",
+    )
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -425,8 +527,14 @@ class GoldenResult:
     comparison: Comparison | None = None
 
 
-def check_or_update(metrics: ModelMetrics, name: str, root: str | os.PathLike, *, update: bool = False,
-                    command: str | None = None) -> GoldenResult:
+def check_or_update(
+    metrics: ModelMetrics,
+    name: str,
+    root: str | os.PathLike,
+    *,
+    update: bool = False,
+    command: str | None = None,
+) -> GoldenResult:
     """The whole golden step: update (explicit) or compare. Raises GoldenMissing / GoldenMismatch /
     GoldenSchemaError; a numeric regression is returned as a failed Comparison (see .comparison.ok)."""
     path = golden_path(root, metrics.fingerprint, name)
@@ -450,16 +558,22 @@ def check_or_update(metrics: ModelMetrics, name: str, root: str | os.PathLike, *
             have = sorted(p.stem for p in path.parent.glob("*.json"))
             other_note = f"; goldens of this checkpoint: {', '.join(have) or 'none'}"
         elif others:
-            other_note = (f"; goldens exist only for other checkpoint fingerprints ({', '.join(others[:6])}) and "
-                          "are never used for this one")
-        raise GoldenMissing(f"no model golden {path} (checkpoint fingerprint {metrics.fingerprint}, settings "
-                            f"{name}){other_note}. Record it with --duquant-update-golden.")
+            other_note = (
+                f"; goldens exist only for other checkpoint fingerprints ({', '.join(others[:6])}) and "
+                "are never used for this one"
+            )
+        raise GoldenMissing(
+            f"no model golden {path} (checkpoint fingerprint {metrics.fingerprint}, settings "
+            f"{name}){other_note}. Record it with --duquant-update-golden."
+        )
     golden = load(path)
     cmp = compare(golden, metrics, str(path))
     return GoldenResult(path, False, "ok" if cmp.ok else cmp.report(), cmp)
 
 
-def recorded_rtn_relation(root: str | os.PathLike, metrics: ModelMetrics, name: str) -> tuple[float, float, Path] | None:
+def recorded_rtn_relation(
+    root: str | os.PathLike, metrics: ModelMetrics, name: str
+) -> tuple[float, float, Path] | None:
     """(mean SQNR, mean RTN SQNR, path) recorded in the committed golden for this run (same fingerprint,
     settings and protocol), or None when there is no such golden or it has no RTN figures."""
     path = golden_path(root, metrics.fingerprint, name)

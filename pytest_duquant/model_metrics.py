@@ -1,4 +1,4 @@
-"""Model-level quantization metrics (no pytest): output/action error, per-layer SQNR vs plain RTN, bytes, memory.
+"""Model-level quantization metrics (no pytest): output error, per-layer SQNR vs plain RTN, bytes, memory.
 
 What is measured, for one FP model and one DuQuantConfig (`Probe.measure`):
 - the output error of the quantized model vs the FP model on fixed evaluation inputs: for pi0.5 the action
@@ -43,11 +43,38 @@ from pytest_duquant.selection import linear_choices
 
 SQNR_CAP_DB = 200.0
 # Config fields that change the measured numbers (a golden is recorded for one combination of these).
-NUMERIC_SETTINGS = ("scope", "include", "exclude", "layers", "include_action_head", "wbits_default", "wbits",
-                    "abits", "act_pct", "calib_steps", "block", "block_out", "ls", "permute", "row_rot",
-                    "act_dynamic", "rotation")
-PROJ_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2",
-              "out_proj", "dense")
+NUMERIC_SETTINGS = (
+    "scope",
+    "include",
+    "exclude",
+    "layers",
+    "include_action_head",
+    "wbits_default",
+    "wbits",
+    "abits",
+    "act_pct",
+    "calib_steps",
+    "block",
+    "block_out",
+    "ls",
+    "permute",
+    "row_rot",
+    "act_dynamic",
+    "rotation",
+)
+PROJ_KINDS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "fc1",
+    "fc2",
+    "out_proj",
+    "dense",
+)
 
 
 def numeric_settings(config: DuQuantConfig) -> dict:
@@ -157,21 +184,32 @@ class ModelMetrics:
     @classmethod
     def from_dict(cls, d: dict) -> ModelMetrics:
         return cls(
-            model=d["model"], fingerprint=d["fingerprint"], preset=d["preset"], settings=d["settings"],
-            protocol=d["protocol"], output=OutputError(**d["output"]),
+            model=d["model"],
+            fingerprint=d["fingerprint"],
+            preset=d["preset"],
+            settings=d["settings"],
+            protocol=d["protocol"],
+            output=OutputError(**d["output"]),
             output_rtn=None if d.get("output_rtn") is None else OutputError(**d["output_rtn"]),
-            layers=[LayerError(**la) for la in d["layers"]], bytes_before=d["bytes_before"],
-            bytes_after=d["bytes_after"], info=dict(d.get("info") or {}),
+            layers=[LayerError(**la) for la in d["layers"]],
+            bytes_before=d["bytes_before"],
+            bytes_after=d["bytes_after"],
+            info=dict(d.get("info") or {}),
         )
 
     def summary_row(self) -> dict:
         return {
-            "preset": self.preset, "rotation": self.settings.get("rotation"),
-            "rel_l2": self.output.rel_l2, "max_abs": self.output.max_abs,
+            "preset": self.preset,
+            "rotation": self.settings.get("rotation"),
+            "rel_l2": self.output.rel_l2,
+            "max_abs": self.output.max_abs,
             "rtn_rel_l2": None if self.output_rtn is None else self.output_rtn.rel_l2,
-            "mean_sqnr_db": self.mean_sqnr_db, "mean_rtn_sqnr_db": self.mean_rtn_sqnr_db,
+            "mean_sqnr_db": self.mean_sqnr_db,
+            "mean_rtn_sqnr_db": self.mean_rtn_sqnr_db,
             "layers_better_than_rtn": sum(1 for la in self.layers if (la.gain_db or 0.0) > 0.0),
-            "layers": len(self.layers), "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "layers": len(self.layers),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
         }
 
 
@@ -179,8 +217,16 @@ class ModelMetrics:
 class RTNLinear(nn.Module):
     """Plain round-to-nearest: per-output-channel weight RTN, activation quantization on the raw input."""
 
-    def __init__(self, linear: nn.Linear, *, name: str, wbits: int, abits: int, act_pct: float,
-                 act_dynamic: bool = False):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        name: str,
+        wbits: int,
+        abits: int,
+        act_pct: float,
+        act_dynamic: bool = False,
+    ):
         super().__init__()
         self.name, self.wbits, self.abits, self.act_dynamic = name, wbits, abits, act_dynamic
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -228,9 +274,18 @@ def rtn_quantize_model(model: nn.Module, config: DuQuantConfig) -> list[str]:
         if not choice.selected:
             continue
         linear = model.get_submodule(choice.name)
-        _set_submodule(model, choice.name, RTNLinear(
-            linear, name=choice.name, wbits=choice.wbits, abits=config.abits, act_pct=config.act_pct,
-            act_dynamic=config.act_dynamic))
+        _set_submodule(
+            model,
+            choice.name,
+            RTNLinear(
+                linear,
+                name=choice.name,
+                wbits=choice.wbits,
+                abits=config.abits,
+                act_pct=config.act_pct,
+                act_dynamic=config.act_dynamic,
+            ),
+        )
         names.append(choice.name)
     return names
 
@@ -394,8 +449,16 @@ class Probe:
 
     model_name = "model"
 
-    def __init__(self, model: nn.Module, *, fingerprint: str, max_rows: int = 4096, sqnr_calls: int = 16,
-                 device: str | torch.device = "cpu", threads: int | None = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        fingerprint: str,
+        max_rows: int = 4096,
+        sqnr_calls: int = 16,
+        device: str | torch.device = "cpu",
+        threads: int | None = 1,
+    ):
         self.model = model
         self.threads = threads
         self._depth = 0
@@ -429,7 +492,7 @@ class Probe:
     # -- common --
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """Fixed torch thread count (reduction order, hence the numbers, can depend on it) + subclass context."""
+        """Fixed torch thread count (the reduction order, hence the numbers, may depend on it)."""
         if self._depth:
             yield
             return
@@ -540,18 +603,37 @@ class Probe:
         for n in names:
             idx, kind = layer_position(n)
             rec = records[n]
-            layers.append(LayerError(name=n, index=idx, kind=kind, shape=[rec.out_features, rec.in_features],
-                                     wbits=rec.wbits, sqnr_db=round(dq[n][0], 4),
-                                     rtn_sqnr_db=None if n not in rtn_sqnr else round(rtn_sqnr[n], 4),
-                                     rows=dq[n][1]))
+            layers.append(
+                LayerError(
+                    name=n,
+                    index=idx,
+                    kind=kind,
+                    shape=[rec.out_features, rec.in_features],
+                    wbits=rec.wbits,
+                    sqnr_db=round(dq[n][0], 4),
+                    rtn_sqnr_db=None if n not in rtn_sqnr else round(rtn_sqnr[n], 4),
+                    rows=dq[n][1],
+                )
+            )
         return ModelMetrics(
-            model=self.model_name, fingerprint=self.fingerprint, preset=label or config.preset,
-            settings=numeric_settings(config), protocol=self.protocol(config),
-            output=OutputError.between(fp_states, q_states), output_rtn=output_rtn, layers=layers,
-            bytes_before=report.bytes_before, bytes_after=report.bytes_after,
-            info={"peak_memory_bytes": mem.peak_bytes, "peak_memory_kind": mem.kind,
-                  "model_bytes_in_memory_quantized": quant_bytes, "seconds": round(time.perf_counter() - t0, 2),
-                  "torch": torch.__version__, "threads": torch.get_num_threads()},
+            model=self.model_name,
+            fingerprint=self.fingerprint,
+            preset=label or config.preset,
+            settings=numeric_settings(config),
+            protocol=self.protocol(config),
+            output=OutputError.between(fp_states, q_states),
+            output_rtn=output_rtn,
+            layers=layers,
+            bytes_before=report.bytes_before,
+            bytes_after=report.bytes_after,
+            info={
+                "peak_memory_bytes": mem.peak_bytes,
+                "peak_memory_kind": mem.kind,
+                "model_bytes_in_memory_quantized": quant_bytes,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
         )
 
 
@@ -559,14 +641,26 @@ class PolicyProbe(Probe):
     """pi0.5 policy probe. Calibration calls are those of `session.quantize_and_calibrate`; evaluation is
     one batched call on `eval_obs` with noise seeds `eval_seeds`, recording every denoising step."""
 
-    def __init__(self, policy, *, calib_obs: Sequence[dict] | None = None, eval_obs: Sequence[dict] | None = None,
-                 eval_seeds: Sequence[int] | None = None, fingerprint: str | None = None, **kwargs):
+    def __init__(
+        self,
+        policy,
+        *,
+        calib_obs: Sequence[dict] | None = None,
+        eval_obs: Sequence[dict] | None = None,
+        eval_seeds: Sequence[int] | None = None,
+        fingerprint: str | None = None,
+        **kwargs,
+    ):
         from pytest_duquant.policies.session import default_calibration_observations, policy_module
 
         self.policy = policy
         model = policy_module(policy)
-        super().__init__(model, fingerprint=fingerprint or getattr(policy, "fingerprint", "unknown"),
-                         device=getattr(policy, "device", "cpu"), **kwargs)
+        super().__init__(
+            model,
+            fingerprint=fingerprint or getattr(policy, "fingerprint", "unknown"),
+            device=getattr(policy, "device", "cpu"),
+            **kwargs,
+        )
         self.calib_obs = list(calib_obs) if calib_obs is not None else default_calibration_observations()
         if eval_obs is None:
             from pytest_duquant.policies.pi05.processing import synthetic_observations
@@ -593,18 +687,27 @@ class PolicyProbe(Probe):
     def evaluate(self) -> list[torch.Tensor]:
         with record_denoising(self.model) as seen:
             final = self.policy.raw_actions(self.eval_obs, self.eval_seeds)
-        states = [s[..., : self.action_dims] for s in seen[1:]] + [final.to(torch.float32)[..., : self.action_dims]]
+        states = [s[..., : self.action_dims] for s in seen[1:]] + [
+            final.to(torch.float32)[..., : self.action_dims]
+        ]
         return [s.cpu() for s in states]
 
     def protocol(self, config: DuQuantConfig) -> dict:
         from pytest_duquant.policies.session import CALIB_NOISE_SEED, tokenizer_digest
 
         return {
-            "calibration": {"observations": len(self.calib_obs), "calls": config.calib_steps,
-                            "noise_seed_start": CALIB_NOISE_SEED, "source": "synthetic_observations(8, seed=0)"},
-            "evaluation": {"observations": len(self.eval_obs), "noise_seeds": self.eval_seeds,
-                           "source": f"synthetic_observations({EVAL_OBS}, seed={EVAL_OBS_SEED})",
-                           "units": f"normalized actions, first {self.action_dims} dims"},
+            "calibration": {
+                "observations": len(self.calib_obs),
+                "calls": config.calib_steps,
+                "noise_seed_start": CALIB_NOISE_SEED,
+                "source": "synthetic_observations(8, seed=0)",
+            },
+            "evaluation": {
+                "observations": len(self.eval_obs),
+                "noise_seeds": self.eval_seeds,
+                "source": f"synthetic_observations({EVAL_OBS}, seed={EVAL_OBS_SEED})",
+                "units": f"normalized actions, first {self.action_dims} dims",
+            },
             "sqnr_inputs": {"calls": self.sqnr_calls, "max_rows": self.max_rows},
             "tokenizer": tokenizer_digest(self.policy),
         }
@@ -632,7 +735,11 @@ class MiniLMProbe(Probe):
         self.model_name = minilm.MINILM_NAME
 
     def scoped(self, config: DuQuantConfig) -> DuQuantConfig:
-        return replace(config, scope=self.minilm.MINILM_SCOPE) if config.scope != self.minilm.MINILM_SCOPE else config
+        return (
+            replace(config, scope=self.minilm.MINILM_SCOPE)
+            if config.scope != self.minilm.MINILM_SCOPE
+            else config
+        )
 
     def calibration_calls(self, calls: int) -> None:
         with torch.no_grad():
@@ -646,14 +753,22 @@ class MiniLMProbe(Probe):
     def protocol(self, config: DuQuantConfig) -> dict:
         return {
             "calibration": {"sentences": len(self.calib), "calls": config.calib_steps},
-            "evaluation": {"sentences": len(self.minilm.EVALUATION_SENTENCES), "units": "L2-normalized embeddings"},
+            "evaluation": {
+                "sentences": len(self.minilm.EVALUATION_SENTENCES),
+                "units": "L2-normalized embeddings",
+            },
             "sqnr_inputs": {"calls": self.sqnr_calls, "max_rows": self.max_rows},
             "weights_sha": self.minilm.weights_fingerprint(),
         }
 
 
-def measure_presets(probe: Probe, configs: Sequence[tuple[str, DuQuantConfig]], *, rtn: bool = True,
-                    progress: Callable[[str], None] | None = None) -> list[ModelMetrics]:
+def measure_presets(
+    probe: Probe,
+    configs: Sequence[tuple[str, DuQuantConfig]],
+    *,
+    rtn: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[ModelMetrics]:
     """probe.measure for each (label, config)."""
     out = []
     for label, cfg in configs:

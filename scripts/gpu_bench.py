@@ -36,20 +36,24 @@ MS = (1, 16, 50, 64, 256, 800, 4096)
 OUT = Path(os.environ.get("OUT", "results"))
 
 
-def sweep_configs(m: int, k: int):
+def sweep_configs(m: int, k: int, n: int):
     n_kt = k // 128
     cands = []
     if m <= 64:
-        bt = 16 if m <= 16 else 64
-        for bw in (64, 128):
-            for sk in (1, 2, 4, 8, 16):
+        for bw in (64,):
+            for codes in (False, True):
+                for sk in (None,):
+                    cfg = tk.fused_small_config(m, n, k, bw=bw, codes=codes, split=sk)
+                    if cfg is not None and cfg not in cands:
+                        cands.append(cfg)
+        for bt in (16, 32, 64):  # the two-launch swap-AB path
+            if bt > 16 and m <= 16:
+                continue
+            for sk in (2, 4, 8, 16):
                 if n_kt % sk == 0:
                     cands.append(
-                        tk.GemmConfig(
-                            path="S", bm=bt, bn=bw, split_k=sk, warps=4, stages=4, act_bm=16, swap=True
-                        )
+                        tk.GemmConfig(path="S", bm=bt, bn=64, split_k=sk, warps=4, stages=4, act_bm=16, swap=True)
                     )
-        cands.append(tk.GemmConfig(path="S", bm=16, bn=64, split_k=4, warps=4, stages=4, act_bm=16))
     elif m <= 256:
         for sk in (1, 2, 4):
             cands.append(
@@ -70,6 +74,9 @@ def sweep_configs(m: int, k: int):
             (256, 128, 8, 3),
         ):
             cands.append(tk.GemmConfig(path="Q", bm=bm, bn=bn, split_k=1, warps=w, stages=st, act_bm=64))
+        for abm, aw in ((32, 4), (128, 8), (64, 8)):  # activation-pass tile
+            cands.append(tk.GemmConfig(path="Q", bm=128, bn=128, split_k=1, warps=8, stages=3, act_bm=abm,
+                                       act_warps=aw))
     return cands
 
 
@@ -101,11 +108,14 @@ def time_layer(k, n, m, preset, sweep: bool):
     pick = tk.pick_config(m, n, k)
     t_w4 = graph_time_us(lambda i: tk.w4a8_linear(x, packs[i], pick), len(packs))
     # split: activation kernel alone and GEMM alone (same config)
-    if pick.path == "Q":
-        q, s = tk.act_quant_chunked(x, lay.w4a8, bm=pick.act_bm, warps=pick.act_warps)
-        t_act = graph_time_us(
-            lambda i: tk.act_quant_chunked(x, lay.w4a8, bm=pick.act_bm, warps=pick.act_warps), 1
-        )
+    t_prev = None
+    if pick.path == "F":  # one launch: no act/GEMM split; the previous two-launch swap-AB path for comparison
+        t_act, t_gemm = 0.0, t_w4
+        prev = dataclasses.replace(pick, path="S", swap=True)
+        t_prev = graph_time_us(lambda i: tk.w4a8_linear(x, packs[i], prev), len(packs))
+    elif pick.path == "Q":
+        q, s = tk.act_quant_large(x, lay.w4a8, pick)
+        t_act = graph_time_us(lambda i: tk.act_quant_large(x, lay.w4a8, pick), 1)
         t_gemm = graph_time_us(
             lambda i: tk.w4a8_gemm(
                 q, s, packs[i], pick, a_float=False, w_int8=tk.unpack_weight_int8(packs[i])
@@ -122,7 +132,7 @@ def time_layer(k, n, m, preset, sweep: bool):
     best = (t_w4, pick.tag())
     sweep_rows = []
     if sweep:
-        for cfg in sweep_configs(m, k):
+        for cfg in sweep_configs(m, k, n):
             try:
                 t = graph_time_us(lambda i, cfg=cfg: tk.w4a8_linear(x, packs[i], cfg), len(packs), reps=7)
             except Exception as exc:  # a config that does not compile/fit is recorded, not fatal
@@ -143,6 +153,7 @@ def time_layer(k, n, m, preset, sweep: bool):
         w4a8_us=t_w4,
         w4a8_act_us=t_act,
         w4a8_gemm_us=t_gemm,
+        prev_two_launch_us=t_prev,
         cfg=pick.tag(),
         best_us=best[0],
         best_cfg=best[1],
@@ -162,6 +173,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="M in {50, 4096}, preset A only")
     ap.add_argument("--presets", default="A,B")
     ap.add_argument("--sweep-min-m", type=int, default=0)
+    ap.add_argument("--sweep-max-m", type=int, default=1 << 30)
+    ap.add_argument("--sweep-presets", default="A")
+    ap.add_argument("--sweep-ms", default="", help="comma-separated M values to sweep (overrides min/max)")
+    ap.add_argument("--ms", default="", help="comma-separated M list for the layer table (default: all)")
+    ap.add_argument("--test-k", default="", help="pytest -k expression for the GPU tests (default: all)")
+    ap.add_argument("--test-workers", type=int, default=0, help="pytest-xdist workers for the GPU tests")
     ap.add_argument("--suite-k", default="", help="pytest -k expression for the bench suite (default: all)")
     ap.add_argument("--budget-s", type=float, default=560, help="stop the bench suite by this many seconds")
     args = ap.parse_args()
@@ -196,7 +213,9 @@ def main() -> int:
                 "-W",
                 "ignore",
                 "-rf",
-            ],
+            ]
+            + (["-k", args.test_k] if args.test_k else [])
+            + (["-n", str(args.test_workers)] if args.test_workers else []),
             capture_output=True,
             text=True,
             env=env,
@@ -218,12 +237,24 @@ def main() -> int:
         expert.append(res)
         print(f"[{time.time() - t0:.0f}s] expert denoise tokens={tokens}: {res}", flush=True)
     rows = []
-    ms = (50, 4096) if args.quick else MS
+    ms = (50, 4096) if args.quick else (tuple(int(v) for v in args.ms.split(",")) if args.ms else MS)
     presets = ("A",) if args.quick else tuple(args.presets.split(","))
     for preset in presets:
         for k, n in EXPERT_SHAPES:
             for m in ms:
-                row = time_layer(k, n, m, preset, args.sweep and preset == "A" and m >= args.sweep_min_m)
+                row = time_layer(
+                    k,
+                    n,
+                    m,
+                    preset,
+                    args.sweep
+                    and preset in args.sweep_presets.split(",")
+                    and (
+                        m in [int(v) for v in args.sweep_ms.split(",")]
+                        if args.sweep_ms
+                        else args.sweep_min_m <= m <= args.sweep_max_m
+                    ),
+                )
                 rows.append(row)
                 (OUT / "gpu_bench.json").write_text(
                     json.dumps(dict(info=info, layers=rows, expert=expert), indent=1)
@@ -243,6 +274,7 @@ def main() -> int:
             f"{r['preset']:>2} {r['k']:>5}->{r['n']:<5} {r['m']:>5} {r['bf16_us']:8.1f} {r['sim_us']:7.1f} "
             f"({r['sim_ratio']:.2f}) {r['w4a8_us']:8.1f} ({r['w4a8_ratio']:.2f})  {r['w4a8_act_us']:5.1f}+"
             f"{r['w4a8_gemm_us']:6.1f}  {r['best_us']:.1f} {r['best_cfg']}"
+            + (f"  prev2L {r['prev_two_launch_us']:.1f}" if r.get("prev_two_launch_us") else "")
         )
     for e in expert:
         b = e["bf16_A_us"]

@@ -33,7 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rotations", default="svd,greedy")
     ap.add_argument("--calib-obs", type=int, default=4)
     ap.add_argument("--eval-obs", type=int, default=4)
-    ap.add_argument("--sqnr-calls", type=int, default=8, help="calibration calls whose layer inputs feed SQNR")
+    ap.add_argument(
+        "--sqnr-calls", type=int, default=8, help="calibration calls whose layer inputs feed SQNR"
+    )
     ap.add_argument("--max-rows", type=int, default=1024, help="captured input rows per layer")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-pi05", action="store_true")
@@ -44,7 +46,12 @@ def main(argv=None) -> int:
 
     from pytest_duquant.config import canonical_preset
     from pytest_duquant.model_metrics import EVAL_OBS_SEED, MiniLMProbe, PolicyProbe
-    from pytest_duquant.reporting.model import collect_metrics, markdown_table, preset_configs, write_model_report
+    from pytest_duquant.reporting.model import (
+        collect_metrics,
+        markdown_table,
+        preset_configs,
+        write_model_report,
+    )
 
     presets = [canonical_preset(p) for p in args.presets.split(",") if p.strip()]
     configs = preset_configs(presets, [r.strip() for r in args.rotations.split(",") if r.strip()])
@@ -56,7 +63,11 @@ def main(argv=None) -> int:
     metrics, timings = [], {}
     if not args.no_pi05:
         from pytest_duquant.policies.pi05.processing import synthetic_observations
-        from pytest_duquant.policies.session import default_calibration_observations, policy_factory, random_policy
+        from pytest_duquant.policies.session import (
+            default_calibration_observations,
+            policy_factory,
+            random_policy,
+        )
 
         t0 = time.perf_counter()
         if args.variant == "dummy" and args.seed == 0:
@@ -67,10 +78,15 @@ def main(argv=None) -> int:
             fingerprint = policy.fingerprint
         timings["build policy"] = time.perf_counter() - t0
         progress(f"{policy!r} built in {timings['build policy']:.0f}s")
-        probe = PolicyProbe(policy, fingerprint=fingerprint, threads=args.threads,
-                            calib_obs=default_calibration_observations(args.calib_obs),
-                            eval_obs=synthetic_observations(args.eval_obs, EVAL_OBS_SEED),
-                            sqnr_calls=args.sqnr_calls, max_rows=args.max_rows)
+        probe = PolicyProbe(
+            policy,
+            fingerprint=fingerprint,
+            threads=args.threads,
+            calib_obs=default_calibration_observations(args.calib_obs),
+            eval_obs=synthetic_observations(args.eval_obs, EVAL_OBS_SEED),
+            sqnr_calls=args.sqnr_calls,
+            max_rows=args.max_rows,
+        )
         t0 = time.perf_counter()
         probe.fp_states()
         timings["pi05 FP reference"] = time.perf_counter() - t0
@@ -90,14 +106,19 @@ def main(argv=None) -> int:
         print("nothing measured", file=sys.stderr)
         return 2
     paths = write_model_report(metrics, args.out, focus=presets[0])
-    print(f"\n## Model report ({datetime.date.today().isoformat()}, torch {torch.__version__}, "
-          f"{args.threads} threads)\n")
+    print(
+        f"\n## Model report ({datetime.date.today().isoformat()}, torch {torch.__version__}, "
+        f"{args.threads} threads)\n"
+    )
     print(f"command: python scripts/model_report.py {' '.join(argv or sys.argv[1:])}\n")
     print(markdown_table(metrics))
     print("\nper-layer SQNR by projection kind (mean dB, DuQuant / RTN):\n")
     print(kind_table(metrics))
-    print("\ntimings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
-          + f"; total {time.perf_counter() - start:.0f}s")
+    print(
+        "\ntimings: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+        + f"; total {time.perf_counter() - start:.0f}s"
+    )
     for k, v in paths.items():
         print(f"wrote {k}: {v}")
     return 0

@@ -13,23 +13,36 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help="write the model report (per-layer SQNR, action error) as PNG + JSON",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "report",
+        help="write the model report (per-layer SQNR, action error) as PNG + JSON",
+        description=__doc__,
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ckpt", default=None, help="pi0.5 checkpoint directory (default: built-in dummy)")
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece tokenizer model")
     p.add_argument("--policy-backend", default="builtin", choices=("builtin", "openpi"))
-    p.add_argument("--variant", default=None, choices=("dummy", "pi05"),
-                   help="without --ckpt: random checkpoint variant (default dummy)")
+    p.add_argument(
+        "--variant",
+        default=None,
+        choices=("dummy", "pi05"),
+        help="without --ckpt: random checkpoint variant (default dummy)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoint (without --ckpt)")
     p.add_argument("--presets", default="A,B,precision,speed", help="comma-separated presets")
     p.add_argument("--rotations", default="svd,greedy", help="comma-separated: svd, greedy")
-    p.add_argument("--minilm", action="store_true", help="also measure all-MiniLM-L6-v2 (real trained weights)")
+    p.add_argument(
+        "--minilm", action="store_true", help="also measure all-MiniLM-L6-v2 (real trained weights)"
+    )
     p.add_argument("--no-policy", action="store_true", help="skip the pi0.5 policy (e.g. MiniLM only)")
     p.add_argument("--calib-obs", type=int, default=None, help="calibration observations (default 8)")
     p.add_argument("--eval-obs", type=int, default=None, help="evaluation observations (default 8)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads while measuring (default 1: reproducible)")
-    p.add_argument("--results", nargs="*", default=[], help="LIBERO results JSONL files/dirs: add success.png")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads while measuring (default 1: reproducible)"
+    )
+    p.add_argument(
+        "--results", nargs="*", default=[], help="LIBERO results JSONL files/dirs: add success.png"
+    )
     p.add_argument("--libero-goldens", default=None, help="golden root for the success figure's FP reference")
     p.set_defaults(func=run)
 
@@ -54,7 +67,10 @@ def run(args) -> int:
     rotations = [r.strip() for r in args.rotations.split(",") if r.strip()]
     bad = [r for r in rotations if r not in ROTATIONS]
     if bad or not rotations:
-        print(f"duquant report: --rotations {args.rotations}: allowed are {', '.join(ROTATIONS)}", file=sys.stderr)
+        print(
+            f"duquant report: --rotations {args.rotations}: allowed are {', '.join(ROTATIONS)}",
+            file=sys.stderr,
+        )
         return 2
     if args.ckpt is not None and not Path(args.ckpt).is_dir():
         print(f"duquant report: --ckpt {args.ckpt}: no such checkpoint directory", file=sys.stderr)
@@ -113,12 +129,18 @@ def run(args) -> int:
     if args.results:
         succ = write_success_report(args.results, out, args.libero_goldens)
         if succ is None:
-            print("duquant report: --results given but no success figure written (no records, or the "
-                  "reporting.success module is unavailable)", file=sys.stderr)
+            print(
+                "duquant report: --results given but no success figure written (no records, or the "
+                "reporting.success module is unavailable)",
+                file=sys.stderr,
+            )
         else:
             written.update({f"success_{k}": v for k, v in succ.items()})
     if not written:
-        print("duquant report: nothing to report (use --minilm, drop --no-policy, or give --results)", file=sys.stderr)
+        print(
+            "duquant report: nothing to report (use --minilm, drop --no-policy, or give --results)",
+            file=sys.stderr,
+        )
         return 2
     for k, v in written.items():
         print(f"wrote {k}: {v}")

@@ -42,7 +42,7 @@ class W4A8Pack:
     w_packed: torch.Tensor  # uint8 [N, K // 2] (pack_int4 layout)
     w_scales: torch.Tensor  # float32 [N]
     bias: torch.Tensor | None  # float32 [N] (already rotated for propagate)
-    r_out: torch.Tensor | None  # float32 [N // block_out, block_out, block_out]; only for restore
+    r_out: torch.Tensor | None  # rot dtype (bf16 default) [N // block_out, block_out, block_out]; restore only
     block_out: int
     abits: int
 
@@ -102,7 +102,7 @@ def make_w4a8_pack(
         nbo, bo, _ = r_out.shape
         if nbo * bo != n:
             raise ValueError(f"r_out shape {tuple(r_out.shape)} does not match out_features={n}")
-        ro = r_out.to(device=dev, dtype=torch.float32).contiguous()
+        ro = r_out.to(device=dev, dtype=rot_dtype).contiguous()  # bf16 by default (memory: ~3.6x vs bf16 W)
     return W4A8Pack(
         in_features=k,
         out_features=n,

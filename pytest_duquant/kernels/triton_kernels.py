@@ -18,6 +18,7 @@ the compact [nb, b, b] tensor), and for b > 64 cols are the b channels of the bl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -197,8 +198,8 @@ def _gemm_finish(
         g = pid_n * BN + ii
         ridx = g[:, None] * BO + (ii % BO)[None, :]
         rmsk = ((ii // BO)[:, None] == (ii // BO)[None, :]) & (g < N)[:, None]
-        rr = tl.load(ro_ptr + ridx, mask=rmsk, other=0.0)
-        y = tl.dot(y, rr)
+        rr = tl.load(ro_ptr + ridx, mask=rmsk, other=0.0).to(tl.bfloat16)
+        y = tl.dot(y.to(tl.bfloat16), rr)  # bf16 operands, fp32 accumulate (2x tf32 rate, half the smem)
     if HAS_BIAS:
         b = tl.load(bias_ptr + rn, mask=nmask, other=0.0)
         y = y + b[None, :]
@@ -452,12 +453,169 @@ def _swap_finish(
         g = pid_n * BW + ii
         ridx = g[None, :] * BO + (ii % BO)[:, None]
         rmsk = ((ii // BO)[:, None] == (ii // BO)[None, :]) & (g < N)[None, :]
-        rt_t = tl.load(ro_ptr + ridx, mask=rmsk, other=0.0)
+        rt_t = tl.load(ro_ptr + ridx, mask=rmsk, other=0.0).to(tl.float32)
         y = tl.dot(rt_t, y)
     if HAS_BIAS:
         b = tl.load(bias_ptr + rw, mask=wmask, other=0.0)
         y = y + b[:, None]
     tl.store(out_ptr + rt[None, :] * stride_om + rw[:, None], y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _grid_sync(bar_ptr, G):
+    """Grid-wide barrier (every program of the launch must be resident: the launcher keeps G <= #SMs).
+    Release: the CTA barrier then an acq_rel atomic by one thread; acquire: poll, then the CTA barrier."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel") + 1
+    while arrived < G:
+        arrived = tl.atomic_add(bar_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fused_step(acc, wp, a_ptr, rt, tmask, kt, K, inv, QMAX: tl.constexpr, CODES: tl.constexpr):
+    kk = tl.arange(0, 64)
+    w32 = wp.to(tl.int32)
+    w_lo = ((w32 << 28) >> 28).to(tl.int8)
+    w_hi = ((w32 << 24) >> 28).to(tl.int8)
+    base = a_ptr + rt[:, None] * K + kt * 128 + kk[None, :]
+    if CODES:
+        al = tl.load(base, mask=tmask[:, None], other=0, cache_modifier=".cg")
+        ah = tl.load(base + 64, mask=tmask[:, None], other=0, cache_modifier=".cg")
+    else:
+        xl = tl.load(base, mask=tmask[:, None], other=0.0, cache_modifier=".cg")
+        xh = tl.load(base + 64, mask=tmask[:, None], other=0.0, cache_modifier=".cg")
+        al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+        ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+    acc = tl.dot(w_lo, tl.trans(al), acc, out_dtype=tl.int32)
+    acc = tl.dot(w_hi, tl.trans(ah), acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _w4a8_fused_small_kernel(
+    x_ptr,
+    perm_ptr,
+    r_ptr,
+    a_ptr,
+    pm_ptr,
+    w_ptr,
+    sw_ptr,
+    bias_ptr,
+    ro_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    bar_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    G,
+    NPM_P2: tl.constexpr,
+    QMAX: tl.constexpr,
+    B: tl.constexpr,
+    W: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RESTORE: tl.constexpr,
+    BO: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    KT_PER: tl.constexpr,
+    BT: tl.constexpr,
+    BW: tl.constexpr,
+    CODES: tl.constexpr,
+):
+    """M <= 64 in ONE launch (grid G <= #SMs, all resident):
+    (0) each program issues the loads of its int4 weight slice [BW rows, KT_PER*128 cols] (HBM latency overlaps
+        what follows); (1) program p rotates 64-column chunk p of x (gather + block rotation, bf16 tensor cores,
+        fp32) and stores x_t (or keeps it) and the per-token partial max; grid barrier; [CODES: each chunk is
+        quantized to int8 with the full per-token scale and stored; second barrier]; (2) program (n-tile,
+        K-slice) quantizes (or loads) its x_t slice, int8 x int4 wgmma with weights as the M side, epilogue as
+        the swap kernel (split-K fix-up, * s_a * s_w, restore tile product, bias)."""
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(N, BW)
+    pid_n = pid % n_t
+    pid_k = pid // n_t
+    rt = tl.arange(0, BT)
+    tmask = rt < M
+    rw = pid_n * BW + tl.arange(0, BW)
+    wmask = (rw < N) & (pid_k < SPLIT_K)
+    kk = tl.arange(0, 64)
+    NPM = K // 64
+    kt0 = tl.minimum(pid_k, SPLIT_K - 1) * KT_PER
+    # (0) weight slice loads, issued first
+    w_base = w_ptr + rw[:, None] * (K // 2) + kt0 * 64 + kk[None, :]
+    wp0 = tl.load(w_base, mask=wmask[:, None], other=0)
+    if KT_PER > 1:
+        wp1 = tl.load(w_base + 64, mask=wmask[:, None], other=0)
+    if KT_PER > 2:
+        wp2 = tl.load(w_base + 128, mask=wmask[:, None], other=0)
+    if KT_PER > 3:
+        wp3 = tl.load(w_base + 192, mask=wmask[:, None], other=0)
+    # (1) rotation of chunk c = pid (programs past the last chunk redo chunk pid % NPM and store nothing)
+    c = pid % NPM
+    own = pid < NPM
+    v = _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rt, tmask, c, B, W, HAS_PERM)
+    cols = c * 64 + tl.arange(0, 64)
+    tl.store(pm_ptr + rt * NPM + c, tl.max(tl.abs(v), axis=1), mask=tmask & own)
+    if not CODES:
+        tl.store(a_ptr + rt[:, None] * K + cols[None, :], v, mask=tmask[:, None] & own)
+    _grid_sync(bar_ptr, G)
+    pc = tl.arange(0, NPM_P2)
+    pm = tl.load(
+        pm_ptr + rt[:, None] * NPM + pc[None, :],
+        mask=tmask[:, None] & (pc < NPM)[None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+    inv = 1.0 / sa
+    if CODES:
+        q = libdevice.rint(tl.math.div_rn(v, tl.broadcast_to(sa[:, None], (BT, 64))))
+        q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
+        tl.store(a_ptr + rt[:, None] * K + cols[None, :], q.to(tl.int8), mask=tmask[:, None] & own)
+        _grid_sync(bar_ptr + 1, G)
+    done = tl.atomic_add(bar_ptr + 2, 1, sem="acq_rel")
+    if done == G - 1:  # everyone has passed the barriers: reset them for the next launch
+        tl.atomic_xchg(bar_ptr, 0)
+        tl.atomic_xchg(bar_ptr + 1, 0)
+        tl.atomic_xchg(bar_ptr + 2, 0)
+    # (2) GEMM slice
+    if pid_k < SPLIT_K:
+        acc = tl.zeros((BW, BT), dtype=tl.int32)
+        acc = _fused_step(acc, wp0, a_ptr, rt, tmask, kt0, K, inv, QMAX, CODES)
+        if KT_PER > 1:
+            acc = _fused_step(acc, wp1, a_ptr, rt, tmask, kt0 + 1, K, inv, QMAX, CODES)
+        if KT_PER > 2:
+            acc = _fused_step(acc, wp2, a_ptr, rt, tmask, kt0 + 2, K, inv, QMAX, CODES)
+        if KT_PER > 3:
+            acc = _fused_step(acc, wp3, a_ptr, rt, tmask, kt0 + 3, K, inv, QMAX, CODES)
+        for kt in range(kt0 + 4, kt0 + KT_PER):
+            wp = tl.load(w_base + (kt - kt0) * 64, mask=wmask[:, None], other=0)
+            acc = _fused_step(acc, wp, a_ptr, rt, tmask, kt, K, inv, QMAX, CODES)
+        sw = tl.load(sw_ptr + rw, mask=wmask, other=0.0)
+        y = acc.to(tl.float32) * sw[:, None] * sa[None, :]  # [BW, BT] = y_tᵀ tile
+        omask = wmask[:, None] & tmask[None, :]
+        tile = rt[None, :] * N + rw[:, None]
+        if SPLIT_K > 1:
+            tl.store(ws_ptr + pid_k * M * N + tile, y, mask=omask)
+            tl.debug_barrier()
+            count = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if count == SPLIT_K - 1:
+                y = tl.zeros((BW, BT), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    y += tl.load(ws_ptr + s * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+                _swap_finish(
+                    y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om, HAS_BIAS, RESTORE,
+                    BO, BW,
+                )
+        else:
+            _swap_finish(
+                y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om, HAS_BIAS, RESTORE, BO, BW
+            )
 
 
 # ---- launchers -------------------------------------------------------------------------------------
@@ -478,11 +636,14 @@ class GemmConfig:
     act_warps: int = 4
     group_m: int = 8
     swap: bool = False  # small M: weights as the MMA's M side, tokens (bm of them) as its N side
+    codes: bool = False  # path "F": int8 codes stored between two grid barriers (else fp32 x_t, one barrier)
 
     def tag(self) -> str:
+        if self.path == "F":
+            return f"F/bt{self.bm}/bw{self.bn}/sk{self.split_k}/w{self.warps}/c{int(self.codes)}"
         return (
             f"{'X' if self.swap else self.path}/bm{self.bm}/bn{self.bn}/sk{self.split_k}/w{self.warps}"
-            f"/s{self.stages}/abm{self.act_bm}"
+            f"/s{self.stages}/abm{self.act_bm}" + (f"/aw{self.act_warps}" if self.act_warps != 4 else "")
         )
 
 
@@ -500,10 +661,13 @@ def pick_config(m: int, n: int, k: int) -> GemmConfig:
     every token, weights streamed once), split-K to fill the 132 SMs. Larger M: the token-major GEMM."""
     n_kt = k // PACK_GROUP
     if m <= 64:
-        bt = 16 if m <= 16 else (32 if m <= 32 else 64)
+        # Two launches (chunk act kernel + swap-AB GEMM). The one-launch kernel (path "F",
+        # `fused_small_config`) measured slower on every expert shape (docs/gpu-notes.md, v4), so it is opt-in.
+        # 16-token tiles for every M <= 64 (v4 prediction: M=50 near the M=16 time instead of 1.6x it).
+        bt = 16
         bw = 64
         n_t = -(-n // bw)
-        split = _divisor_at_most(n_kt, max(1, 256 // n_t))
+        split = _divisor_at_most(n_kt, max(1, (128 if n >= 4096 else 256) // n_t))
         return GemmConfig(path="S", bm=bt, bn=bw, split_k=split, warps=4, stages=4, act_bm=16, swap=True)
     if m <= 256:
         bm, bn = 64, 64
@@ -655,6 +819,17 @@ def act_quant_chunked(x2d: torch.Tensor, pack: W4A8Pack, *, bm: int = 64, warps:
     return q, s
 
 
+def act_quant_large(x2d: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig):
+    """Large-M activation side (path "Q"). With a permutation, x is first gathered once by `index_select`
+    (consecutive threads read one row: the row's sectors are reused in L1) so the two chunk passes read
+    contiguous 128-byte rows instead of a scattered 2-byte gather per element per pass (v4: 70 -> ~29 µs at
+    M=4096, K=1024)."""
+    if pack.perm is not None:
+        x2d = x2d.index_select(1, pack.perm)
+        pack = dataclasses.replace(pack, perm=None)
+    return act_quant_chunked(x2d, pack, bm=cfg.act_bm, warps=cfg.act_warps)
+
+
 def unpack_weight_int8(pack: W4A8Pack) -> torch.Tensor:
     """int8 codes [N, K] (natural order) from the packed weight: a per-call temporary for the large-M GEMM."""
     n, k = pack.out_features, pack.in_features
@@ -755,10 +930,118 @@ def w4a8_gemm(
         )
     if restore and not fuse_restore:  # block_out does not tile BN: a separate small step
         nbo, bo, _ = pack.r_out.shape
-        y = torch.einsum("mnb,nbc->mnc", out_k.view(m, nbo, bo), pack.r_out).reshape(m, n)
+        y = torch.einsum("mnb,nbc->mnc", out_k.view(m, nbo, bo), pack.r_out.float()).reshape(m, n)
         if pack.bias is not None:
             y = y + pack.bias
         out.copy_(y)
+    return out
+
+
+_BARRIERS: dict = {}
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    dev = torch.device(device)
+    key = dev.index if dev.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
+def _barrier(device) -> torch.Tensor:
+    buf = _BARRIERS.get(device)
+    if buf is None:
+        buf = torch.zeros(4, dtype=torch.int32, device=device)
+        _BARRIERS[device] = buf
+    return buf
+
+
+def fused_small_config(
+    m: int, n: int, k: int, *, bw: int = 64, codes: bool | None = None, split: int | None = None, sms: int = 132
+) -> GemmConfig | None:
+    """Config of the one-launch small-M kernel (path "F"), or None when it does not apply (M > 64, or the grid
+    would exceed the SM count: the grid barrier needs every program resident)."""
+    if m > 64:
+        return None
+    n_kt = k // PACK_GROUP
+    n_t = -(-n // bw)
+    if split is None:
+        split = _divisor_at_most(n_kt, max(1, sms // n_t))
+    if n_kt % split or max(n_t * split, k // CHUNK) > sms:
+        return None
+    if codes is None:
+        codes = n >= 2048  # int8 codes (2 barriers) where many N tiles re-read the activations (sweep)
+    bt = 16 if m <= 16 else (32 if m <= 32 else 64)
+    return GemmConfig(
+        path="F", bm=bt, bn=bw, split_k=split, warps=4 if bw == 64 else 8, stages=4, codes=codes, swap=True
+    )
+
+
+def w4a8_fused_small(
+    x2d: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig, *, out_dtype=None, epilogue: bool = True
+) -> torch.Tensor:
+    """Real W4A8 forward for M <= 64 in one launch (`_w4a8_fused_small_kernel`). `epilogue=False` leaves out
+    bias and restore (integer tests)."""
+    m, k = x2d.shape
+    n = pack.out_features
+    bt, bw, split = cfg.bm, cfg.bn, cfg.split_k
+    if m > bt or bt > 64:
+        raise ValueError(f"w4a8_fused_small: M={m} needs bt >= M and bt <= 64 (got bt={bt})")
+    n_kt = k // PACK_GROUP
+    n_t = triton.cdiv(n, bw)
+    npm = k // CHUNK
+    grid = max(n_t * split, npm)
+    if n_kt % split or grid > _sm_count(x2d.device):
+        raise ValueError(
+            f"w4a8_fused_small: split_k={split} must divide K/128={n_kt} and the grid ({grid}) fit the SMs"
+        )
+    out_dtype = out_dtype or x2d.dtype
+    out = _empty((m, n), out_dtype, x2d.device)
+    restore = epilogue and pack.r_out is not None
+    if restore and not (bw % pack.block_out == 0 and pack.block_out >= 16):
+        raise ValueError(f"w4a8_fused_small: block_out={pack.block_out} does not tile bw={bw}")
+    has_bias = epilogue and pack.bias is not None
+    a = _empty((m, k), torch.int8 if cfg.codes else torch.float32, x2d.device)
+    pm = _empty((m, npm), torch.float32, x2d.device)
+    ws = _empty((split, m, n), torch.float32, x2d.device) if split > 1 else out
+    b, w = _rot_params(pack.block)
+    _w4a8_fused_small_kernel[(grid,)](
+        x2d,
+        pack.perm if pack.perm is not None else pack.r_in,
+        pack.r_in,
+        a,
+        pm,
+        pack.w_packed,
+        pack.w_scales,
+        pack.bias if has_bias else pack.w_scales,
+        pack.r_out if restore else pack.w_scales,
+        out,
+        ws,
+        _counters(x2d.device, n_t) if split > 1 else pack.w_scales,
+        _barrier(x2d.device),
+        m,
+        n,
+        k,
+        x2d.stride(0),
+        out.stride(0),
+        grid,
+        NPM_P2=triton.next_power_of_2(npm),
+        QMAX=pack.qmax_a,
+        B=b,
+        W=w,
+        HAS_PERM=pack.perm is not None,
+        HAS_BIAS=has_bias,
+        RESTORE=restore,
+        BO=max(pack.block_out, 1),
+        SPLIT_K=split,
+        KT_PER=n_kt // split,
+        BT=bt,
+        BW=bw,
+        CODES=cfg.codes,
+        num_warps=cfg.warps,
+        num_stages=1,
+    )
     return out
 
 
@@ -771,11 +1054,17 @@ def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) 
     m = x2.shape[0]
     if cfg is None:
         cfg = pick_config(m, pack.out_features, pack.in_features)
+    if cfg.path == "F":
+        fusable = pack.r_out is None or (cfg.bn % pack.block_out == 0 and pack.block_out >= 16)
+        grid = max(triton.cdiv(pack.out_features, cfg.bn) * cfg.split_k, pack.in_features // CHUNK)
+        if fusable and m <= cfg.bm and grid <= _sm_count(x2.device):
+            return w4a8_fused_small(x2, pack, cfg).reshape(*lead, pack.out_features)
+        cfg = dataclasses.replace(cfg, path="S", swap=True, stages=4)  # the two-launch swap-AB path
     if cfg.path == "L":
         q, s = act_quant(x2, pack, bm=cfg.act_bm, warps=cfg.act_warps)
         y = w4a8_gemm(q, s, pack, cfg, a_float=False, out_dtype=x.dtype)
     elif cfg.path == "Q":
-        q, s = act_quant_chunked(x2, pack, bm=cfg.act_bm, warps=cfg.act_warps)
+        q, s = act_quant_large(x2, pack, cfg)
         y = w4a8_gemm(q, s, pack, cfg, a_float=False, out_dtype=x.dtype, w_int8=unpack_weight_int8(pack))
     else:
         xt, pm = act_chunks(x2, pack.perm, pack.r_in, pack.block, mode=0, bm=cfg.act_bm, warps=cfg.act_warps)

