@@ -52,7 +52,9 @@ def sweep_configs(m: int, k: int, n: int):
             for sk in (2, 4, 8, 16):
                 if n_kt % sk == 0:
                     cands.append(
-                        tk.GemmConfig(path="S", bm=bt, bn=64, split_k=sk, warps=4, stages=4, act_bm=16, swap=True)
+                        tk.GemmConfig(
+                            path="S", bm=bt, bn=64, split_k=sk, warps=4, stages=4, act_bm=16, swap=True
+                        )
                     )
     elif m <= 256:
         for sk in (1, 2, 4):
@@ -75,8 +77,11 @@ def sweep_configs(m: int, k: int, n: int):
         ):
             cands.append(tk.GemmConfig(path="Q", bm=bm, bn=bn, split_k=1, warps=w, stages=st, act_bm=64))
         for abm, aw in ((32, 4), (128, 8), (64, 8)):  # activation-pass tile
-            cands.append(tk.GemmConfig(path="Q", bm=128, bn=128, split_k=1, warps=8, stages=3, act_bm=abm,
-                                       act_warps=aw))
+            cands.append(
+                tk.GemmConfig(
+                    path="Q", bm=128, bn=128, split_k=1, warps=8, stages=3, act_bm=abm, act_warps=aw
+                )
+            )
     return cands
 
 

@@ -42,7 +42,9 @@ class W4A8Pack:
     w_packed: torch.Tensor  # uint8 [N, K // 2] (pack_int4 layout)
     w_scales: torch.Tensor  # float32 [N]
     bias: torch.Tensor | None  # float32 [N] (already rotated for propagate)
-    r_out: torch.Tensor | None  # rot dtype (bf16 default) [N // block_out, block_out, block_out]; restore only
+    r_out: (
+        torch.Tensor | None
+    )  # rot dtype (bf16 default) [N // block_out, block_out, block_out]; restore only
     block_out: int
     abits: int
 

@@ -6,6 +6,8 @@ Kernels (each has a twin in `reference.py`):
   _act_chunk_kernel   one (row tile, 64-column chunk) per program; MODE 0 stores x_t (fp32) and per-row
                       partial max|x_t| (small-M path: the GEMM quantizes in its loop); MODE 1 static
                       per-channel fake quant (simulated path); MODE 2 transform only.
+  _w4a8_fused_small_kernel  M <= 64 in one launch: rotation chunk per program -> grid barrier -> quantize ->
+                      int8 x int4 swap-AB GEMM slice -> split-K fix-up + epilogue (opt-in path "F").
   _w4a8_gemm_kernel   int8 activations (or fp32 x_t quantized in the K loop) x packed int4 weights,
                       int32 tensor-core accumulation, epilogue: * s_a * s_w, restore rotation (block-
                       diagonal tile product), + bias; optional split-K with an in-kernel fix-up (the last
@@ -528,10 +530,11 @@ def _w4a8_fused_small_kernel(
     CODES: tl.constexpr,
 ):
     """M <= 64 in ONE launch (grid G <= #SMs, all resident):
-    (0) each program issues the loads of its int4 weight slice [BW rows, KT_PER*128 cols] (HBM latency overlaps
-        what follows); (1) program p rotates 64-column chunk p of x (gather + block rotation, bf16 tensor cores,
-        fp32) and stores x_t (or keeps it) and the per-token partial max; grid barrier; [CODES: each chunk is
-        quantized to int8 with the full per-token scale and stored; second barrier]; (2) program (n-tile,
+    (0) each program issues the loads of its int4 weight slice [BW rows, KT_PER*128 cols] (HBM latency
+        overlaps what follows); (1) program p rotates 64-column chunk p of x (gather + block rotation, bf16
+        tensor cores, fp32) and stores x_t (or keeps it) and the per-token partial max; grid barrier;
+        [CODES: each chunk is quantized to int8 with the full per-token scale and stored; second barrier];
+        (2) program (n-tile,
         K-slice) quantizes (or loads) its x_t slice, int8 x int4 wgmma with weights as the M side, epilogue as
         the swap kernel (split-K fix-up, * s_a * s_w, restore tile product, bias)."""
     pid = tl.program_id(0)
@@ -609,12 +612,39 @@ def _w4a8_fused_small_kernel(
                     y += tl.load(ws_ptr + s * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
                 _swap_finish(
-                    y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om, HAS_BIAS, RESTORE,
-                    BO, BW,
+                    y,
+                    rt,
+                    rw,
+                    pid_n,
+                    N,
+                    omask,
+                    wmask,
+                    bias_ptr,
+                    ro_ptr,
+                    out_ptr,
+                    stride_om,
+                    HAS_BIAS,
+                    RESTORE,
+                    BO,
+                    BW,
                 )
         else:
             _swap_finish(
-                y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om, HAS_BIAS, RESTORE, BO, BW
+                y,
+                rt,
+                rw,
+                pid_n,
+                N,
+                omask,
+                wmask,
+                bias_ptr,
+                ro_ptr,
+                out_ptr,
+                stride_om,
+                HAS_BIAS,
+                RESTORE,
+                BO,
+                BW,
             )
 
 
@@ -657,12 +687,13 @@ def _divisor_at_most(n: int, cap: int) -> int:
 def pick_config(m: int, n: int, k: int) -> GemmConfig:
     """Heuristic configuration (from the H100 sweep of scripts/gpu_bench.py --sweep; docs/gpu-notes.md).
 
-    All M use the chunk-parallel activation kernel (path S). M <= 64: the swap-AB GEMM (one program covers
-    every token, weights streamed once), split-K to fill the 132 SMs. Larger M: the token-major GEMM."""
+    M <= 64: chunk activation kernel + swap-AB GEMM in 16-token tiles, split-K to fill the 132 SMs (the
+    one-launch path "F" is opt-in: measured slower, docs/gpu-notes.md v4). M <= 256: the token-major GEMM
+    on fp32 x_t. Larger M: path "Q" (int8 codes, weight unpacked once per call)."""
     n_kt = k // PACK_GROUP
     if m <= 64:
         # Two launches (chunk act kernel + swap-AB GEMM). The one-launch kernel (path "F",
-        # `fused_small_config`) measured slower on every expert shape (docs/gpu-notes.md, v4), so it is opt-in.
+        # `fused_small_config`) measured slower on every expert shape (docs/gpu-notes.md v4): opt-in.
         # 16-token tiles for every M <= 64 (v4 prediction: M=50 near the M=16 time instead of 1.6x it).
         bt = 16
         bw = 64
@@ -958,7 +989,14 @@ def _barrier(device) -> torch.Tensor:
 
 
 def fused_small_config(
-    m: int, n: int, k: int, *, bw: int = 64, codes: bool | None = None, split: int | None = None, sms: int = 132
+    m: int,
+    n: int,
+    k: int,
+    *,
+    bw: int = 64,
+    codes: bool | None = None,
+    split: int | None = None,
+    sms: int = 132,
 ) -> GemmConfig | None:
     """Config of the one-launch small-M kernel (path "F"), or None when it does not apply (M > 64, or the grid
     would exceed the SM count: the grid barrier needs every program resident)."""
