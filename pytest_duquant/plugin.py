@@ -84,6 +84,30 @@ def _cuda_reason() -> str | None:
     return None
 
 
+_REPORT_KEY = pytest.StashKey[dict]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    """--duquant-report DIR: write the model report (PNG + JSON) and, with rollout results, the success one."""
+    config = session.config
+    out = config.getoption("--duquant-report") or config.getini("duquant_report")
+    if not out or hasattr(config, "workerinput"):
+        return
+    from pytest_duquant.reporting.model import write_session_report
+
+    results_dir = Path(config.getoption("--libero-results") or "libero_results")
+    results = sorted(results_dir.glob("*.jsonl")) if results_dir.is_dir() else []
+    try:
+        paths = write_session_report(
+            session_config(config), out, ckpt=_ckpt_option(config), tokenizer=config.getoption("--tokenizer"),
+            backend=config.getoption("--policy-backend"), results=results,
+            libero_goldens=Path(config.rootpath) / "golden" / "libero",
+        )
+        config.stash[_REPORT_KEY] = {"paths": {k: str(v) for k, v in paths.items()}}
+    except Exception as exc:  # noqa: BLE001 - the run's outcome stands; say why the report is missing
+        config.stash[_REPORT_KEY] = {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"duquant: {session_config(config).describe()}"
 
@@ -97,11 +121,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         return
     tr.write_line(f"preset {cfg.preset}; precedence: option > OPENPI_DUQUANT_* > preset > defaults")
     for env, value, source in cfg.summary_items():
-        origin = {"default": "default (preset A)", "preset": f"preset {cfg.preset}", "env": "environment",
+        origin = {"default": "default", "preset": f"preset {cfg.preset}", "env": "environment",
                   "override": "option"}[source]
         tr.write_line(f"  {env:<20} = {value:<40} [{origin}]")
     ckpt = _ckpt_option(config)
     tr.write_line(f"checkpoint: {ckpt if ckpt else 'built-in dummy pi0.5 (random init)'}")
+    report = config.stash.get(_REPORT_KEY, None)
+    if report is not None:
+        if "error" in report:
+            tr.write_line(f"report NOT written: {report['error']}", red=True)
+        for kind, path in report.get("paths", {}).items():
+            tr.write_line(f"report {kind}: {path}")
 
 
 # ---- fixtures -----------------------------------------------------------------------------------

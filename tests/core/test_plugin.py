@@ -1,5 +1,7 @@
 """The pytest plugin, tested through pytester (it is registered by the pytest11 entry point)."""
 
+import json
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -103,3 +105,15 @@ def test_fp_preset_summary_says_no_quantization(pytester):
     result = pytester.runpytest("--duquant-preset=fp")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*preset fp: no quantization*"])
+
+
+def test_duquant_report_option_writes_png_and_json_at_session_end(pytester, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENPI_DUQUANT_CALIB_STEPS", "2")  # keep the end-of-run measurement short
+    pytester.makepyfile("def test_x():\n    pass\n")
+    out = tmp_path / "report"
+    result = pytester.runpytest("--duquant-preset=B", f"--duquant-report={out}")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"report png: {out / 'model.png'}", f"report json: {out / 'model.json'}"])
+    assert (out / "model.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "model.json").read_text())
+    assert list(data["models"]) == ["pi05:dummy"]
