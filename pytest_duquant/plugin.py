@@ -69,7 +69,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     cuda = _cuda_reason()
     for item in items:
         if item.get_closest_marker("libero") and "libero" not in markexpr:
-            item.add_marker(pytest.mark.skip(reason="LIBERO golden rollouts run only when selected: -m libero --ckpt DIR"))
+            reason = "LIBERO golden rollouts run only when selected: -m libero --ckpt DIR"
+            item.add_marker(pytest.mark.skip(reason=reason))
         if item.get_closest_marker("gpu") and cuda:
             item.add_marker(pytest.mark.skip(reason=cuda))
 

@@ -51,9 +51,8 @@ def run(args) -> int:
         print(report.summary())
         return 0
 
-    from pytest_duquant.model_metrics import PolicyProbe
-
     from pytest_duquant.libero.calibration import CalibrationSourceError, calibration_observations
+    from pytest_duquant.model_metrics import PolicyProbe
 
     try:
         calib = calibration_observations(args.calib)
@@ -84,7 +83,8 @@ def format_metrics(metrics) -> str:
     for la in metrics.layers:
         rtn = "-" if la.rtn_sqnr_db is None else f"{la.rtn_sqnr_db:7.2f}"
         gain = "-" if la.gain_db is None else f"{la.gain_db:+6.2f}"
-        rows.append(f"{la.name:<{w}} {la.shape[0]:>5}x{la.shape[1]:<5} W{la.wbits:<3} {la.sqnr_db:8.2f} {rtn:>7} {gain:>6}")
+        shape = f"{la.shape[0]:>5}x{la.shape[1]:<5}"
+        rows.append(f"{la.name:<{w}} {shape} W{la.wbits:<3} {la.sqnr_db:8.2f} {rtn:>7} {gain:>6}")
     out = metrics.output
     rows.append("")
     rows.append(f"layers: {len(metrics.layers)}; mean SQNR {metrics.mean_sqnr_db:.2f} dB"

@@ -78,8 +78,8 @@ def pi05_policy_factory(
     """A zero-argument factory: the pi0.5 policy of ``ckpt``, quantized and calibrated under ``config``.
 
     ``config`` None or disabled (preset ``fp``) gives the FP policy. ``calibration``: the calibration
-    source (``synthetic`` default, ``libero:<suite>``, or an .npz path; see libero/calibration.py). Nothing is loaded until the factory
-    is called, so a run with nothing left to do (resume) never loads the model. The factory carries
+    source (``synthetic`` default, ``libero:<suite>``, or an .npz path; see libero/calibration.py).
+    Nothing is loaded until the factory is called, so a run with nothing left to do (resume) never loads the model. The factory carries
     ``fingerprint`` (the checkpoint's) and ``preset`` so results can be labelled before loading.
     """
     try:
@@ -108,7 +108,8 @@ def pi05_policy_factory(
         if enabled:
             from pytest_duquant.libero.calibration import calibration_observations
 
-            policy, _report = session.quantize_and_calibrate(policy, config, calibration_observations(calibration))
+            calib = calibration_observations(calibration)
+            policy, _report = session.quantize_and_calibrate(policy, config, calib)
         policy.preset = preset
         return policy
 

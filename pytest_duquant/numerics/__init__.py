@@ -1,5 +1,6 @@
 """Pure DuQuant math (SPEC §3): no pytest, no I/O, no global state."""
 
+from pytest_duquant.numerics.calibration import PercentileObserver, percentile_abs
 from pytest_duquant.numerics.permutation import channel_energy, invert_permutation, smooth_energy, zigzag_permutation
 from pytest_duquant.numerics.quantizers import (
     fake_quant_sym,
@@ -15,7 +16,6 @@ from pytest_duquant.numerics.rotation import (
     input_rotation,
     output_rotation,
 )
-from pytest_duquant.numerics.calibration import PercentileObserver, percentile_abs
 
 __all__ = [
     "channel_energy",

@@ -62,7 +62,7 @@ def test_error_falls_as_bits_rise(w, seed):
         codes, scales = quantize_weight_mse(w, bits)
         errs.append(((codes.float() * scales[:, None] - w) ** 2).sum().item())
     tol = 1e-9 * float((w**2).sum())  # single-entry rows are exact at every width, up to float rounding
-    assert all(a >= b - tol for a, b in zip(errs, errs[1:]))
+    assert all(a >= b - tol for a, b in zip(errs, errs[1:], strict=False))
     assert errs[-1] < errs[0] or errs[0] <= tol
 
 

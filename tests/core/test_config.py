@@ -16,8 +16,10 @@ P = "OPENPI_DUQUANT_"
 
 def test_internal_defaults_are_preset_a_and_the_expert_scope():
     cfg = from_env({})
-    assert (cfg.preset, cfg.enabled, cfg.wbits_default, cfg.abits, cfg.block, cfg.permute) == ("A", True, 4, 8, 16, True)
-    assert (cfg.row_rot, cfg.act_pct, cfg.calib_steps, cfg.ls, cfg.effective_block_out) == ("restore", 99.9, 32, 0.15, 16)
+    got = (cfg.preset, cfg.enabled, cfg.wbits_default, cfg.abits, cfg.block, cfg.permute)
+    assert got == ("A", True, 4, 8, 16, True)
+    got = (cfg.row_rot, cfg.act_pct, cfg.calib_steps, cfg.ls, cfg.effective_block_out)
+    assert got == ("restore", 99.9, 32, 0.15, 16)
     assert cfg.scope == DEFAULT_SCOPE == "paligemma_with_expert.gemma_expert.model."
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert proj in DEFAULT_INCLUDE
