@@ -79,7 +79,8 @@ def pi05_policy_factory(
 
     ``config`` None or disabled (preset ``fp``) gives the FP policy. ``calibration``: the calibration
     source (``synthetic`` default, ``libero:<suite>``, or an .npz path; see libero/calibration.py).
-    Nothing is loaded until the factory is called, so a run with nothing left to do (resume) never loads the model. The factory carries
+    Nothing is loaded until the factory is called, so a run with nothing left to do (resume) never
+    loads the model. The factory carries
     ``fingerprint`` (the checkpoint's) and ``preset`` so results can be labelled before loading.
     """
     try:
