@@ -108,5 +108,9 @@ def _maybe_plot(metrics, out: Path):
     if plot is None:
         return None
     png = out / "report.png"
-    plot([metrics], png)
+    try:
+        plot([metrics], png)
+    except ImportError as exc:  # matplotlib is in the `test` extra, not the core install
+        print(f"duquant: no PNG ({exc}); pip install matplotlib for the figure", file=sys.stderr)
+        return None
     return png
