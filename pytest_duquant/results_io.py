@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_duquant.libero.results import REQUIRED
+
 __all__ = [
     "EpisodeResult",
     "ResultsFormatError",
@@ -40,18 +42,8 @@ _ALIASES = {
     "wall_time": "wall_s",
     "wall_time_s": "wall_s",
 }
-_FIELDS = (
-    "suite",
-    "task_id",
-    "trial",
-    "seed",
-    "success",
-    "steps",
-    "wall_s",
-    "preset",
-    "fingerprint",
-    "protocol",
-)
+# The writer (libero/results.py) owns the record layout; the gate reads the same fields ("error" is optional).
+_FIELDS = tuple(f for f in REQUIRED if f != "error")
 
 
 class ResultsFormatError(ValueError):
