@@ -40,22 +40,16 @@ def sweep_configs(m: int, k: int, n: int):
     n_kt = k // 128
     cands = []
     if m <= 64:
-        for bw in (64,):
-            for codes in (False, True):
-                for sk in (None,):
-                    cfg = tk.fused_small_config(m, n, k, bw=bw, codes=codes, split=sk)
-                    if cfg is not None and cfg not in cands:
-                        cands.append(cfg)
-        for bt in (16, 32, 64):  # the two-launch swap-AB path
+        for bt in (16, 32, 64):
             if bt > 16 and m <= 16:
                 continue
-            for sk in (2, 4, 8, 16):
+            for sk in (1, 2, 4, 8, 16):
                 if n_kt % sk == 0:
-                    cands.append(
-                        tk.GemmConfig(
-                            path="S", bm=bt, bn=64, split_k=sk, warps=4, stages=4, act_bm=16, swap=True
-                        )
-                    )
+                    cands.append(tk.small_config(m, n, k, bt=bt, split=sk))
+        for bt in (32, 64):  # path C (int8 codes from two activation passes)
+            for sk in (2, 8):
+                if n_kt % sk == 0 and not (bt > 16 and m <= 16):
+                    cands.append(tk.small_config(m, n, k, bt=bt, split=sk, codes=True))
     elif m <= 256:
         for sk in (1, 2, 4):
             cands.append(
@@ -114,9 +108,11 @@ def time_layer(k, n, m, preset, sweep: bool):
     t_w4 = graph_time_us(lambda i: tk.w4a8_linear(x, packs[i], pick), len(packs))
     # split: activation kernel alone and GEMM alone (same config)
     t_prev = None
-    if pick.path == "F":  # one launch: no act/GEMM split; the previous two-launch swap-AB path for comparison
-        t_act, t_gemm = 0.0, t_w4
-        prev = dataclasses.replace(pick, path="S", swap=True)
+    if pick.swap:  # small M: activation side and GEMM apart; path C (codes) for comparison
+        a, sa = tk.act_small(x, lay.w4a8, pick)
+        t_act = graph_time_us(lambda i: tk.act_small(x, lay.w4a8, pick), 1)
+        t_gemm = graph_time_us(lambda i: tk.gemm_small(a, sa, packs[i], pick), len(packs))
+        prev = dataclasses.replace(pick, path="C")
         t_prev = graph_time_us(lambda i: tk.w4a8_linear(x, packs[i], prev), len(packs))
     elif pick.path == "Q":
         q, s = tk.act_quant_large(x, lay.w4a8, pick)
@@ -170,6 +166,40 @@ def time_layer(k, n, m, preset, sweep: bool):
     )
 
 
+GROUPS = {"qkv": (1024, (2048, 256, 256)), "gate_up": (1024, (4096, 4096))}
+
+
+def time_group(name: str, preset: str, m: int) -> dict:
+    """Linears sharing one input: bf16 (one F.linear per member) vs W4A8 one member at a time vs the
+    W4A8Group (one activation + one GEMM launch)."""
+    from pytest_duquant.kernels.packs import make_w4a8_group
+
+    k, widths = GROUPS[name]
+    layers = [synth_layer(k, n, preset, bias=False) for n in widths]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    cb = copies_for(sum(lay.weight.numel() * 2 for lay in layers))
+    wsets = [[lay.weight] + [lay.weight.clone() for _ in range(min(cb, 256) - 1)] for lay in layers]
+    t_bf16 = graph_time_us(lambda i: [F.linear(x, ws[i]) for ws in wsets], len(wsets[0]))
+    wsets.clear()
+    grp = make_w4a8_group([lay.w4a8 for lay in layers])
+    cw = copies_for(grp.w_packed.numel())
+    grps = [grp] + [dataclasses.replace(grp, w_packed=grp.w_packed.clone()) for _ in range(min(cw, 256) - 1)]
+    t_members = graph_time_us(
+        lambda i: [tk.w4a8_linear(x, dataclasses.replace(p, w_packed=grps[i].w_packed)) for p in grp.packs],
+        len(grps),
+    )
+    t_group = graph_time_us(lambda i: tk.w4a8_small(x, grps[i]), len(grps))
+    return dict(
+        group=name,
+        preset=preset,
+        m=m,
+        bf16_us=t_bf16,
+        w4a8_members_us=t_members,
+        w4a8_group_us=t_group,
+        group_ratio=t_group / t_bf16,
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
@@ -218,6 +248,8 @@ def main() -> int:
                 "-W",
                 "ignore",
                 "-rf",
+                "--timeout=240",  # a hung kernel (e.g. a launch barrier) fails its test instead of the call
+                "--timeout-method=thread",
             ]
             + (["-k", args.test_k] if args.test_k else [])
             + (["-n", str(args.test_workers)] if args.test_workers else []),
@@ -231,9 +263,22 @@ def main() -> int:
         info["tests_rc"] = r.returncode
         print(f"[{time.time() - t0:.0f}s] tests rc={r.returncode}", flush=True)
     expert = []
+    groups = []
+    for preset in ("A", "B"):
+        for name in GROUPS:
+            g = time_group(name, preset, 50)
+            groups.append(g)
+            print(f"[{time.time() - t0:.0f}s] group {g}", flush=True)
+    expert_modes = [("bf16", "A")] + [
+        (mode, preset)
+        for preset in ("A", "B")
+        for mode in ("w4a8", "w4a8-grouped", "w4a8-grouped-geglu", "w4a8-grouped-codes")
+    ] + [("sim", "A")]
     for tokens in (50, 400):
         res = {"tokens": tokens}
-        for mode, preset in (("bf16", "A"), ("w4a8", "A"), ("w4a8", "B"), ("sim", "A")):
+        for mode, preset in expert_modes:
+            if tokens > 64 and mode.startswith("w4a8-grouped"):
+                continue  # the same kernels as "w4a8" above 64 tokens
             stack = ExpertStack(mode, preset)
             res[f"{mode}_{preset}_us"] = time_denoise(stack, tokens)
             res[f"{mode}_{preset}_bytes"] = stack.weight_bytes()
@@ -262,7 +307,7 @@ def main() -> int:
                 )
                 rows.append(row)
                 (OUT / "gpu_bench.json").write_text(
-                    json.dumps(dict(info=info, layers=rows, expert=expert), indent=1)
+                    json.dumps(dict(info=info, layers=rows, expert=expert, groups=groups), indent=1)
                 )
                 print(
                     f"[{time.time() - t0:.0f}s] {preset} {k}->{n} M={m}: bf16 {row['bf16_us']:.1f} "
@@ -270,7 +315,9 @@ def main() -> int:
                     f"{row['w4a8_gemm_us']:.1f}) best {row['best_us']:.1f} {row['best_cfg']}",
                     flush=True,
                 )
-    (OUT / "gpu_bench.json").write_text(json.dumps(dict(info=info, layers=rows, expert=expert), indent=1))
+    (OUT / "gpu_bench.json").write_text(
+        json.dumps(dict(info=info, layers=rows, expert=expert, groups=groups), indent=1)
+    )
     # ---- table ----
     print(f"\n{info['device']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
     print("preset shape        M     bf16us   sim us (x)      w4a8 us (x)     act+gemm    best(cfg)")
@@ -279,18 +326,27 @@ def main() -> int:
             f"{r['preset']:>2} {r['k']:>5}->{r['n']:<5} {r['m']:>5} {r['bf16_us']:8.1f} {r['sim_us']:7.1f} "
             f"({r['sim_ratio']:.2f}) {r['w4a8_us']:8.1f} ({r['w4a8_ratio']:.2f})  {r['w4a8_act_us']:5.1f}+"
             f"{r['w4a8_gemm_us']:6.1f}  {r['best_us']:.1f} {r['best_cfg']}"
-            + (f"  prev2L {r['prev_two_launch_us']:.1f}" if r.get("prev_two_launch_us") else "")
+            + (f"  pathC {r['prev_two_launch_us']:.1f}" if r.get("prev_two_launch_us") else "")
+        )
+    for g in groups:
+        print(
+            f"group {g['group']:8s} {g['preset']} M={g['m']}: bf16 {g['bf16_us']:.1f} us, W4A8 members "
+            f"{g['w4a8_members_us']:.1f}, W4A8 group {g['w4a8_group_us']:.1f} ({g['group_ratio']:.2f}x)"
         )
     for e in expert:
         b = e["bf16_A_us"]
-        print(
-            f"expert denoise (18 layers x 10 steps) tokens={e['tokens']}: bf16 {b:.0f} us, "
-            f"W4A8-A {e['w4a8_A_us']:.0f} ({e['w4a8_A_us'] / b:.2f}x), W4A8-B {e['w4a8_B_us']:.0f} "
-            f"({e['w4a8_B_us'] / b:.2f}x), sim-A {e['sim_A_us']:.0f} ({e['sim_A_us'] / b:.2f}x); "
-            "weight bytes "
-            f"bf16/W4A8-A {e['bf16_A_bytes'] / e['w4a8_A_bytes']:.2f}x, bf16/W4A8-B "
-            f"{e['bf16_A_bytes'] / e['w4a8_B_bytes']:.2f}x"
-        )
+        parts = [
+            f"{key[:-3]} {val:.0f} ({val / b:.2f}x)"
+            for key, val in e.items()
+            if key.endswith("_us") and key != "bf16_A_us"
+        ]
+        print(f"expert denoise (18 layers x 10 steps) tokens={e['tokens']}: bf16 {b:.0f} us; " + ", ".join(parts))
+        mem = [
+            f"{key[:-6]} {e['bf16_A_bytes'] / val:.2f}x"
+            for key, val in e.items()
+            if key.endswith("_bytes") and key != "bf16_A_bytes"
+        ]
+        print("  weight bytes, bf16 / mode: " + ", ".join(mem))
     if args.bench_suite:
         try:
             r = subprocess.run(

@@ -137,15 +137,32 @@ EXPERT_LINEARS = (
 )
 
 
+EXPERT_MODES = {
+    "bf16": "F.linear on the bf16 weights",
+    "w4a8": "real W4A8, one layer at a time (pick_config)",
+    "w4a8-grouped": "real W4A8, q/k/v and gate/up as W4A8Groups (one activation + one GEMM launch each)",
+    "w4a8-grouped-geglu": "w4a8-grouped + gelu_tanh(gate) * up fused into the down projection's activation kernel",
+    "w4a8-grouped-codes": "w4a8-grouped-geglu on small-M path C (two activation passes -> int8 codes, GEMM on codes)",
+    "sim": "simulated path (static fake quant + cuBLAS)",
+}
+
+
 class ExpertStack:
-    """18 Gemma layers (RMSNorm, GQA attention over the action tokens, gated GELU-tanh MLP); `linear(name,
-    layer_idx, x)` is pluggable: bf16 F.linear, the real W4A8 kernel, or the simulated path."""
+    """18 Gemma layers (RMSNorm, GQA attention over the action tokens, gated GELU-tanh MLP); the linears run
+    as one of EXPERT_MODES. Grouped modes apply to M <= 64 tokens (path "C"); larger M runs the members one
+    by one."""
 
     def __init__(self, mode: str, preset: str = "A", depth: int = 18, device="cuda", seed: int = 0):
         from pytest_duquant.kernels import triton_kernels as tk
+        from pytest_duquant.kernels.packs import make_w4a8_group
 
+        if mode not in EXPERT_MODES:
+            raise ValueError(f"ExpertStack: mode {mode!r} is not one of {sorted(EXPERT_MODES)}")
         self.tk = tk
         self.mode = mode
+        self.grouped = mode.startswith("w4a8-grouped")
+        self.geglu = mode in ("w4a8-grouped-geglu", "w4a8-grouped-codes")
+        self.codes = mode == "w4a8-grouped-codes"
         self.depth = depth
         gen = torch.Generator(device=device).manual_seed(seed)
         self.layers = []
@@ -155,16 +172,22 @@ class ExpertStack:
                 lay[name] = synth_layer(k, n, preset, device=device, bias=False, gen=gen)
                 if mode == "bf16":
                     lay[name] = lay[name].weight
-                elif mode == "w4a8":
+                elif mode.startswith("w4a8"):
                     lay[name] = lay[name].w4a8
                 else:
                     lay[name] = lay[name].sim
+            if self.grouped:  # members become views into the group's tensors (one copy of every weight)
+                lay["qkv"] = make_w4a8_group([lay["q"], lay["k"], lay["v"]])
+                lay["q"], lay["k"], lay["v"] = lay["qkv"].packs
+                lay["gate_up"] = make_w4a8_group([lay["gate"], lay["up"]])
+                lay["gate"], lay["up"] = lay["gate_up"].packs
             lay["ln1"] = torch.ones(1024, device=device, dtype=torch.bfloat16)
             lay["ln2"] = torch.ones(1024, device=device, dtype=torch.bfloat16)
             self.layers.append(lay)
         self.final_ln = torch.ones(1024, device=device, dtype=torch.bfloat16)
 
     def weight_bytes(self) -> int:
+        """Bytes of every linear's stored form (a group's members are views: counted once, in the member)."""
         total = 0
         for lay in self.layers:
             for name, _, _ in EXPERT_LINEARS:
@@ -181,9 +204,29 @@ class ExpertStack:
     def _lin(self, w, x):
         if self.mode == "bf16":
             return F.linear(x, w)
-        if self.mode == "w4a8":
+        if self.mode.startswith("w4a8"):
+            if self.codes and x.shape[0] <= 64:
+                return self.tk.w4a8_linear(x, w, self._small(x, w))
             return self.tk.w4a8_linear(x, w)
         return self.tk.simulated_linear(x, w)
+
+    def _small(self, x, target):
+        return self.tk.small_config(x.shape[0], target.out_features, target.in_features, codes=self.codes)
+
+    def _qkv(self, lay, h):
+        if self.grouped and h.shape[0] <= 64:
+            return lay["qkv"].split(self.tk.w4a8_small(h, lay["qkv"], self._small(h, lay["qkv"])))
+        return tuple(self._lin(lay[n], h) for n in ("q", "k", "v"))
+
+    def _mlp(self, lay, h):
+        if self.grouped and h.shape[0] <= 64:
+            gu = self.tk.w4a8_small(h, lay["gate_up"], self._small(h, lay["gate_up"]))
+            if self.geglu:
+                return self.tk.w4a8_small(gu, lay["down"], self._small(h, lay["down"]), geglu=True)
+            g, u = lay["gate_up"].split(gu)
+        else:
+            g, u = self._lin(lay["gate"], h), self._lin(lay["up"], h)
+        return self._lin(lay["down"], F.gelu(g, approximate="tanh") * u)
 
     @staticmethod
     def _rms(x, w):
@@ -194,14 +237,14 @@ class ExpertStack:
         t = x.shape[0]
         for lay in self.layers:
             h = self._rms(x, lay["ln1"])
-            q = self._lin(lay["q"], h).view(t, 8, 256).transpose(0, 1)
-            k = self._lin(lay["k"], h).view(t, 1, 256).transpose(0, 1).expand(8, t, 256)
-            v = self._lin(lay["v"], h).view(t, 1, 256).transpose(0, 1).expand(8, t, 256)
+            q, k, v = self._qkv(lay, h)
+            q = q.view(t, 8, 256).transpose(0, 1)
+            k = k.view(t, 1, 256).transpose(0, 1).expand(8, t, 256)
+            v = v.view(t, 1, 256).transpose(0, 1).expand(8, t, 256)
             a = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))[0]
             x = x + self._lin(lay["o"], a.transpose(0, 1).reshape(t, 2048))
             h = self._rms(x, lay["ln2"])
-            g = F.gelu(self._lin(lay["gate"], h), approximate="tanh") * self._lin(lay["up"], h)
-            x = x + self._lin(lay["down"], g)
+            x = x + self._mlp(lay, h)
         return self._rms(x, self.final_ln)
 
     def denoise(self, x, steps: int = 10):

@@ -12,6 +12,7 @@ Math (SPEC §3, row-vector convention, the same as `pytest_duquant.layer.DuQuant
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,129 @@ def make_w4a8_pack(
         block_out=bo,
         abits=abits,
     )
+
+
+GROUP_TILE = 64  # output rows per GEMM tile in the small-M kernels: every member's N must be a multiple
+
+
+@dataclass
+class W4A8Group:
+    """Linears that read the same input (q/k/v, gate/up), packed side by side so that one activation launch
+    computes every member's transform and one GEMM launch computes every member's output.
+
+    Each member keeps its own permutation, rotations and scales (numerically the same as running the members
+    one by one); the tensors are concatenated: perm [S*K], r_in [S*K/b, b, b], w_packed [N_total, K/2],
+    w_scales/bias [N_total], r_out [N_total/bo, bo, bo]. `tile_member[j]` is the member of GEMM row tile j."""
+
+    packs: tuple
+    in_features: int
+    block: int
+    perm: torch.Tensor | None
+    r_in: torch.Tensor
+    w_packed: torch.Tensor
+    w_scales: torch.Tensor
+    bias: torch.Tensor | None
+    r_out: torch.Tensor | None
+    block_out: int
+    abits: int
+    widths: tuple  # out_features of each member
+    tile_member: torch.Tensor  # int32 [N_total / GROUP_TILE]
+
+    @property
+    def size(self) -> int:
+        return len(self.widths)
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def qmax_a(self) -> int:
+        return (1 << (self.abits - 1)) - 1
+
+    def nbytes(self) -> int:
+        total = self.tile_member.numel() * 4
+        for t in (self.perm, self.r_in, self.w_packed, self.w_scales, self.bias, self.r_out):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def split(self, y: torch.Tensor) -> tuple:
+        """Column views of a [..., N_total] output, one per member."""
+        return tuple(torch.split(y, list(self.widths), dim=-1))
+
+
+def group_mismatch(packs) -> str:
+    """Why `packs` cannot form one W4A8Group ('' when they can)."""
+    if not packs:
+        return "no members"
+    first = packs[0]
+    for p in packs:
+        for attr in ("in_features", "block", "block_out", "abits"):
+            if getattr(p, attr) != getattr(first, attr):
+                return f"members differ in {attr} ({getattr(first, attr)} vs {getattr(p, attr)})"
+        for attr in ("perm", "r_out", "bias"):
+            if (getattr(p, attr) is None) != (getattr(first, attr) is None):
+                return f"members differ in whether they have {attr}"
+        if p.out_features % GROUP_TILE:
+            return f"out_features={p.out_features} is not a multiple of {GROUP_TILE}"
+        if p.r_in.dtype != first.r_in.dtype or p.w_packed.device != first.w_packed.device:
+            return "members differ in rotation dtype or device"
+    return ""
+
+
+def make_w4a8_group(packs) -> W4A8Group:
+    """Concatenate W4A8Packs that share one input (see W4A8Group); ValueError says why they cannot."""
+    packs = tuple(packs)
+    why = group_mismatch(packs)
+    if why:
+        raise ValueError(f"make_w4a8_group: {why}")
+    first = packs[0]
+
+    def cat(attr, dim=0):
+        ts = [getattr(p, attr) for p in packs]
+        if ts[0] is None:
+            return None
+        return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim).contiguous()
+
+    widths = tuple(p.out_features for p in packs)
+    member = torch.repeat_interleave(
+        torch.arange(len(packs), dtype=torch.int32), torch.tensor([w // GROUP_TILE for w in widths])
+    )
+    group = W4A8Group(
+        packs=packs,
+        in_features=first.in_features,
+        block=first.block,
+        perm=cat("perm"),
+        r_in=cat("r_in"),
+        w_packed=cat("w_packed"),
+        w_scales=cat("w_scales"),
+        bias=cat("bias"),
+        r_out=cat("r_out"),
+        block_out=first.block_out,
+        abits=first.abits,
+        widths=widths,
+        tile_member=member.to(first.w_packed.device),
+    )
+    # the members become views into the concatenated tensors: one copy of every weight
+    k, b, bo = first.in_features, first.block, max(first.block_out, 1)
+    members, row = [], 0
+    for p, n in zip(packs, widths, strict=True):
+        i = len(members)
+        members.append(
+            dataclasses.replace(
+                p,
+                perm=None if group.perm is None else group.perm[i * k : (i + 1) * k],
+                r_in=group.r_in[i * (k // b) : (i + 1) * (k // b)],
+                w_packed=group.w_packed[row : row + n],
+                w_scales=group.w_scales[row : row + n],
+                bias=None if group.bias is None else group.bias[row : row + n],
+                r_out=None if group.r_out is None else group.r_out[row // bo : (row + n) // bo],
+            )
+        )
+        row += n
+    group.packs = tuple(members)
+    return group
 
 
 def fold_restore(weight_q: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:

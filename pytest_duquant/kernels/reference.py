@@ -7,6 +7,8 @@ Each function here is what a kernel in `triton_kernels.py` must reproduce:
   w4a8_linear_ref        <- `w4a8_linear` (activation kernel + GEMM + epilogue)
   fakequant_act_ref      <- `sim_act` (gather + rotation + static per-channel fake quant)
   simulated_linear_ref   <- `simulated_linear`
+  geglu_ref              <- the GeGLU prologue of the small-M activation kernel (gelu_tanh(gate) * up, bf16)
+  w4a8_group_ref         <- `w4a8_small` on a W4A8Group (every member on the same input, side by side)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from pytest_duquant.kernels.packing import unpack_int4
-from pytest_duquant.kernels.packs import SimPack, W4A8Pack
+from pytest_duquant.kernels.packs import SimPack, W4A8Group, W4A8Pack
 
 MIN_SCALE = 1e-8  # same floor as pytest_duquant.numerics.quantizers
 
@@ -86,3 +88,15 @@ def simulated_linear_ref(x: torch.Tensor, pack: SimPack) -> torch.Tensor:
     if pack.bias is not None:
         y = y + pack.bias.to(torch.float64)
     return y.reshape(*lead, pack.out_features)
+
+
+def geglu_ref(gate_up: torch.Tensor, width: int) -> torch.Tensor:
+    """gelu_tanh(gate) * up as the eager bf16 model computes it (each op rounds to the input dtype);
+    gate = columns [0, width), up = [width, 2 width)."""
+    g, u = gate_up[..., :width], gate_up[..., width : 2 * width]
+    return torch.nn.functional.gelu(g, approximate="tanh") * u
+
+
+def w4a8_group_ref(x: torch.Tensor, group: W4A8Group) -> torch.Tensor:
+    """Float64 [..., N_total]: each member's w4a8_linear_ref on the same x, concatenated."""
+    return torch.cat([w4a8_linear_ref(x, p) for p in group.packs], dim=-1)

@@ -1,21 +1,23 @@
 """Triton kernels for DuQuant W4A8 (imported lazily: only on a CUDA machine with triton).
 
 Kernels (each has a twin in `reference.py`):
-  _act_quant_kernel   x -> gather(perm) -> block rotation -> per-token int8 codes + scales   (one row tile
-                      per program, two passes over K: amax, then recompute + quantize). Large M.
-  _act_chunk_kernel   one (row tile, 64-column chunk) per program; MODE 0 stores x_t (fp32) and per-row
-                      partial max|x_t| (small-M path: the GEMM quantizes in its loop); MODE 1 static
-                      per-channel fake quant (simulated path); MODE 2 transform only.
-  _w4a8_fused_small_kernel  M <= 64 in one launch: rotation chunk per program -> grid barrier -> quantize ->
-                      int8 x int4 swap-AB GEMM slice -> split-K fix-up + epilogue (opt-in path "F").
-  _w4a8_gemm_kernel   int8 activations (or fp32 x_t quantized in the K loop) x packed int4 weights,
-                      int32 tensor-core accumulation, epilogue: * s_a * s_w, restore rotation (block-
-                      diagonal tile product), + bias; optional split-K with an in-kernel fix-up (the last
-                      K-slice of a tile sums the partials; counters reset themselves).
+  _act_chunk_kernel   one (row tile, 64-column chunk, group member) per program; MODE 0 stores x_t (fp32) and
+                      per-row partial max|x_t| (small M: the GEMM quantizes in its loop); MODE 1 static
+                      per-channel fake quant (simulated path); MODE 2 transform only; MODE 3/4 the two passes of
+                      per-token int8 codes. Optional GeGLU prologue (input gelu_tanh(gate) * up).
+  _act_quant_kernel   x -> gather(perm) -> block rotation -> per-token int8 codes + scales, one row tile per
+                      program, two passes over K (reference variant "L").
+  _w4a8_gemm_small_kernel  few tokens ("swap AB": unpacked int4 weights are the MMA's M side, tokens its N
+                      side) on fp32 x_t (quantized in the loop) or int8 codes; every member of a W4A8Group in
+                      one launch; split-K with an in-kernel fix-up; epilogue * s_a * s_w, restore, bias.
+  _w4a8_gemm_kernel   token-major tiles: int8 codes (or fp32 x_t quantized in the K loop) x packed int4 (or
+                      int8-unpacked) weights, int32 tensor-core accumulation, the same epilogue.
 
 Rotation chunks: a 64-wide output chunk c of x_t is x[:, cols] @ Rc, where for block b <= 64 cols are the
 64 channels of the chunk and Rc the 64x64 block-diagonal made of 64/b blocks (built by a masked load from
 the compact [nb, b, b] tensor), and for b > 64 cols are the b channels of the block and Rc its 64 columns.
+Kernels measured and removed (docs/gpu-notes.md): a one-launch small-M kernel with a grid barrier (v4) and an
+activation kernel with a launch barrier writing int8 codes (v5): each barrier cost 3-5 µs, more than a launch.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from pytest_duquant.kernels.packing import PACK_GROUP
-from pytest_duquant.kernels.packs import CHUNK, SimPack, W4A8Pack
+from pytest_duquant.kernels.packs import CHUNK, GROUP_TILE, SimPack, W4A8Group, W4A8Pack
 
 
 @triton.jit
@@ -53,6 +55,8 @@ def _rot_chunk(
     B: tl.constexpr,
     W: tl.constexpr,
     HAS_PERM: tl.constexpr,
+    GEGLU: tl.constexpr = False,
+    UP_OFF=0,
 ):
     i = tl.arange(0, W)
     j = tl.arange(0, 64)
@@ -71,6 +75,11 @@ def _rot_chunk(
     else:
         src = cols
     x = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :], mask=row_mask[:, None], other=0.0)
+    if GEGLU:  # x holds [gate | up]: the down projection's input gelu_tanh(gate) * up, rounded like eager bf16
+        u = tl.load(x_ptr + rows[:, None] * stride_xm + UP_OFF + src[None, :], mask=row_mask[:, None], other=0.0)
+        g = x.to(tl.float32)
+        gl = 0.5 * g * (1.0 + libdevice.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+        x = (gl.to(x.dtype).to(tl.float32) * u.to(tl.float32)).to(x.dtype)
     r = tl.load(r_ptr + ridx, mask=rmask, other=0.0)
     return tl.dot(x.to(r.dtype), r)
 
@@ -130,12 +139,23 @@ def _act_chunk_kernel(
     BM: tl.constexpr,
     scale_ptr=None,
     NPM_P2: tl.constexpr = 1,
+    GEGLU: tl.constexpr = False,
 ):
+    """Program (row tile, 64-column chunk c, group member s). Member s reads perm[s], r_in[s] and writes
+    out[s] ([S, M, K]), aux[s] ([S, M, K/64] partial maxima) and scale[s]."""
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
+    s = tl.program_id(2)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < M
-    v = _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rows, rmask, c, B, W, HAS_PERM)
+    v = _rot_chunk(
+        x_ptr, stride_xm, perm_ptr + s * K, r_ptr + s * K * B, rows, rmask, c, B, W, HAS_PERM, GEGLU, K
+    )
+    out_ptr += s * M * stride_om
+    if MODE != 1:
+        aux_ptr += s * M * (K // 64)
+    if MODE == 4:
+        scale_ptr += s * M
     cols = c * 64 + tl.arange(0, 64)
     optr = out_ptr + rows[:, None] * stride_om + cols[None, :]
     if MODE == 0:
@@ -337,9 +357,61 @@ def _w4a8_gemm_kernel(
 
 
 @triton.jit
-def _w4a8_gemm_swap_kernel(
+def _swap_epilogue(
+    acc,
+    sa,
+    rt,
+    rw,
+    tmask,
+    wmask,
+    pid_n,
+    pid_k,
+    cnt_idx,
+    sw_ptr,
+    bias_ptr,
+    ro_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    RESTORE: tl.constexpr,
+    BO: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BT: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """Swap-AB epilogue: y_tᵀ tile = acc * s_w * s_a; split-K partials go to the workspace and the last
+    K-slice of the tile (counter cnt_idx, reset by it) sums them; then restore rotation, bias, store."""
+    sw = tl.load(sw_ptr + rw, mask=wmask, other=0.0)
+    y = acc.to(tl.float32) * sw[:, None] * sa[None, :]  # [BW, BT] = y_tᵀ tile
+    omask = wmask[:, None] & tmask[None, :]
+    tile = rt[None, :] * N + rw[:, None]
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + pid_k * M * N + tile, y, mask=omask)
+        tl.debug_barrier()
+        count = tl.atomic_add(cnt_ptr + cnt_idx, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            y = tl.zeros((BW, BT), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                y += tl.load(ws_ptr + s * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + cnt_idx, 0)
+            _swap_finish(
+                y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om, HAS_BIAS, RESTORE, BO, BW
+            )
+    else:
+        _swap_finish(
+            y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om, HAS_BIAS, RESTORE, BO, BW
+        )
+
+
+@triton.jit
+def _w4a8_gemm_small_kernel(
     a_ptr,
-    pm_ptr,
+    sa_ptr,
+    member_ptr,
     w_ptr,
     sw_ptr,
     bias_ptr,
@@ -350,9 +422,8 @@ def _w4a8_gemm_swap_kernel(
     M,
     N,
     K,
-    stride_am,
     stride_om,
-    NPM,
+    A_FLOAT: tl.constexpr,
     NPM_P2: tl.constexpr,
     QMAX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -361,9 +432,12 @@ def _w4a8_gemm_swap_kernel(
     SPLIT_K: tl.constexpr,
     BT: tl.constexpr,
     BW: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
-    """Small-M variant ("swap AB"): acc[BW weights, BT tokens] = W_tile @ A_tileᵀ, so the unpacked weight is
-    the wgmma A operand (from registers) and one program covers up to BT tokens (weights read once)."""
+    """Small-M GEMM ("swap AB"): acc[BW weights, BT tokens] = W_tile @ A_tileᵀ, so the unpacked int4 weight is
+    the MMA's M side and tokens its N side. A is fp32 x_t [S, M, K] quantized in the loop with the per-token
+    scale from the partial maxima sa_ptr [S, M, K/64] (A_FLOAT), or int8 codes [S, M, K] with scales [S, M].
+    Grid (row tiles, split-K, token tiles). Grouped: row tile pid_n belongs to member member_ptr[pid_n]."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -371,65 +445,70 @@ def _w4a8_gemm_swap_kernel(
     rw = pid_n * BW + tl.arange(0, BW)
     tmask = rt < M
     wmask = rw < N
+    if GROUPED:
+        mem = tl.load(member_ptr + pid_n)
+    else:
+        mem = 0
+    row = mem * M + rt
     kk = tl.arange(0, 64)
     n_kt = K // 128
     per = tl.cdiv(n_kt, SPLIT_K)
     kt0 = pid_k * per
     kt1 = tl.minimum(kt0 + per, n_kt)
-    pc = tl.arange(0, NPM_P2)
-    pm = tl.load(
-        pm_ptr + rt[:, None] * NPM + pc[None, :], mask=tmask[:, None] & (pc < NPM)[None, :], other=0.0
-    )
-    sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
-    inv = 1.0 / sa
+    if A_FLOAT:
+        npm = K // 64
+        pc = tl.arange(0, NPM_P2)
+        pm = tl.load(
+            sa_ptr + row[:, None] * npm + pc[None, :], mask=tmask[:, None] & (pc < npm)[None, :], other=0.0
+        )
+        sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+        inv = 1.0 / sa
+    else:
+        sa = tl.load(sa_ptr + row, mask=tmask, other=1.0)
     acc = tl.zeros((BW, BT), dtype=tl.int32)
-    a_base = a_ptr + rt[:, None] * stride_am + kk[None, :]
+    a_base = a_ptr + row[:, None] * K + kk[None, :]
     w_base = w_ptr + rw[:, None] * (K // 2) + kk[None, :]
     for kt in range(kt0, kt1):
         wp = tl.load(w_base + kt * 64, mask=wmask[:, None], other=0)
         w32 = wp.to(tl.int32)
         w_lo = ((w32 << 28) >> 28).to(tl.int8)
         w_hi = ((w32 << 24) >> 28).to(tl.int8)
-        xl = tl.load(a_base + kt * 128, mask=tmask[:, None], other=0.0)
-        xh = tl.load(a_base + kt * 128 + 64, mask=tmask[:, None], other=0.0)
-        al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
-        ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+        if A_FLOAT:
+            xl = tl.load(a_base + kt * 128, mask=tmask[:, None], other=0.0)
+            xh = tl.load(a_base + kt * 128 + 64, mask=tmask[:, None], other=0.0)
+            al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+            ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+        else:
+            al = tl.load(a_base + kt * 128, mask=tmask[:, None], other=0)
+            ah = tl.load(a_base + kt * 128 + 64, mask=tmask[:, None], other=0)
         acc = tl.dot(w_lo, tl.trans(al), acc, out_dtype=tl.int32)
         acc = tl.dot(w_hi, tl.trans(ah), acc, out_dtype=tl.int32)
-    sw = tl.load(sw_ptr + rw, mask=wmask, other=0.0)
-    y = acc.to(tl.float32) * sw[:, None] * sa[None, :]  # [BW, BT] = y_tᵀ tile
-    omask = wmask[:, None] & tmask[None, :]
-    tile = rt[None, :] * N + rw[:, None]
-    if SPLIT_K > 1:
-        tl.store(ws_ptr + pid_k * M * N + tile, y, mask=omask)
-        tl.debug_barrier()
-        count = tl.atomic_add(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
-        if count == SPLIT_K - 1:
-            y = tl.zeros((BW, BT), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                y += tl.load(ws_ptr + s * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 0)
-            _swap_finish(
-                y,
-                rt,
-                rw,
-                pid_n,
-                N,
-                omask,
-                wmask,
-                bias_ptr,
-                ro_ptr,
-                out_ptr,
-                stride_om,
-                HAS_BIAS,
-                RESTORE,
-                BO,
-                BW,
-            )
-    else:
-        _swap_finish(
-            y, rt, rw, pid_n, N, omask, wmask, bias_ptr, ro_ptr, out_ptr, stride_om, HAS_BIAS, RESTORE, BO, BW
-        )
+    _swap_epilogue(
+        acc,
+        sa,
+        rt,
+        rw,
+        tmask,
+        wmask,
+        pid_n,
+        pid_k,
+        pid_m * tl.num_programs(0) + pid_n,
+        sw_ptr,
+        bias_ptr,
+        ro_ptr,
+        out_ptr,
+        ws_ptr,
+        cnt_ptr,
+        M,
+        N,
+        stride_om,
+        HAS_BIAS,
+        RESTORE,
+        BO,
+        SPLIT_K,
+        BT,
+        BW,
+    )
 
 
 @triton.jit
@@ -463,199 +542,18 @@ def _swap_finish(
     tl.store(out_ptr + rt[None, :] * stride_om + rw[:, None], y.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
-def _grid_sync(bar_ptr, G):
-    """Grid-wide barrier (every program of the launch must be resident: the launcher keeps G <= #SMs).
-    Release: the CTA barrier then an acq_rel atomic by one thread; acquire: poll, then the CTA barrier."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel") + 1
-    while arrived < G:
-        arrived = tl.atomic_add(bar_ptr, 0, sem="acquire")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _fused_step(acc, wp, a_ptr, rt, tmask, kt, K, inv, QMAX: tl.constexpr, CODES: tl.constexpr):
-    kk = tl.arange(0, 64)
-    w32 = wp.to(tl.int32)
-    w_lo = ((w32 << 28) >> 28).to(tl.int8)
-    w_hi = ((w32 << 24) >> 28).to(tl.int8)
-    base = a_ptr + rt[:, None] * K + kt * 128 + kk[None, :]
-    if CODES:
-        al = tl.load(base, mask=tmask[:, None], other=0, cache_modifier=".cg")
-        ah = tl.load(base + 64, mask=tmask[:, None], other=0, cache_modifier=".cg")
-    else:
-        xl = tl.load(base, mask=tmask[:, None], other=0.0, cache_modifier=".cg")
-        xh = tl.load(base + 64, mask=tmask[:, None], other=0.0, cache_modifier=".cg")
-        al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
-        ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
-    acc = tl.dot(w_lo, tl.trans(al), acc, out_dtype=tl.int32)
-    acc = tl.dot(w_hi, tl.trans(ah), acc, out_dtype=tl.int32)
-    return acc
-
-
-@triton.jit
-def _w4a8_fused_small_kernel(
-    x_ptr,
-    perm_ptr,
-    r_ptr,
-    a_ptr,
-    pm_ptr,
-    w_ptr,
-    sw_ptr,
-    bias_ptr,
-    ro_ptr,
-    out_ptr,
-    ws_ptr,
-    cnt_ptr,
-    bar_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_om,
-    G,
-    NPM_P2: tl.constexpr,
-    QMAX: tl.constexpr,
-    B: tl.constexpr,
-    W: tl.constexpr,
-    HAS_PERM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    RESTORE: tl.constexpr,
-    BO: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    KT_PER: tl.constexpr,
-    BT: tl.constexpr,
-    BW: tl.constexpr,
-    CODES: tl.constexpr,
-):
-    """M <= 64 in ONE launch (grid G <= #SMs, all resident):
-    (0) each program issues the loads of its int4 weight slice [BW rows, KT_PER*128 cols] (HBM latency
-        overlaps what follows); (1) program p rotates 64-column chunk p of x (gather + block rotation, bf16
-        tensor cores, fp32) and stores x_t (or keeps it) and the per-token partial max; grid barrier;
-        [CODES: each chunk is quantized to int8 with the full per-token scale and stored; second barrier];
-        (2) program (n-tile,
-        K-slice) quantizes (or loads) its x_t slice, int8 x int4 wgmma with weights as the M side, epilogue as
-        the swap kernel (split-K fix-up, * s_a * s_w, restore tile product, bias)."""
-    pid = tl.program_id(0)
-    n_t = tl.cdiv(N, BW)
-    pid_n = pid % n_t
-    pid_k = pid // n_t
-    rt = tl.arange(0, BT)
-    tmask = rt < M
-    rw = pid_n * BW + tl.arange(0, BW)
-    wmask = (rw < N) & (pid_k < SPLIT_K)
-    kk = tl.arange(0, 64)
-    NPM = K // 64
-    kt0 = tl.minimum(pid_k, SPLIT_K - 1) * KT_PER
-    # (0) weight slice loads, issued first
-    w_base = w_ptr + rw[:, None] * (K // 2) + kt0 * 64 + kk[None, :]
-    wp0 = tl.load(w_base, mask=wmask[:, None], other=0)
-    if KT_PER > 1:
-        wp1 = tl.load(w_base + 64, mask=wmask[:, None], other=0)
-    if KT_PER > 2:
-        wp2 = tl.load(w_base + 128, mask=wmask[:, None], other=0)
-    if KT_PER > 3:
-        wp3 = tl.load(w_base + 192, mask=wmask[:, None], other=0)
-    # (1) rotation of chunk c = pid (programs past the last chunk redo chunk pid % NPM and store nothing)
-    c = pid % NPM
-    own = pid < NPM
-    v = _rot_chunk(x_ptr, stride_xm, perm_ptr, r_ptr, rt, tmask, c, B, W, HAS_PERM)
-    cols = c * 64 + tl.arange(0, 64)
-    tl.store(pm_ptr + rt * NPM + c, tl.max(tl.abs(v), axis=1), mask=tmask & own)
-    if not CODES:
-        tl.store(a_ptr + rt[:, None] * K + cols[None, :], v, mask=tmask[:, None] & own)
-    _grid_sync(bar_ptr, G)
-    pc = tl.arange(0, NPM_P2)
-    pm = tl.load(
-        pm_ptr + rt[:, None] * NPM + pc[None, :],
-        mask=tmask[:, None] & (pc < NPM)[None, :],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
-    inv = 1.0 / sa
-    if CODES:
-        q = libdevice.rint(tl.math.div_rn(v, tl.broadcast_to(sa[:, None], (BT, 64))))
-        q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
-        tl.store(a_ptr + rt[:, None] * K + cols[None, :], q.to(tl.int8), mask=tmask[:, None] & own)
-        _grid_sync(bar_ptr + 1, G)
-    done = tl.atomic_add(bar_ptr + 2, 1, sem="acq_rel")
-    if done == G - 1:  # everyone has passed the barriers: reset them for the next launch
-        tl.atomic_xchg(bar_ptr, 0)
-        tl.atomic_xchg(bar_ptr + 1, 0)
-        tl.atomic_xchg(bar_ptr + 2, 0)
-    # (2) GEMM slice
-    if pid_k < SPLIT_K:
-        acc = tl.zeros((BW, BT), dtype=tl.int32)
-        acc = _fused_step(acc, wp0, a_ptr, rt, tmask, kt0, K, inv, QMAX, CODES)
-        if KT_PER > 1:
-            acc = _fused_step(acc, wp1, a_ptr, rt, tmask, kt0 + 1, K, inv, QMAX, CODES)
-        if KT_PER > 2:
-            acc = _fused_step(acc, wp2, a_ptr, rt, tmask, kt0 + 2, K, inv, QMAX, CODES)
-        if KT_PER > 3:
-            acc = _fused_step(acc, wp3, a_ptr, rt, tmask, kt0 + 3, K, inv, QMAX, CODES)
-        for kt in range(kt0 + 4, kt0 + KT_PER):
-            wp = tl.load(w_base + (kt - kt0) * 64, mask=wmask[:, None], other=0)
-            acc = _fused_step(acc, wp, a_ptr, rt, tmask, kt, K, inv, QMAX, CODES)
-        sw = tl.load(sw_ptr + rw, mask=wmask, other=0.0)
-        y = acc.to(tl.float32) * sw[:, None] * sa[None, :]  # [BW, BT] = y_tᵀ tile
-        omask = wmask[:, None] & tmask[None, :]
-        tile = rt[None, :] * N + rw[:, None]
-        if SPLIT_K > 1:
-            tl.store(ws_ptr + pid_k * M * N + tile, y, mask=omask)
-            tl.debug_barrier()
-            count = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if count == SPLIT_K - 1:
-                y = tl.zeros((BW, BT), dtype=tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    y += tl.load(ws_ptr + s * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
-                tl.atomic_xchg(cnt_ptr + pid_n, 0)
-                _swap_finish(
-                    y,
-                    rt,
-                    rw,
-                    pid_n,
-                    N,
-                    omask,
-                    wmask,
-                    bias_ptr,
-                    ro_ptr,
-                    out_ptr,
-                    stride_om,
-                    HAS_BIAS,
-                    RESTORE,
-                    BO,
-                    BW,
-                )
-        else:
-            _swap_finish(
-                y,
-                rt,
-                rw,
-                pid_n,
-                N,
-                omask,
-                wmask,
-                bias_ptr,
-                ro_ptr,
-                out_ptr,
-                stride_om,
-                HAS_BIAS,
-                RESTORE,
-                BO,
-                BW,
-            )
-
-
 # ---- launchers -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class GemmConfig:
-    # "S": chunk kernel -> fp32 x_t + partial max, quantized in the GEMM's loop (small M);
-    # "Q": two chunk-parallel passes -> int8 codes, weight unpacked to int8 once, int8 x int8 GEMM (large M);
-    # "L": one two-pass kernel per row tile -> int8 codes (reference variant; slow: little parallelism)
+    # small M (swap=True: weights are the MMA's M side, bm tokens its N side; runs W4A8Groups too):
+    #   "S": chunk kernel -> fp32 x_t + partial max, quantized in the GEMM's loop
+    #   "C": two chunk passes -> int8 codes + scales, GEMM on the codes
+    # token-major (swap=False):
+    #   "S": fp32 x_t quantized in the GEMM's loop (64 < M <= 256)
+    #   "Q": two chunk passes -> int8 codes, weight unpacked to int8 once, int8 x int8 GEMM (large M)
+    #   "L": one two-pass kernel per row tile -> int8 codes (reference variant; slow: little parallelism)
     path: str = "L"
     bm: int = 64
     bn: int = 128
@@ -665,14 +563,13 @@ class GemmConfig:
     act_bm: int = 16
     act_warps: int = 4
     group_m: int = 8
-    swap: bool = False  # small M: weights as the MMA's M side, tokens (bm of them) as its N side
-    codes: bool = False  # path "F": int8 codes stored between two grid barriers (else fp32 x_t, one barrier)
+    swap: bool = False
 
     def tag(self) -> str:
-        if self.path == "F":
-            return f"F/bt{self.bm}/bw{self.bn}/sk{self.split_k}/w{self.warps}/c{int(self.codes)}"
+        if self.swap:
+            return f"{'X' if self.path == 'S' else 'XC'}/bt{self.bm}/sk{self.split_k}/w{self.warps}/s{self.stages}"
         return (
-            f"{'X' if self.swap else self.path}/bm{self.bm}/bn{self.bn}/sk{self.split_k}/w{self.warps}"
+            f"{self.path}/bm{self.bm}/bn{self.bn}/sk{self.split_k}/w{self.warps}"
             f"/s{self.stages}/abm{self.act_bm}" + (f"/aw{self.act_warps}" if self.act_warps != 4 else "")
         )
 
@@ -684,22 +581,38 @@ def _divisor_at_most(n: int, cap: int) -> int:
     return 1
 
 
-def pick_config(m: int, n: int, k: int) -> GemmConfig:
-    """Heuristic configuration (from the H100 sweep of scripts/gpu_bench.py --sweep; docs/gpu-notes.md).
+def small_config(
+    m: int,
+    n: int,
+    k: int,
+    *,
+    bt: int | None = None,
+    split: int | None = None,
+    codes: bool = False,
+    warps: int = 4,
+    stages: int = 4,
+) -> GemmConfig:
+    """Small-M (swap-AB) config: bt tokens per tile (16 up to 16 tokens, else 32: the v4 sweep's best at 50),
+    64 weight rows per tile, split-K so that row tiles x token tiles x split is about 256 programs
+    (n = all members' outputs together for a W4A8Group)."""
+    if bt is None:
+        bt = 16 if m <= 16 else 32
+    if split is None:
+        tiles = -(-n // GROUP_TILE) * -(-m // bt)
+        split = _divisor_at_most(k // PACK_GROUP, max(1, 256 // tiles))
+    return GemmConfig(
+        path="C" if codes else "S", bm=bt, bn=GROUP_TILE, split_k=split, warps=warps, stages=stages, swap=True
+    )
 
-    M <= 64: chunk activation kernel + swap-AB GEMM in 16-token tiles, split-K to fill the 132 SMs (the
-    one-launch path "F" is opt-in: measured slower, docs/gpu-notes.md v4). M <= 256: the token-major GEMM
-    on fp32 x_t. Larger M: path "Q" (int8 codes, weight unpacked once per call)."""
+
+def pick_config(m: int, n: int, k: int) -> GemmConfig:
+    """Heuristic configuration (from the H100 sweeps of scripts/gpu_bench.py --sweep; docs/gpu-notes.md).
+
+    M <= 64: the swap-AB small-M path (`small_config`). M <= 256: the token-major GEMM on fp32 x_t. Larger M:
+    path "Q" (int8 codes, weight unpacked once per call)."""
     n_kt = k // PACK_GROUP
     if m <= 64:
-        # Two launches (chunk act kernel + swap-AB GEMM). The one-launch kernel (path "F",
-        # `fused_small_config`) measured slower on every expert shape (docs/gpu-notes.md v4): opt-in.
-        # 16-token tiles for every M <= 64 (v4 prediction: M=50 near the M=16 time instead of 1.6x it).
-        bt = 16
-        bw = 64
-        n_t = -(-n // bw)
-        split = _divisor_at_most(n_kt, max(1, (128 if n >= 4096 else 256) // n_t))
-        return GemmConfig(path="S", bm=bt, bn=bw, split_k=split, warps=4, stages=4, act_bm=16, swap=True)
+        return small_config(m, n, k)
     if m <= 256:
         bm, bn = 64, 64
         tiles = -(-m // bm) * -(-n // bn)
@@ -731,6 +644,10 @@ def _rot_params(block: int) -> tuple[int, int]:
     return block, max(block, CHUNK)
 
 
+def _members(target) -> int:
+    return target.size if isinstance(target, W4A8Group) else 1
+
+
 def act_quant(x2d: torch.Tensor, pack: W4A8Pack, *, bm: int = 16, warps: int = 4):
     """Fused gather + rotation + per-token quantization: (codes int8 [M, K], scales float32 [M])."""
     m, k = x2d.shape
@@ -758,6 +675,14 @@ def act_quant(x2d: torch.Tensor, pack: W4A8Pack, *, bm: int = 16, warps: int = 4
     return q, s
 
 
+def _check_input(x2d: torch.Tensor, k: int, geglu: bool) -> None:
+    if x2d.shape[1] < (2 * k if geglu else k) or x2d.stride(1) != 1:
+        raise ValueError(
+            f"activation kernel: input {tuple(x2d.shape)} does not fit in_features={k} (geglu={geglu}; "
+            "a GeGLU input holds [gate | up], 2 * in_features wide, rows contiguous)"
+        )
+
+
 def act_chunks(
     x2d: torch.Tensor,
     perm,
@@ -770,14 +695,20 @@ def act_chunks(
     qmax: int = 127,
     bm: int = 16,
     warps: int = 4,
+    members: int = 1,
+    geglu: bool = False,
 ):
-    """Chunk-parallel activation transform. mode 0: (x_t, partial max [M, K/64]); 1: fake quant; 2: x_t."""
-    m, k = x2d.shape
-    out = _empty((m, k), out_dtype, x2d.device)
+    """Chunk-parallel activation transform. mode 0: (x_t [S, M, K] fp32, partial max [S, M, K/64]) for the
+    S = `members` transforms stacked in perm / r_in; 1: static fake quant (one member); 2: x_t.
+    `geglu`: x2d holds [gate | up] and the input is gelu_tanh(gate) * up."""
+    m = x2d.shape[0]
+    k = r_in.shape[0] * r_in.shape[1] // members
+    _check_input(x2d, k, geglu)
+    out = _empty((members, m, k) if members > 1 or mode == 0 else (m, k), out_dtype, x2d.device)
     if mode == 0:
-        aux = _empty((m, k // CHUNK), torch.float32, x2d.device)
+        aux = _empty((members, m, k // CHUNK), torch.float32, x2d.device)
     b, w = _rot_params(block)
-    _act_chunk_kernel[(triton.cdiv(m, bm), k // CHUNK)](
+    _act_chunk_kernel[(triton.cdiv(m, bm), k // CHUNK, members)](
         x2d,
         perm if perm is not None else r_in,
         r_in,
@@ -786,67 +717,55 @@ def act_chunks(
         m,
         k,
         x2d.stride(0),
-        out.stride(0),
+        k,
         MODE=mode,
         QMAX=qmax,
         B=b,
         W=w,
         HAS_PERM=perm is not None,
         BM=bm,
+        GEGLU=geglu,
         num_warps=warps,
     )
     return (out, aux) if mode == 0 else out
 
 
-def act_quant_chunked(x2d: torch.Tensor, pack: W4A8Pack, *, bm: int = 64, warps: int = 4):
-    """Large-M activation side, chunk-parallel: pass 1 partial max|x_t|, pass 2 recompute + int8 codes."""
-    m, k = x2d.shape
-    pm = _empty((m, k // CHUNK), torch.float32, x2d.device)
-    q = _empty((m, k), torch.int8, x2d.device)
-    s = _empty((m,), torch.float32, x2d.device)
-    b, w = _rot_params(pack.block)
-    perm = pack.perm if pack.perm is not None else pack.r_in
-    grid = (triton.cdiv(m, bm), k // CHUNK)
-    _act_chunk_kernel[grid](
-        x2d,
-        perm,
-        pack.r_in,
-        q,
-        pm,
-        m,
-        k,
-        x2d.stride(0),
-        q.stride(0),
-        MODE=3,
-        QMAX=pack.qmax_a,
-        B=b,
-        W=w,
-        HAS_PERM=pack.perm is not None,
-        BM=bm,
-        scale_ptr=s,
-        NPM_P2=triton.next_power_of_2(k // CHUNK),
-        num_warps=warps,
-    )
-    _act_chunk_kernel[grid](
-        x2d,
-        perm,
-        pack.r_in,
-        q,
-        pm,
-        m,
-        k,
-        x2d.stride(0),
-        q.stride(0),
-        MODE=4,
-        QMAX=pack.qmax_a,
-        B=b,
-        W=w,
-        HAS_PERM=pack.perm is not None,
-        BM=bm,
-        scale_ptr=s,
-        NPM_P2=triton.next_power_of_2(k // CHUNK),
-        num_warps=warps,
-    )
+def act_quant_chunked(
+    x2d: torch.Tensor, target: W4A8Pack | W4A8Group, *, bm: int = 64, warps: int = 4, geglu: bool = False
+):
+    """Chunk-parallel per-token int8 codes: pass 1 partial max|x_t|, pass 2 recompute + codes.
+    Returns (codes int8 [S, M, K], scales float32 [S, M]) for the S members of a group (S = 1 for a layer)."""
+    m = x2d.shape[0]
+    k = target.in_features
+    _check_input(x2d, k, geglu)
+    size = _members(target)
+    pm = _empty((size, m, k // CHUNK), torch.float32, x2d.device)
+    q = _empty((size, m, k), torch.int8, x2d.device)
+    s = _empty((size, m), torch.float32, x2d.device)
+    b, w = _rot_params(target.block)
+    perm = target.perm if target.perm is not None else target.r_in
+    for mode in (3, 4):
+        _act_chunk_kernel[(triton.cdiv(m, bm), k // CHUNK, size)](
+            x2d,
+            perm,
+            target.r_in,
+            q,
+            pm,
+            m,
+            k,
+            x2d.stride(0),
+            k,
+            MODE=mode,
+            QMAX=target.qmax_a,
+            B=b,
+            W=w,
+            HAS_PERM=target.perm is not None,
+            BM=bm,
+            scale_ptr=s,
+            NPM_P2=triton.next_power_of_2(k // CHUNK),
+            GEGLU=geglu,
+            num_warps=warps,
+        )
     return q, s
 
 
@@ -854,11 +773,12 @@ def act_quant_large(x2d: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig):
     """Large-M activation side (path "Q"). With a permutation, x is first gathered once by `index_select`
     (consecutive threads read one row: the row's sectors are reused in L1) so the two chunk passes read
     contiguous 128-byte rows instead of a scattered 2-byte gather per element per pass (v4: 70 -> ~29 µs at
-    M=4096, K=1024)."""
+    M=4096, K=1024). Returns (codes [M, K], scales [M])."""
     if pack.perm is not None:
         x2d = x2d.index_select(1, pack.perm)
         pack = dataclasses.replace(pack, perm=None)
-    return act_quant_chunked(x2d, pack, bm=cfg.act_bm, warps=cfg.act_warps)
+    q, s = act_quant_chunked(x2d, pack, bm=cfg.act_bm, warps=cfg.act_warps)
+    return q[0], s[0]
 
 
 def unpack_weight_int8(pack: W4A8Pack) -> torch.Tensor:
@@ -867,6 +787,105 @@ def unpack_weight_int8(pack: W4A8Pack) -> torch.Tensor:
     w = _empty((n, k), torch.int8, pack.w_packed.device)
     _unpack_int4_kernel[(triton.cdiv(n, 64), k // PACK_GROUP)](pack.w_packed, w, n, k, BN=64, num_warps=4)
     return w
+
+
+def _epilogue_plan(target, bn: int, epilogue: bool):
+    """(restore, fuse_restore, has_bias): the restore rotation is fused when block_out tiles the N tile."""
+    restore = epilogue and target.r_out is not None
+    fuse_restore = restore and bn % target.block_out == 0 and target.block_out >= 16
+    has_bias = epilogue and target.bias is not None and (fuse_restore or not restore)
+    return restore, fuse_restore, has_bias
+
+
+def gemm_small(
+    a: torch.Tensor,
+    a_scale_or_pmax: torch.Tensor,
+    target: W4A8Pack | W4A8Group,
+    cfg: GemmConfig,
+    *,
+    out_dtype=torch.bfloat16,
+    epilogue: bool = True,
+) -> torch.Tensor:
+    """Small-M swap-AB GEMM of every member: a = fp32 x_t [S, M, K] with partial maxima [S, M, K/64], or int8
+    codes [S, M, K] with scales [S, M]. Returns [M, N_total] (+ scales, restore rotation, bias)."""
+    if a.dim() == 2:
+        a, a_scale_or_pmax = a[None], a_scale_or_pmax[None]
+    _, m, k = a.shape
+    n = target.out_features
+    grouped = isinstance(target, W4A8Group)
+    if cfg.bn != GROUP_TILE:
+        raise ValueError(f"gemm_small: weight tiles must be {GROUP_TILE} rows (got bn={cfg.bn})")
+    out = _empty((m, n), out_dtype, a.device)
+    restore, fuse_restore, has_bias = _epilogue_plan(target, GROUP_TILE, epilogue)
+    out_k = out if not (restore and not fuse_restore) else _empty((m, n), torch.float32, a.device)
+    split = cfg.split_k
+    n_t, t_t = triton.cdiv(n, GROUP_TILE), triton.cdiv(m, cfg.bm)
+    _w4a8_gemm_small_kernel[(n_t, split, t_t)](
+        a,
+        a_scale_or_pmax,
+        target.tile_member if grouped else target.w_scales,
+        target.w_packed,
+        target.w_scales,
+        target.bias if has_bias else target.w_scales,
+        target.r_out if fuse_restore else target.w_scales,
+        out_k,
+        _empty((split, m, n), torch.float32, a.device) if split > 1 else out_k,
+        _counters(a.device, n_t * t_t) if split > 1 else target.w_scales,
+        m,
+        n,
+        k,
+        out_k.stride(0),
+        A_FLOAT=a.dtype == torch.float32,
+        NPM_P2=triton.next_power_of_2(k // CHUNK),
+        QMAX=target.qmax_a,
+        HAS_BIAS=has_bias,
+        RESTORE=fuse_restore,
+        BO=max(target.block_out, 1),
+        SPLIT_K=split,
+        BT=cfg.bm,
+        BW=GROUP_TILE,
+        GROUPED=grouped,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
+    )
+    if restore and not fuse_restore:
+        _restore_unfused(out_k, target, out)
+    return out
+
+
+def act_small(x2d: torch.Tensor, target: W4A8Pack | W4A8Group, cfg: GemmConfig, *, geglu: bool = False):
+    """Activation side of the small-M path: path "S" (fp32 x_t, partial maxima) or "C" (codes, scales)."""
+    if cfg.path == "C":
+        return act_quant_chunked(x2d, target, bm=cfg.act_bm, warps=cfg.act_warps, geglu=geglu)
+    return act_chunks(
+        x2d,
+        target.perm,
+        target.r_in,
+        target.block,
+        mode=0,
+        bm=cfg.act_bm,
+        warps=cfg.act_warps,
+        members=_members(target),
+        geglu=geglu,
+    )
+
+
+def w4a8_small(
+    x2d: torch.Tensor,
+    target: W4A8Pack | W4A8Group,
+    cfg: GemmConfig | None = None,
+    *,
+    out_dtype=None,
+    epilogue: bool = True,
+    geglu: bool = False,
+) -> torch.Tensor:
+    """Real W4A8 forward for few tokens, of a layer or a whole W4A8Group, in two launches (three for path
+    "C"): the activation side of every member (`act_small`) then one GEMM over every member's rows
+    (`gemm_small`). Returns [M, N_total] (a group's members side by side: `group.split(y)`). `geglu`: x2d holds
+    [gate | up] (the input is gelu_tanh(gate) * up). `epilogue=False` leaves out bias and restore."""
+    cfg = cfg or small_config(x2d.shape[0], target.out_features, target.in_features)
+    a, sa = act_small(x2d, target, cfg, geglu=geglu)
+    return gemm_small(a, sa, target, cfg, out_dtype=out_dtype or x2d.dtype, epilogue=epilogue)
 
 
 def w4a8_gemm(
@@ -882,205 +901,61 @@ def w4a8_gemm(
 ) -> torch.Tensor:
     """GEMM + epilogue. `epilogue=False` leaves out bias and restore (integer tests). `w_int8`: the weight
     already unpacked to int8 [N, K] (large-M path); otherwise the packed int4 weight is unpacked in
-    registers."""
+    registers. Small-M (swap) configs go to `gemm_small`."""
+    if cfg.swap:
+        return gemm_small(a, a_scale_or_pmax, pack, cfg, out_dtype=out_dtype, epilogue=epilogue)
     m, k = a.shape
     n = pack.out_features
     out = _empty((m, n), out_dtype, a.device)
-    restore = epilogue and pack.r_out is not None
-    fuse_restore = restore and cfg.bn % pack.block_out == 0 and pack.block_out >= 16
-    has_bias = epilogue and pack.bias is not None and (fuse_restore or not restore)
+    restore, fuse_restore, has_bias = _epilogue_plan(pack, cfg.bn, epilogue)
     bm, bn, split = cfg.bm, cfg.bn, cfg.split_k
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    ws = _empty((split, m, n), torch.float32, a.device) if split > 1 else out
-    cnt = _counters(a.device, tiles) if split > 1 else pack.w_scales
     npm = k // CHUNK
     out_k = out if not (restore and not fuse_restore) else _empty((m, n), torch.float32, a.device)
-    if cfg.swap:
-        if not a_float:
-            raise ValueError("the swap-AB GEMM takes float x_t (path S)")
-        fuse_restore = restore and bn % pack.block_out == 0 and pack.block_out >= 16
-        n_t = triton.cdiv(n, bn)
-        _w4a8_gemm_swap_kernel[(n_t, split, triton.cdiv(m, bm))](
-            a,
-            a_scale_or_pmax,
-            pack.w_packed,
-            pack.w_scales,
-            pack.bias if has_bias else pack.w_scales,
-            pack.r_out if fuse_restore else pack.w_scales,
-            out_k,
-            ws,
-            _counters(a.device, n_t * triton.cdiv(m, bm)) if split > 1 else pack.w_scales,
-            m,
-            n,
-            k,
-            a.stride(0),
-            out_k.stride(0),
-            npm,
-            NPM_P2=triton.next_power_of_2(npm),
-            QMAX=pack.qmax_a,
-            HAS_BIAS=has_bias,
-            RESTORE=fuse_restore,
-            BO=max(pack.block_out, 1),
-            SPLIT_K=split,
-            BT=bm,
-            BW=bn,
-            num_warps=cfg.warps,
-            num_stages=cfg.stages,
-        )
-    else:
-        _w4a8_gemm_kernel[(tiles, split)](
-            a,
-            a_scale_or_pmax,
-            a_scale_or_pmax,
-            pack.w_packed if w_int8 is None else w_int8,
-            pack.w_scales,
-            pack.bias if has_bias else pack.w_scales,
-            pack.r_out if fuse_restore else pack.w_scales,
-            out_k,
-            ws,
-            cnt,
-            m,
-            n,
-            k,
-            a.stride(0),
-            out_k.stride(0),
-            npm,
-            A_FLOAT=a_float,
-            NPM_P2=triton.next_power_of_2(npm),
-            QMAX=pack.qmax_a,
-            HAS_BIAS=has_bias,
-            RESTORE=fuse_restore,
-            BO=max(pack.block_out, 1),
-            SPLIT_K=split,
-            BM=bm,
-            BN=bn,
-            GROUP_M=cfg.group_m,
-            W_INT8=w_int8 is not None,
-            num_warps=cfg.warps,
-            num_stages=cfg.stages,
-        )
-    if restore and not fuse_restore:  # block_out does not tile BN: a separate small step
-        nbo, bo, _ = pack.r_out.shape
-        y = torch.einsum("mnb,nbc->mnc", out_k.view(m, nbo, bo), pack.r_out.float()).reshape(m, n)
-        if pack.bias is not None:
-            y = y + pack.bias
-        out.copy_(y)
-    return out
-
-
-_BARRIERS: dict = {}
-_SMS: dict = {}
-
-
-def _sm_count(device) -> int:
-    dev = torch.device(device)
-    key = dev.index if dev.index is not None else torch.cuda.current_device()
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SMS[key]
-
-
-def _barrier(device) -> torch.Tensor:
-    buf = _BARRIERS.get(device)
-    if buf is None:
-        buf = torch.zeros(4, dtype=torch.int32, device=device)
-        _BARRIERS[device] = buf
-    return buf
-
-
-def fused_small_config(
-    m: int,
-    n: int,
-    k: int,
-    *,
-    bw: int = 64,
-    codes: bool | None = None,
-    split: int | None = None,
-    sms: int = 132,
-) -> GemmConfig | None:
-    """Config of the one-launch small-M kernel (path "F"), or None when it does not apply (M > 64, or the grid
-    would exceed the SM count: the grid barrier needs every program resident)."""
-    if m > 64:
-        return None
-    n_kt = k // PACK_GROUP
-    n_t = -(-n // bw)
-    if split is None:
-        split = _divisor_at_most(n_kt, max(1, sms // n_t))
-    if n_kt % split or max(n_t * split, k // CHUNK) > sms:
-        return None
-    if codes is None:
-        codes = n >= 2048  # int8 codes (2 barriers) where many N tiles re-read the activations (sweep)
-    bt = 16 if m <= 16 else (32 if m <= 32 else 64)
-    return GemmConfig(
-        path="F", bm=bt, bn=bw, split_k=split, warps=4 if bw == 64 else 8, stages=4, codes=codes, swap=True
-    )
-
-
-def w4a8_fused_small(
-    x2d: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig, *, out_dtype=None, epilogue: bool = True
-) -> torch.Tensor:
-    """Real W4A8 forward for M <= 64 in one launch (`_w4a8_fused_small_kernel`). `epilogue=False` leaves out
-    bias and restore (integer tests)."""
-    m, k = x2d.shape
-    n = pack.out_features
-    bt, bw, split = cfg.bm, cfg.bn, cfg.split_k
-    if m > bt or bt > 64:
-        raise ValueError(f"w4a8_fused_small: M={m} needs bt >= M and bt <= 64 (got bt={bt})")
-    n_kt = k // PACK_GROUP
-    n_t = triton.cdiv(n, bw)
-    npm = k // CHUNK
-    grid = max(n_t * split, npm)
-    if n_kt % split or grid > _sm_count(x2d.device):
-        raise ValueError(
-            f"w4a8_fused_small: split_k={split} must divide K/128={n_kt} and the grid ({grid}) fit the SMs"
-        )
-    out_dtype = out_dtype or x2d.dtype
-    out = _empty((m, n), out_dtype, x2d.device)
-    restore = epilogue and pack.r_out is not None
-    if restore and not (bw % pack.block_out == 0 and pack.block_out >= 16):
-        raise ValueError(f"w4a8_fused_small: block_out={pack.block_out} does not tile bw={bw}")
-    has_bias = epilogue and pack.bias is not None
-    a = _empty((m, k), torch.int8 if cfg.codes else torch.float32, x2d.device)
-    pm = _empty((m, npm), torch.float32, x2d.device)
-    ws = _empty((split, m, n), torch.float32, x2d.device) if split > 1 else out
-    b, w = _rot_params(pack.block)
-    _w4a8_fused_small_kernel[(grid,)](
-        x2d,
-        pack.perm if pack.perm is not None else pack.r_in,
-        pack.r_in,
+    _w4a8_gemm_kernel[(tiles, split)](
         a,
-        pm,
-        pack.w_packed,
+        a_scale_or_pmax,
+        a_scale_or_pmax,
+        pack.w_packed if w_int8 is None else w_int8,
         pack.w_scales,
         pack.bias if has_bias else pack.w_scales,
-        pack.r_out if restore else pack.w_scales,
-        out,
-        ws,
-        _counters(x2d.device, n_t) if split > 1 else pack.w_scales,
-        _barrier(x2d.device),
+        pack.r_out if fuse_restore else pack.w_scales,
+        out_k,
+        _empty((split, m, n), torch.float32, a.device) if split > 1 else out,
+        _counters(a.device, tiles) if split > 1 else pack.w_scales,
         m,
         n,
         k,
-        x2d.stride(0),
-        out.stride(0),
-        grid,
+        a.stride(0),
+        out_k.stride(0),
+        npm,
+        A_FLOAT=a_float,
         NPM_P2=triton.next_power_of_2(npm),
         QMAX=pack.qmax_a,
-        B=b,
-        W=w,
-        HAS_PERM=pack.perm is not None,
         HAS_BIAS=has_bias,
-        RESTORE=restore,
+        RESTORE=fuse_restore,
         BO=max(pack.block_out, 1),
         SPLIT_K=split,
-        KT_PER=n_kt // split,
-        BT=bt,
-        BW=bw,
-        CODES=cfg.codes,
+        BM=bm,
+        BN=bn,
+        GROUP_M=cfg.group_m,
+        W_INT8=w_int8 is not None,
         num_warps=cfg.warps,
-        num_stages=1,
+        num_stages=cfg.stages,
     )
+    if restore and not fuse_restore:
+        _restore_unfused(out_k, pack, out)
     return out
+
+
+def _restore_unfused(y_t: torch.Tensor, pack, out: torch.Tensor) -> None:
+    """block_out does not tile the GEMM's N tile: the restore rotation (+ bias) as a separate small step."""
+    m, n = y_t.shape
+    nbo, bo, _ = pack.r_out.shape
+    y = torch.einsum("mnb,nbc->mnc", y_t.view(m, nbo, bo), pack.r_out.float()).reshape(m, n)
+    if pack.bias is not None:
+        y = y + pack.bias
+    out.copy_(y)
 
 
 def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) -> torch.Tensor:
@@ -1092,13 +967,9 @@ def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) 
     m = x2.shape[0]
     if cfg is None:
         cfg = pick_config(m, pack.out_features, pack.in_features)
-    if cfg.path == "F":
-        fusable = pack.r_out is None or (cfg.bn % pack.block_out == 0 and pack.block_out >= 16)
-        grid = max(triton.cdiv(pack.out_features, cfg.bn) * cfg.split_k, pack.in_features // CHUNK)
-        if fusable and m <= cfg.bm and grid <= _sm_count(x2.device):
-            return w4a8_fused_small(x2, pack, cfg).reshape(*lead, pack.out_features)
-        cfg = dataclasses.replace(cfg, path="S", swap=True, stages=4)  # the two-launch swap-AB path
-    if cfg.path == "L":
+    if cfg.swap:
+        y = w4a8_small(x2, pack, cfg, out_dtype=x.dtype)
+    elif cfg.path == "L":
         q, s = act_quant(x2, pack, bm=cfg.act_bm, warps=cfg.act_warps)
         y = w4a8_gemm(q, s, pack, cfg, a_float=False, out_dtype=x.dtype)
     elif cfg.path == "Q":
@@ -1106,7 +977,7 @@ def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) 
         y = w4a8_gemm(q, s, pack, cfg, a_float=False, out_dtype=x.dtype, w_int8=unpack_weight_int8(pack))
     else:
         xt, pm = act_chunks(x2, pack.perm, pack.r_in, pack.block, mode=0, bm=cfg.act_bm, warps=cfg.act_warps)
-        y = w4a8_gemm(xt, pm, pack, cfg, a_float=True, out_dtype=x.dtype)
+        y = w4a8_gemm(xt[0], pm[0], pack, cfg, a_float=True, out_dtype=x.dtype)
     return y.reshape(*lead, pack.out_features)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from pytest_duquant.kernels import reference as ref
 from pytest_duquant.kernels.bench import EXPERT_SHAPES, synth_layer
-from pytest_duquant.kernels.packs import make_w4a8_pack
+from pytest_duquant.kernels.packs import make_w4a8_group, make_w4a8_pack
 
 pytestmark = pytest.mark.gpu
 MS = (1, 16, 50, 64, 256, 800, 4096)
@@ -40,10 +40,9 @@ def _configs(tk, m, n, k):
     other = [
         tk.GemmConfig(path="L", bm=16 if m <= 64 else 64, bn=64, split_k=1, warps=4, stages=3),
         tk.GemmConfig(path="S", bm=16 if m <= 64 else 64, bn=128, split_k=min(4, n_kt), warps=4, stages=3),
-        tk.GemmConfig(
-            path="S", bm=16 if m <= 16 else 64, bn=64, split_k=min(4, n_kt), warps=4, stages=4, swap=True
-        ),
-        tk.GemmConfig(path="S", bm=32, bn=64, split_k=min(2, n_kt), warps=4, stages=4, swap=True),
+        tk.small_config(m, n, k, bt=16, split=min(4, n_kt)),
+        tk.small_config(m, n, k, bt=64, split=min(2, n_kt)),
+        tk.small_config(m, n, k, bt=32, split=min(8, n_kt), codes=True),
         tk.GemmConfig(path="Q", bm=64 if m <= 256 else 128, bn=128, split_k=1, warps=4, stages=3),
     ]
     return [pick] + [c for c in other if c != pick]
@@ -63,7 +62,7 @@ def test_gemm_int32_accumulator_exact(tk, k, n, m):
     xt = a.float() * 2.0**-4
     pm = xt.abs().view(m, k // 64, 64).amax(-1)
     for cfg in _configs(tk, m, n, k):
-        if cfg.path in ("L", "Q"):
+        if cfg.path in ("L", "Q", "C"):
             y = tk.w4a8_gemm(
                 a,
                 torch.full((m,), 2.0**-4, device=dev),
@@ -94,12 +93,13 @@ def test_act_quant_codes_and_scales(tk, k, preset, m):
     assert diff.max() <= 1, "codes differ by more than a rounding step"
     assert (diff == 0).float().mean() > 0.999
     q2, s2 = tk.act_quant_chunked(x, lay.w4a8)
-    assert torch.allclose(s2, scale, rtol=1e-5, atol=0)
-    d2 = (q2.int() - codes.int()).abs()
+    assert q2.shape == (1, m, k) and s2.shape == (1, m)
+    assert torch.allclose(s2[0], scale, rtol=1e-5, atol=0)
+    d2 = (q2[0].int() - codes.int()).abs()
     assert d2.max() <= 1 and (d2 == 0).float().mean() > 0.999
     xt, pm = tk.act_chunks(x, lay.w4a8.perm, lay.w4a8.r_in, lay.w4a8.block, mode=0)
-    assert _rel(xt, ref.transform_ref(x, lay.w4a8.perm, lay.w4a8.r_in)) < 1e-5
-    assert torch.allclose(pm.amax(1) / 127, scale, rtol=1e-5)
+    assert _rel(xt[0], ref.transform_ref(x, lay.w4a8.perm, lay.w4a8.r_in)) < 1e-5
+    assert torch.allclose(pm[0].amax(1) / 127, scale, rtol=1e-5)
 
 
 @pytest.mark.parametrize("m", MS)
@@ -115,10 +115,12 @@ def test_w4a8_linear_matches_reference(tk, preset, k, n, m):
     assert _rel(y, expect) <= 1e-2
     pick = tk.pick_config(m, n, k)
     variants = [
-        dataclasses.replace(pick, path="L", swap=False),
+        dataclasses.replace(pick, path="L", swap=False, bn=64),
         tk.GemmConfig(path="S", bm=64, bn=64, split_k=2, warps=4, stages=3, swap=not pick.swap),
         tk.GemmConfig(path="Q", bm=64, bn=128, split_k=1, warps=4, stages=3),
+        tk.small_config(m, n, k, bt=16 if m <= 16 else 64, codes=True) if m <= 64 else None,
     ]
+    variants = [c for c in variants if c is not None]
     variants = [c for c in variants if c != pick]
     for cfg in variants:  # the other GEMM orientation and the two-pass activation kernel, whatever was picked
         assert _rel(tk.w4a8_linear(x, lay.w4a8, cfg), expect) <= 1e-2, cfg.tag()
@@ -202,57 +204,69 @@ def test_duquant_layer_dispatch(tk, dynamic, row_rot):
 
 
 SMALL_MS = tuple(m for m in MS if m <= 64)
+GROUPS = {"qkv": (1024, (2048, 256, 256)), "gate_up": (1024, (4096, 4096)), "o": (2048, (1024,))}
 
 
-def _fused_cfgs(tk, m, n, k):
-    """The picked one-launch config plus the other activation hand-off and the other weight tile width."""
-    out = []
-    for bw in (64, 128):
+def _small_cfgs(tk, m, n, k):
+    """The picked small-M config, both activation hand-offs, and every token tile width that holds M."""
+    out = [tk.small_config(m, n, k)]
+    for bt in (16, 32, 64):
         for codes in (False, True):
-            cfg = tk.fused_small_config(m, n, k, bw=bw, codes=codes)
-            if cfg is not None and cfg not in out:
+            cfg = tk.small_config(m, n, k, bt=bt, codes=codes)
+            if cfg not in out:
                 out.append(cfg)
     return out
 
 
 @pytest.mark.parametrize("m", SMALL_MS)
-@pytest.mark.parametrize("k,n", SHAPES)
-def test_fused_small_int32_accumulator_exact(tk, k, n, m):
-    """One-launch small-M kernel (rotation + grid barrier + quant + GEMM): with an identity rotation and
-    x = codes * 2^-4 (exact in bf16, every row's max code 127 so s_a = 2^-4), y * 16 is the exact integer
-    product, for the fp32 and the int8-codes hand-off and split-K."""
-    dev = "cuda"
-    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
-    a[:, 0] = 127
-    w = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=dev)
-    r = torch.eye(16, device=dev).expand(k // 16, 16, 16)
-    pack = make_w4a8_pack(perm=None, r_in=r, w_codes=w, w_scales=torch.ones(n, device=dev))
-    x = (a.float() * 2.0**-4).to(torch.bfloat16)
-    expect = ref.int_acc_ref(a, w)
-    cfgs = _fused_cfgs(tk, m, n, k)
-    assert cfgs, "no fused config for an expert shape"
-    for cfg in cfgs:
-        for _ in range(2):  # twice: the grid barrier and split-K counters must reset themselves
-            y = tk.w4a8_fused_small(x, pack, cfg, out_dtype=torch.float32, epilogue=False)
-            assert torch.isfinite(y).all(), cfg.tag()
-            got = (y.double() * 16).round().long()
-            assert torch.equal(got, expect), f"{cfg.tag()}: max diff {(got - expect).abs().max()}"
-        assert int(tk._barrier(dev).abs().sum()) == 0, "grid barrier counters not reset"
+@pytest.mark.parametrize("group", sorted(GROUPS))
+@pytest.mark.parametrize("preset", ["A", "B"])
+def test_group_matches_members_and_reference(tk, preset, group, m):
+    """A W4A8Group (one activation + one GEMM launch for every member) equals the float reference of each
+    member on the same input, for both activation hand-offs and every token tile; each member's column block
+    equals that member run alone."""
+    k, widths = GROUPS[group]
+    layers = [synth_layer(k, n, preset) for n in widths]
+    grp = make_w4a8_group([lay.w4a8 for lay in layers])
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x[:, torch.randint(0, k, (4,))] *= 20
+    expect = ref.w4a8_group_ref(x, grp)
+    for cfg in _small_cfgs(tk, m, grp.out_features, k):
+        y = tk.w4a8_small(x, grp, cfg)
+        assert y.shape == (m, grp.out_features) and y.dtype == torch.bfloat16
+        assert _rel(y, expect) <= 1e-2, cfg.tag()
+    y = tk.w4a8_small(x, grp)
+    for member, part in zip(grp.packs, grp.split(y), strict=True):
+        assert _rel(part, tk.w4a8_linear(x, member).float()) <= 1e-2
 
 
 @pytest.mark.parametrize("m", SMALL_MS)
-@pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("preset", ["A", "B"])
-def test_fused_small_linear_matches_reference(tk, preset, k, n, m):
-    """Fused one-launch path (every fused config) and the two-launch swap-AB path vs the float reference."""
-    lay = synth_layer(k, n, preset)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    x[:, torch.randint(0, k, (4,))] *= 20
-    expect = ref.w4a8_linear_ref(x, lay.w4a8)
-    assert tk.fused_small_config(m, n, k) is not None
-    for cfg in _fused_cfgs(tk, m, n, k):
-        y = tk.w4a8_linear(x, lay.w4a8, cfg)
-        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-        assert _rel(y, expect) <= 1e-2, cfg.tag()
-    swap = dataclasses.replace(tk.pick_config(m, n, k), path="S", swap=True)
-    assert _rel(tk.w4a8_linear(x, lay.w4a8, swap), expect) <= 1e-2, swap.tag()
+def test_geglu_prologue_matches_eager(tk, preset, m):
+    """down(gelu_tanh(gate) * up) with the GeGLU computed inside the down projection's activation kernel (both
+    hand-offs) equals the reference on the eager bf16 GeGLU."""
+    lay = synth_layer(4096, 1024, preset)
+    gu = torch.randn(m, 8192, device="cuda", dtype=torch.bfloat16) * 2
+    expect = ref.w4a8_linear_ref(ref.geglu_ref(gu, 4096), lay.w4a8)
+    for codes in (False, True):
+        y = tk.w4a8_small(gu, lay.w4a8, tk.small_config(m, 1024, 4096, codes=codes), geglu=True)
+        assert y.shape == (m, 1024)
+        assert _rel(y, expect) <= 1e-2
+    with pytest.raises(ValueError, match="does not fit"):
+        tk.w4a8_small(gu[:, :4096], lay.w4a8, geglu=True)
+
+
+def test_expert_stack_modes_agree(tk):
+    """The whole expert (4 layers, 3 denoising steps, 50 tokens) gives the same result one layer at a time,
+    grouped, grouped with the GeGLU prologue, and grouped on int8 codes (same weights: same seeds)."""
+    from pytest_duquant.kernels.bench import ExpertStack
+
+    x = torch.randn(50, 1024, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for mode in ("w4a8", "w4a8-grouped", "w4a8-grouped-geglu", "w4a8-grouped-codes"):
+        torch.manual_seed(0)  # the synthetic layers' permutations come from the global generator
+        with torch.no_grad():
+            outs[mode] = ExpertStack(mode, "A", depth=4).denoise(x, steps=3).float()
+        assert torch.isfinite(outs[mode]).all(), mode
+    for mode, y in outs.items():
+        assert _rel(y, outs["w4a8"]) <= 2e-2, mode
