@@ -43,13 +43,10 @@ def sweep_configs(m: int, k: int, n: int):
         for bt in (16, 32, 64):
             if bt > 16 and m <= 16:
                 continue
-            for sk in (1, 2, 4, 8, 16):
+            for sk in (1, 2, 4, 8):
                 if n_kt % sk == 0:
-                    cands.append(tk.small_config(m, n, k, bt=bt, split=sk))
-        for bt in (32, 64):  # path C (int8 codes from two activation passes)
-            for sk in (2, 8):
-                if n_kt % sk == 0 and not (bt > 16 and m <= 16):
-                    cands.append(tk.small_config(m, n, k, bt=bt, split=sk, codes=True))
+                    for st in (1, 4) if bt == 32 else (4,):
+                        cands.append(tk.small_config(m, n, k, bt=bt, split=sk, stages=st))
     elif m <= 256:
         for sk in (1, 2, 4):
             cands.append(
