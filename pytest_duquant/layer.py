@@ -39,6 +39,7 @@ class DuQuantLinear(nn.Module):
         self.observer = PercentileObserver(act_pct)
         self.calibrating = False  # inside an explicit calibration: observe every call, freeze at the end
         self.kernel_cache: dict = {}  # packed forms for GPU kernels, built lazily by pytest_duquant.kernels
+        self.kernel_group = None  # a kernels.grouping.SiblingGroup when siblings share one input (q/k/v, gate/up)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -137,6 +138,10 @@ class DuQuantLinear(nn.Module):
         if self.backend == "triton" and x.is_cuda:
             from pytest_duquant.kernels.dispatch import can_use_triton, w4a8_forward
 
+            if self.kernel_group is not None:
+                y = self.kernel_group.forward(self, x)
+                if y is not None:
+                    return y
             ok, _reason = can_use_triton(self, x)
             if ok:
                 return w4a8_forward(self, x)

@@ -184,6 +184,10 @@ def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dry
         if layer.w_scales is not None:
             log.debug("  weight scales: min %.3g median %.3g max %.3g; %.3f s", float(layer.w_scales.min()),
                       float(layer.w_scales.median()), float(layer.w_scales.max()), record.seconds)
+    if config.backend == "triton":  # q/k/v and gate/up share one activation + one GEMM launch on the GPU
+        from pytest_duquant.kernels.grouping import group_siblings
+
+        log.info("Grouped %d sets of sibling linears for the GPU kernels", group_siblings(model))
     report.seconds = time.perf_counter() - start
     log.info("%s", report.summary())
     return report

@@ -90,7 +90,7 @@ def test_layer(benchmark, kb, impl, preset, k, n, m):
     )
 
 
-EXPERT = [("bf16", "A"), ("w4a8", "A"), ("w4a8", "B"), ("sim", "A")]
+EXPERT = [("bf16", "A")] + [(mode, p) for mode in ("w4a8", "w4a8-grouped-geglu") for p in ("A", "B")] + [("sim", "A")]
 _EXPERT_BF16: dict = {}
 
 

@@ -274,3 +274,32 @@ def test_expert_stack_modes_agree(tk):
     assert 0.01 < quant_err < 0.5, "W4A8 vs bf16 should differ by a quantization error"
     for mode in ("w4a8-grouped", "w4a8-grouped-geglu", "w4a8-grouped-codes"):
         assert _rel(outs[mode], outs["w4a8"]) <= 0.35 * quant_err, mode
+
+
+def test_duquant_sibling_group_runs_members_together(tk, tmp_path):
+    """quantize_model(backend=triton) groups q/k/v: the first member's call computes all three (the others are
+    served from the group for the same input tensor), with the same result as each layer alone."""
+    from pytest_duquant.config import DuQuantConfig, replace
+    from pytest_duquant.quantize import quantize_model
+
+    torch.manual_seed(0)
+    attn = torch.nn.Module()
+    attn.q_proj = torch.nn.Linear(1024, 2048, bias=False)
+    attn.k_proj = torch.nn.Linear(1024, 256, bias=False)
+    attn.v_proj = torch.nn.Linear(1024, 256, bias=False)
+    cfg = replace(DuQuantConfig(), scope="", backend="triton", act_dynamic=True, packdir=str(tmp_path))
+    quantize_model(attn, cfg)
+    attn.cuda()
+    group = attn.q_proj.kernel_group
+    assert group is not None and group is attn.v_proj.kernel_group
+    x = torch.randn(2, 25, 1024, device="cuda")
+    with torch.no_grad():
+        q = attn.q_proj(x)
+        assert set(group._pending) == {attn.k_proj, attn.v_proj}, "one call must compute every member"
+        k, v = attn.k_proj(x), attn.v_proj(x)
+        assert not group._pending
+        for layer in (attn.q_proj, attn.k_proj, attn.v_proj):
+            layer.kernel_group = None
+        alone = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+    for got, want in zip((q, k, v), alone, strict=True):
+        assert got.shape == want.shape and _rel(got, want) <= 1e-2

@@ -1,0 +1,86 @@
+"""Sibling linears that read the same input (q/k/v of an attention block, gate/up of a GeGLU MLP) run as one
+W4A8Group on the GPU: one activation launch and one GEMM launch for all of them instead of two per layer.
+
+    n = group_siblings(model)     # quantize_model calls this when the backend is "triton"
+
+Each DuQuantLinear keeps its own transforms and numerics; only the launches are shared. When any member is
+called with an input x (few tokens, every member on the integer W4A8 path), all members' outputs are
+computed at once and the others are held until they are called with the same tensor x (same object, same
+version). Anything else (CPU, many tokens, a member on another path, a different input) runs the layer
+alone. No triton import here: the kernels are imported only on the first CUDA call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+MAX_TOKENS = 64  # the small-M kernels' limit
+
+
+class SiblingGroup:
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+        self._input = None
+        self._version = -1
+        self._pending: dict = {}
+        self._pack = None  # (key, W4A8Group)
+
+    def __repr__(self) -> str:
+        return f"SiblingGroup({', '.join(layer.name for layer in self.layers)})"
+
+    def _group_pack(self, x_dtype):
+        from pytest_duquant.kernels.dispatch import _key, get_pack
+        from pytest_duquant.kernels.packs import make_w4a8_group
+
+        key = tuple(_key(layer, x_dtype) for layer in self.layers)
+        if self._pack is None or self._pack[0] != key:
+            group = make_w4a8_group([get_pack(layer, x_dtype) for layer in self.layers])
+            for layer, member in zip(self.layers, group.packs, strict=True):  # one copy: members are views
+                layer.kernel_cache["triton"] = (layer.kernel_cache["triton"][0], member)
+            self._pack = (key, group)
+        return self._pack[1]
+
+    def forward(self, layer, x: torch.Tensor):
+        """The output of `layer` on x through the group, or None when the group does not apply."""
+        if x is self._input and x._version == self._version and layer in self._pending:
+            return self._pending.pop(layer)
+        from pytest_duquant.kernels.dispatch import can_use_triton, uses_integer_path
+        from pytest_duquant.kernels.packs import group_mismatch
+
+        lead = x.shape[:-1]
+        if lead.numel() > MAX_TOKENS or not all(
+            uses_integer_path(m) and can_use_triton(m, x)[0] for m in self.layers
+        ):
+            return None
+        from pytest_duquant.kernels.dispatch import get_pack
+
+        if group_mismatch([get_pack(m, x.dtype) for m in self.layers]):
+            return None
+        from pytest_duquant.kernels import triton_kernels as tk
+
+        group = self._group_pack(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        parts = [p.reshape(*lead, p.shape[-1]) for p in group.split(tk.w4a8_small(x2, group))]
+        self._input, self._version = x, x._version
+        self._pending = {m: p for m, p in zip(self.layers, parts, strict=True) if m is not layer}
+        return parts[self.layers.index(layer)]
+
+
+def group_siblings(model: torch.nn.Module) -> int:
+    """Attach a SiblingGroup to every set of DuQuantLinear siblings (SIBLING_NAMES under one parent with the
+    same in_features); returns how many groups were formed."""
+    from pytest_duquant.layer import DuQuantLinear
+
+    count = 0
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            layers = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, DuQuantLinear) for m in layers) and len({m.in_features for m in layers}) == 1:
+                group = SiblingGroup(layers)
+                for m in layers:
+                    m.kernel_group = group
+                count += 1
+    return count
