@@ -30,14 +30,18 @@ class SiblingGroup:
         return f"SiblingGroup({', '.join(layer.name for layer in self.layers)})"
 
     def _group_pack(self, x_dtype):
+        """The members' W4A8Group (built once per weights/dtype; members become views into it), or None when
+        the members cannot form one (group_mismatch)."""
         from pytest_duquant.kernels.dispatch import _key, get_pack
-        from pytest_duquant.kernels.packs import make_w4a8_group
+        from pytest_duquant.kernels.packs import group_mismatch, make_w4a8_group
 
         key = tuple(_key(layer, x_dtype) for layer in self.layers)
         if self._pack is None or self._pack[0] != key:
-            group = make_w4a8_group([get_pack(layer, x_dtype) for layer in self.layers])
-            for layer, member in zip(self.layers, group.packs, strict=True):  # one copy: members are views
-                layer.kernel_cache["triton"] = (layer.kernel_cache["triton"][0], member)
+            packs = [get_pack(layer, x_dtype) for layer in self.layers]
+            group = None if group_mismatch(packs) else make_w4a8_group(packs)
+            if group is not None:
+                for layer, member in zip(self.layers, group.packs, strict=True):
+                    layer.kernel_cache["triton"] = (layer.kernel_cache["triton"][0], member)
             self._pack = (key, group)
         return self._pack[1]
 
@@ -46,20 +50,17 @@ class SiblingGroup:
         if x is self._input and x._version == self._version and layer in self._pending:
             return self._pending.pop(layer)
         from pytest_duquant.kernels.dispatch import can_use_triton, uses_integer_path
-        from pytest_duquant.kernels.packs import group_mismatch
 
         lead = x.shape[:-1]
         if lead.numel() > MAX_TOKENS or not all(
             uses_integer_path(m) and can_use_triton(m, x)[0] for m in self.layers
         ):
             return None
-        from pytest_duquant.kernels.dispatch import get_pack
-
-        if group_mismatch([get_pack(m, x.dtype) for m in self.layers]):
+        group = self._group_pack(x.dtype)
+        if group is None:
             return None
         from pytest_duquant.kernels import triton_kernels as tk
 
-        group = self._group_pack(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()

@@ -85,6 +85,38 @@ def _rot_chunk(
 
 
 @triton.jit
+def _scale_from_partials(pm_ptr, rows, rmask, NPM, NPM_P2: tl.constexpr, QMAX: tl.constexpr):
+    """Per-token scale max(max_c pm[row, c] / qmax, 1e-8) from the per-chunk partial maxima pm [rows, NPM]."""
+    pc = tl.arange(0, NPM_P2)
+    pm = tl.load(
+        pm_ptr + rows[:, None] * NPM + pc[None, :], mask=rmask[:, None] & (pc < NPM)[None, :], other=0.0
+    )
+    return tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+
+
+@triton.jit
+def _quant_codes(x, inv, QMAX: tl.constexpr):
+    """int8 codes of a [rows, cols] fp32 tile with per-row reciprocal scales inv (rint = round half to even)."""
+    return tl.minimum(tl.maximum(libdevice.rint(x * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+
+
+@triton.jit
+def _unpack_int4(wp):
+    """Packed bytes [rows, 64] -> (low nibbles, high nibbles) as signed int8 (channels i and i + 64)."""
+    w32 = wp.to(tl.int32)
+    return ((w32 << 28) >> 28).to(tl.int8), ((w32 << 24) >> 28).to(tl.int8)
+
+
+@triton.jit
+def _k_slice(K, SPLIT_K: tl.constexpr, pid_k):
+    """[kt0, kt1): the 128-wide K steps of split-K slice pid_k."""
+    n_kt = K // 128
+    per = tl.cdiv(n_kt, SPLIT_K)
+    kt0 = pid_k * per
+    return kt0, tl.minimum(kt0 + per, n_kt)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr,
     perm_ptr,
@@ -171,13 +203,7 @@ def _act_chunk_kernel(
     elif MODE == 3:  # partial max only (first pass of the large-M path)
         tl.store(aux_ptr + rows * (K // 64) + c, tl.max(tl.abs(v), axis=1), mask=rmask)
     else:  # MODE 4: int8 codes with the full per-token scale from the partial maxima in aux [M, K/64]
-        pc = tl.arange(0, NPM_P2)
-        pm = tl.load(
-            aux_ptr + rows[:, None] * (K // 64) + pc[None, :],
-            mask=rmask[:, None] & (pc < K // 64)[None, :],
-            other=0.0,
-        )
-        sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+        sa = _scale_from_partials(aux_ptr, rows, rmask, K // 64, NPM_P2, QMAX)
         q = tl.minimum(tl.maximum(_rne(v / sa[:, None]), -QMAX - 1.0), QMAX * 1.0)
         tl.store(optr, q.to(tl.int8), mask=rmask[:, None])
         if c == 0:
@@ -191,10 +217,10 @@ def _unpack_int4_kernel(p_ptr, w_ptr, N, K, BN: tl.constexpr):
     rn = pid_n * BN + tl.arange(0, BN)
     kk = tl.arange(0, 64)
     m = (rn < N)[:, None]
-    w32 = tl.load(p_ptr + rn[:, None] * (K // 2) + g * 64 + kk[None, :], mask=m, other=0).to(tl.int32)
+    lo, hi = _unpack_int4(tl.load(p_ptr + rn[:, None] * (K // 2) + g * 64 + kk[None, :], mask=m, other=0))
     base = w_ptr + rn[:, None] * K + g * 128 + kk[None, :]
-    tl.store(base, ((w32 << 28) >> 28).to(tl.int8), mask=m)
-    tl.store(base + 64, ((w32 << 24) >> 28).to(tl.int8), mask=m)
+    tl.store(base, lo, mask=m)
+    tl.store(base + 64, hi, mask=m)
 
 
 @triton.jit
@@ -276,16 +302,9 @@ def _w4a8_gemm_kernel(
     mmask = rm < M
     nmask = rn < N
     kk = tl.arange(0, 64)
-    n_kt = K // 128
-    per = tl.cdiv(n_kt, SPLIT_K)
-    kt0 = pid_k * per
-    kt1 = tl.minimum(kt0 + per, n_kt)
+    kt0, kt1 = _k_slice(K, SPLIT_K, pid_k)
     if A_FLOAT:
-        pc = tl.arange(0, NPM_P2)
-        pm = tl.load(
-            pm_ptr + rm[:, None] * NPM + pc[None, :], mask=mmask[:, None] & (pc < NPM)[None, :], other=0.0
-        )
-        sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+        sa = _scale_from_partials(pm_ptr, rm, mmask, NPM, NPM_P2, QMAX)
         inv = 1.0 / sa
     else:
         sa = tl.load(sa_ptr + rm, mask=mmask, other=1.0)
@@ -302,19 +321,10 @@ def _w4a8_gemm_kernel(
             acc = tl.dot(a_t, tl.trans(w_t), acc, out_dtype=tl.int32)
         kt1 = kt0  # the packed loop below does nothing
     for kt in range(kt0, kt1):
-        wp = tl.load(w_base + kt * 64, mask=nmask[:, None], other=0)
-        w32 = wp.to(tl.int32)
-        w_lo = ((w32 << 28) >> 28).to(tl.int8)
-        w_hi = ((w32 << 24) >> 28).to(tl.int8)
+        w_lo, w_hi = _unpack_int4(tl.load(w_base + kt * 64, mask=nmask[:, None], other=0))
         if A_FLOAT:
-            xl = tl.load(a_base + kt * 128, mask=mmask[:, None], other=0.0)
-            xh = tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0.0)
-            al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(
-                tl.int8
-            )
-            ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(
-                tl.int8
-            )
+            al = _quant_codes(tl.load(a_base + kt * 128, mask=mmask[:, None], other=0.0), inv, QMAX)
+            ah = _quant_codes(tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0.0), inv, QMAX)
         else:
             al = tl.load(a_base + kt * 128, mask=mmask[:, None], other=0)
             ah = tl.load(a_base + kt * 128 + 64, mask=mmask[:, None], other=0)
@@ -451,17 +461,9 @@ def _w4a8_gemm_small_kernel(
         mem = 0
     row = mem * M + rt
     kk = tl.arange(0, 64)
-    n_kt = K // 128
-    per = tl.cdiv(n_kt, SPLIT_K)
-    kt0 = pid_k * per
-    kt1 = tl.minimum(kt0 + per, n_kt)
+    kt0, kt1 = _k_slice(K, SPLIT_K, pid_k)
     if A_FLOAT:
-        npm = K // 64
-        pc = tl.arange(0, NPM_P2)
-        pm = tl.load(
-            sa_ptr + row[:, None] * npm + pc[None, :], mask=tmask[:, None] & (pc < npm)[None, :], other=0.0
-        )
-        sa = tl.maximum(tl.max(pm, axis=1) / QMAX, 1e-8)
+        sa = _scale_from_partials(sa_ptr, row, tmask, K // 64, NPM_P2, QMAX)
         inv = 1.0 / sa
     else:
         sa = tl.load(sa_ptr + row, mask=tmask, other=1.0)
@@ -480,12 +482,10 @@ def _w4a8_gemm_small_kernel(
         wp_n = tl.load(w_base + (kt + 1) * 64, mask=wmask[:, None] & nxt, other=0)
         xl_n = tl.load(a_base + (kt + 1) * 128, mask=tmask[:, None] & nxt, other=0)
         xh_n = tl.load(a_base + (kt + 1) * 128 + 64, mask=tmask[:, None] & nxt, other=0)
-        w32 = wp.to(tl.int32)
-        w_lo = ((w32 << 28) >> 28).to(tl.int8)
-        w_hi = ((w32 << 24) >> 28).to(tl.int8)
+        w_lo, w_hi = _unpack_int4(wp)
         if A_FLOAT:
-            al = tl.minimum(tl.maximum(libdevice.rint(xl * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
-            ah = tl.minimum(tl.maximum(libdevice.rint(xh * inv[:, None]), -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+            al = _quant_codes(xl, inv, QMAX)
+            ah = _quant_codes(xh, inv, QMAX)
         else:
             al = xl
             ah = xh

@@ -1,5 +1,6 @@
 """Sibling grouping (CPU): which linears are grouped, and that a group changes nothing off the GPU."""
 
+import pytest
 import torch
 
 from pytest_duquant.config import DuQuantConfig, replace
@@ -9,28 +10,18 @@ from pytest_duquant.layer import DuQuantLinear
 from pytest_duquant.quantize import quantize_model
 
 
-class _Attn(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = torch.nn.Linear(128, 256, bias=False)
-        self.k_proj = torch.nn.Linear(128, 64, bias=False)
-        self.v_proj = torch.nn.Linear(128, 64, bias=False)
-        self.o_proj = torch.nn.Linear(256, 128, bias=False)
-
-
-class _Mlp(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gate_proj = torch.nn.Linear(128, 256, bias=False)
-        self.up_proj = torch.nn.Linear(128, 256, bias=False)
-        self.down_proj = torch.nn.Linear(256, 128, bias=False)
+def _linears(**shapes) -> torch.nn.Module:
+    module = torch.nn.Module()
+    for name, (k, n) in shapes.items():
+        setattr(module, name, torch.nn.Linear(k, n, bias=False))
+    return module
 
 
 class _Block(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.self_attn = _Attn()
-        self.mlp = _Mlp()
+        self.self_attn = _linears(q_proj=(128, 256), k_proj=(128, 64), v_proj=(128, 64), o_proj=(256, 128))
+        self.mlp = _linears(gate_proj=(128, 256), up_proj=(128, 256), down_proj=(256, 128))
 
 
 def _quantized(backend: str, packdir):
@@ -78,9 +69,5 @@ def test_group_pack_members_are_views_and_mismatches_are_named():
     assert [p.shape[-1] for p in parts] == [128, 64] and int(parts[1][0, 0]) == 128
     odd = make_w4a8_pack(perm=None, r_in=eye, w_codes=torch.randint(-8, 8, (96, 128), dtype=torch.int8),
                          w_scales=torch.rand(96))
-    try:
+    with pytest.raises(ValueError, match="out_features=96 is not a multiple of 64"):
         make_w4a8_group([packs[0], odd])
-    except ValueError as exc:
-        assert "out_features=96 is not a multiple of 64" in str(exc)
-    else:
-        raise AssertionError("a 96-wide member must be refused")
