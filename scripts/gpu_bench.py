@@ -31,6 +31,7 @@ from pytest_duquant.kernels.bench import (  # noqa: E402
     synth_layer,
     time_denoise,
 )
+from pytest_duquant.kernels.packs import SMALL_M  # noqa: E402
 
 MS = (1, 16, 50, 64, 256, 800, 4096)
 OUT = Path(os.environ.get("OUT", "results"))
@@ -39,7 +40,7 @@ OUT = Path(os.environ.get("OUT", "results"))
 def sweep_configs(m: int, k: int, n: int):
     n_kt = k // 128
     cands = []
-    if m <= 64:
+    if m <= SMALL_M:
         for bt in (16, 32, 64):
             if bt > 16 and m <= 16:
                 continue
@@ -274,7 +275,7 @@ def main() -> int:
     for tokens in (50, 400):
         res = {"tokens": tokens}
         for mode, preset in expert_modes:
-            if tokens > 64 and mode.startswith("w4a8-grouped"):
+            if tokens > SMALL_M and mode.startswith("w4a8-grouped"):
                 continue  # the same kernels as "w4a8" above 64 tokens
             stack = ExpertStack(mode, preset)
             res[f"{mode}_{preset}_us"] = time_denoise(stack, tokens)

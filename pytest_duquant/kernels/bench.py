@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pytest_duquant.kernels.packs import SimPack, W4A8Pack, make_sim_pack, make_w4a8_pack
+from pytest_duquant.kernels.packs import SMALL_M, SimPack, W4A8Pack, make_sim_pack, make_w4a8_pack
 
 EXPERT_SHAPES = ((1024, 2048), (1024, 256), (2048, 1024), (1024, 4096), (4096, 1024))  # (in, out)
 PRESETS = {  # kernel-relevant parts of the SPEC presets
@@ -149,8 +149,8 @@ EXPERT_MODES = {
 
 class ExpertStack:
     """18 Gemma layers (RMSNorm, GQA attention over the action tokens, gated GELU-tanh MLP); the linears run
-    as one of EXPERT_MODES. Grouped modes apply to M <= 64 tokens (path "C"); larger M runs the members one
-    by one."""
+    as one of EXPERT_MODES. Grouped modes apply up to SMALL_M tokens (the small-M kernels); more tokens run the
+    members one by one."""
 
     def __init__(self, mode: str, preset: str = "A", depth: int = 18, device="cuda", seed: int = 0):
         from pytest_duquant.kernels import triton_kernels as tk
@@ -205,7 +205,7 @@ class ExpertStack:
         if self.mode == "bf16":
             return F.linear(x, w)
         if self.mode.startswith("w4a8"):
-            if self.codes and x.shape[0] <= 64:
+            if self.codes and x.shape[0] <= SMALL_M:
                 return self.tk.w4a8_linear(x, w, self._small(x, w))
             return self.tk.w4a8_linear(x, w)
         return self.tk.simulated_linear(x, w)
@@ -214,12 +214,12 @@ class ExpertStack:
         return self.tk.small_config(x.shape[0], target.out_features, target.in_features, codes=self.codes)
 
     def _qkv(self, lay, h):
-        if self.grouped and h.shape[0] <= 64:
+        if self.grouped and h.shape[0] <= SMALL_M:
             return lay["qkv"].split(self.tk.w4a8_small(h, lay["qkv"], self._small(h, lay["qkv"])))
         return tuple(self._lin(lay[n], h) for n in ("q", "k", "v"))
 
     def _mlp(self, lay, h):
-        if self.grouped and h.shape[0] <= 64:
+        if self.grouped and h.shape[0] <= SMALL_M:
             gu = self.tk.w4a8_small(h, lay["gate_up"], self._small(h, lay["gate_up"]))
             if self.geglu:
                 return self.tk.w4a8_small(gu, lay["down"], self._small(h, lay["down"]), geglu=True)

@@ -78,7 +78,8 @@ def _bias_for_kernel(layer):
     return layer.bias
 
 
-def _key(layer, x_dtype):
+def kernel_pack_key(layer, x_dtype):
+    """What a layer's packed form depends on (path, dtype, weights and scales by identity + version, row_rot)."""
     t = layer.w_codes if uses_integer_path(layer) else layer.weight_q
     scale = getattr(layer, "act_scale", None)
     return (
@@ -94,7 +95,7 @@ def _key(layer, x_dtype):
 def get_pack(layer, x_dtype=torch.bfloat16):
     """The kernel-ready pack of `layer` (built once, cached in layer.kernel_cache)."""
     cache = layer.kernel_cache
-    key = _key(layer, x_dtype)
+    key = kernel_pack_key(layer, x_dtype)
     hit = cache.get("triton")
     if hit is not None and hit[0] == key:
         return hit[1]

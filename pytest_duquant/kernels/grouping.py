@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from pytest_duquant.kernels.packs import SMALL_M
+
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-MAX_TOKENS = 64  # the small-M kernels' limit
 
 
 class SiblingGroup:
@@ -32,10 +33,10 @@ class SiblingGroup:
     def _group_pack(self, x_dtype):
         """The members' W4A8Group (built once per weights/dtype; members become views into it), or None when
         the members cannot form one (group_mismatch)."""
-        from pytest_duquant.kernels.dispatch import _key, get_pack
+        from pytest_duquant.kernels.dispatch import get_pack, kernel_pack_key
         from pytest_duquant.kernels.packs import group_mismatch, make_w4a8_group
 
-        key = tuple(_key(layer, x_dtype) for layer in self.layers)
+        key = tuple(kernel_pack_key(layer, x_dtype) for layer in self.layers)
         if self._pack is None or self._pack[0] != key:
             packs = [get_pack(layer, x_dtype) for layer in self.layers]
             group = None if group_mismatch(packs) else make_w4a8_group(packs)
@@ -52,7 +53,7 @@ class SiblingGroup:
         from pytest_duquant.kernels.dispatch import can_use_triton, uses_integer_path
 
         lead = x.shape[:-1]
-        if lead.numel() > MAX_TOKENS or not all(
+        if lead.numel() > SMALL_M or not all(
             uses_integer_path(m) and can_use_triton(m, x)[0] for m in self.layers
         ):
             return None

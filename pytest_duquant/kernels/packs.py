@@ -121,6 +121,7 @@ def make_w4a8_pack(
     )
 
 
+SMALL_M = 64  # token count up to which the small-M (swap-AB) kernels and W4A8Groups run
 GROUP_TILE = 64  # output rows per GEMM tile in the small-M kernels: every member's N must be a multiple
 
 

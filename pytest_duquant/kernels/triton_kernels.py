@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from pytest_duquant.kernels.packing import PACK_GROUP
-from pytest_duquant.kernels.packs import CHUNK, GROUP_TILE, SimPack, W4A8Group, W4A8Pack
+from pytest_duquant.kernels.packs import CHUNK, GROUP_TILE, SMALL_M, SimPack, W4A8Group, W4A8Pack
 
 
 @triton.jit
@@ -617,10 +617,10 @@ def small_config(
 def pick_config(m: int, n: int, k: int) -> GemmConfig:
     """Heuristic configuration (from the H100 sweeps of scripts/gpu_bench.py --sweep; docs/gpu-notes.md).
 
-    M <= 64: the swap-AB small-M path (`small_config`). M <= 256: the token-major GEMM on fp32 x_t. Larger M:
+    M <= SMALL_M (64): the swap-AB small-M path (`small_config`). M <= 256: the token-major GEMM on fp32 x_t. Larger M:
     path "Q" (int8 codes, weight unpacked once per call)."""
     n_kt = k // PACK_GROUP
-    if m <= 64:
+    if m <= SMALL_M:
         return small_config(m, n, k)
     if m <= 256:
         bm, bn = 64, 64
