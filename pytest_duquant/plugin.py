@@ -42,6 +42,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("duquant_report", "default report directory", default=None)
 
 
+_REROOT_KEY = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str], parser: pytest.Parser) -> None:
+    """`--ckpt DIR` (space form): keep the project's rootdir and pyproject settings (pytest_duquant.rootdir)."""
+    from pytest_duquant.rootdir import reroot
+
+    note = reroot(early_config, args)
+    if note:
+        early_config.stash[_REROOT_KEY] = note
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
@@ -109,8 +122,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         config.stash[_REPORT_KEY] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"duquant: {session_config(config).describe()}"
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = [f"duquant: {session_config(config).describe()}"]
+    if _REROOT_KEY in config.stash:
+        lines.append(f"duquant: {config.stash[_REROOT_KEY]}")
+    return lines
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 
 import pytest
 
 from pytest_duquant import golden_model
-from pytest_duquant.config import DuQuantConfig, from_env
+from pytest_duquant.config import DuQuantConfig, duquant_env, from_env
 from pytest_duquant.model_metrics import ModelMetrics, Probe, numeric_settings
 from pytest_duquant.reporting.model import remember
 
@@ -116,10 +117,30 @@ def session_preset(duquant_config) -> DuQuantConfig:
     return duquant_config
 
 
+def record_command(config) -> str:
+    """The command that records the missing golden: this run's OPENPI_DUQUANT_* variables and arguments, plus
+    --duquant-update-golden."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(duquant_env(os.environ).items()))
+    args = [a for a in config.invocation_params.args if a != "--duquant-update-golden"]
+    cmd = " ".join(["python -m pytest", *(shlex.quote(str(a)) for a in args), "--duquant-update-golden"])
+    return f"{env} {cmd}" if env else cmd
+
+
+def _recorded_preset(root, fingerprint: str, name: str) -> bool:
+    """A preset's own golden (A, B-greedy, ...; not a custom setting) of a checkpoint the project records."""
+    return "-custom-" not in name and (golden_model.golden_path(root, fingerprint, name).parent).is_dir()
+
+
+@pytest.fixture
+def golden_record_command(request) -> str:
+    return record_command(request.config)
+
+
 @pytest.fixture
 def golden_step(request, golden_root, duquant_update_golden):
     """check(metrics, name): compare with golden/model/<fingerprint>/<name>.json, or rewrite it when
-    --duquant-update-golden is given (printing what changed). Fails with the worst-layers table."""
+    --duquant-update-golden is given (printing what changed). Fails with the worst-layers table. A golden
+    not recorded yet (custom settings, a new checkpoint) skips with the exact command that records it."""
 
     def check(metrics: ModelMetrics, name: str) -> golden_model.GoldenResult:
         remember(metrics)
@@ -129,6 +150,11 @@ def golden_step(request, golden_root, duquant_update_golden):
             result = golden_model.check_or_update(
                 metrics, name, golden_root, update=duquant_update_golden, command=command
             )
+        except golden_model.GoldenMissing as exc:
+            if _recorded_preset(golden_root, metrics.fingerprint, name):
+                problem = str(exc)  # the project records this preset's golden for this checkpoint: it is lost
+            else:
+                pytest.skip(f"{exc}\nTo record it, run exactly: {record_command(request.config)}")
         except golden_model.GoldenError as exc:
             problem = str(exc)
         if problem is not None:

@@ -30,16 +30,21 @@ def test_minilm_metrics_match_the_golden(minilm_measure, session_preset, golden_
 
 
 @pytest.mark.parametrize("rotation", ["svd", "greedy"])
-def test_minilm_duquant_vs_plain_rtn(request, minilm_measure, session_preset, golden_root, rotation):
+def test_minilm_duquant_vs_plain_rtn(request, minilm_measure, session_preset, golden_root, golden_record_command,
+                                     rotation):
     """Greedy must beat RTN (mean per-layer SQNR); SVD is a strict xfail where the golden records that it
-    does not (it loses badly on the fc2 layers, whose GELU inputs have outlier channels)."""
+    does not (it loses badly on the fc2 layers, whose GELU inputs have outlier channels). Without a golden
+    for these settings the SVD expectation is unknown: skipped with the command that records one."""
     cfg = _variant(session_preset, rotation)
     name = minilm_measure.name(cfg)
     m = minilm_measure(cfg, rtn=True, label=name)
     gain = m.mean_sqnr_db - m.mean_rtn_sqnr_db
     if rotation == "svd":
         rec = golden_model.recorded_rtn_relation(golden_root, m, name)
-        if rec is not None and rec[0] < rec[1]:
+        if rec is None:
+            pytest.skip(f"no MiniLM golden {name} records whether DuQuant-SVD beats RTN under these settings; "
+                        f"to record it, run exactly: {golden_record_command}")
+        if rec[0] < rec[1]:
             request.node.add_marker(
                 pytest.mark.xfail(
                     strict=True,

@@ -34,14 +34,16 @@ def test_model_metrics_match_the_golden(measure, session_preset, golden_step, ro
 
 
 @pytest.mark.parametrize("rotation", ["svd", "greedy"])
-def test_duquant_beats_plain_rtn_on_the_same_layers(request, measure, session_preset, golden_root, rotation):
+def test_duquant_beats_plain_rtn_on_the_same_layers(request, measure, session_preset, golden_root,
+                                                    golden_record_command, rotation):
     """SPEC ordering: a DuQuant preset's per-layer error <= plain RTN at the same bits on the same layers
     (mean per-layer SQNR over the quantized linears, on their real calibration inputs).
 
     Greedy (the paper's rotation) is asserted outright. The SVD rotation (SPEC default) aligns with outlier
     channels instead of spreading them, so on some checkpoints/presets it is measurably *worse* than RTN:
     where the committed golden records that, this test is a strict xfail quoting the recorded numbers
-    (an XPASS then says the relation changed and the golden/docs need a look)."""
+    (an XPASS then says the relation changed and the golden/docs need a look). Without a golden for these
+    settings the SVD expectation is unknown: skipped with the command that records one."""
     cfg = _variant(session_preset, rotation)
     name = measure.name(cfg)
     m = measure(cfg, rtn=True, label=name)
@@ -50,7 +52,10 @@ def test_duquant_beats_plain_rtn_on_the_same_layers(request, measure, session_pr
     better = sum(1 for la in m.layers if la.gain_db > 0)
     if rotation == "svd":
         rec = golden_model.recorded_rtn_relation(golden_root, m, name)
-        if rec is not None and rec[0] < rec[1]:
+        if rec is None:
+            pytest.skip(f"no golden {name} of checkpoint {m.fingerprint} records whether DuQuant-SVD beats RTN "
+                        f"under these settings; to record it, run exactly: {golden_record_command}")
+        if rec[0] < rec[1]:
             request.node.add_marker(
                 pytest.mark.xfail(
                     strict=True,
