@@ -1,6 +1,6 @@
 """Read rollout results: one JSON object per line (JSONL), one line per finished episode.
 
-Canonical fields of a line (SPEC §4):
+Canonical fields of a line (docs/contract.md, "Outputs"):
 
     {"suite": "libero_spatial", "task_id": 3, "trial": 17, "seed": 7, "success": true, "steps": 143,
      "wall_s": 41.2, "preset": "B", "fingerprint": "<checkpoint fingerprint>", "protocol": "openpi-libero-v1"}

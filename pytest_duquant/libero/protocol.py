@@ -1,6 +1,6 @@
 """openpi's LIBERO evaluation protocol (``examples/libero/main.py``), as data and pure functions.
 
-Facts (SPEC §5): 256×256 render, ``env.seed(seed)``, reset, ``set_init_state(init_states[trial])``;
+Facts (docs/contract.md, "LIBERO protocol"): 256×256 render, ``env.seed(seed)``, reset, ``set_init_state(init_states[trial])``;
 the first 10 steps send the no-op ``[0,0,0,0,0,0,-1]``; per-suite max steps; both camera images
 flipped 180° and resized with zero padding to 224; state = eef position (3) + axis-angle of the
 eef quaternion (3) + gripper qpos (2); prompt = the task's language; 5 actions of each chunk run

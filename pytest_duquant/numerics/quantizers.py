@@ -1,4 +1,4 @@
-"""Symmetric quantizers (SPEC §3 steps 5-6)."""
+"""Symmetric quantizers (docs/contract.md, "Algorithm" steps 5-6)."""
 
 from __future__ import annotations
 

