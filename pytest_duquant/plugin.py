@@ -137,6 +137,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         tr.write_line("preset fp: no quantization (the FP baseline)")
         return
     tr.write_line(f"preset {cfg.preset}; precedence: option > OPENPI_DUQUANT_* > preset > defaults")
+    if config.getoption("--duquant-update-golden") and "libero" in (config.getoption("-m") or ""):
+        tr.write_line("LIBERO goldens were recorded from FP runs (nothing quantized; results labelled fp); "
+                      f"preset {cfg.preset} applied only to model goldens")
     for env, value, source in cfg.summary_items():
         origin = {"default": "default", "preset": f"preset {cfg.preset}", "env": "environment",
                   "override": "option"}[source]
