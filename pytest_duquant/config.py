@@ -1,7 +1,7 @@
 """DuQuantConfig: what to quantize and how, built from presets, OPENPI_DUQUANT_* variables and overrides.
 
-Precedence, highest first (docs/contract.md, "Configuration"): explicit override > environment variable > preset > internal
-defaults (= preset A). Everything is validated here, before any weight is touched.
+Precedence, highest first (docs/contract.md, "Configuration"): explicit override > environment variable >
+preset > internal defaults (= preset A). Everything is validated here, before any weight is touched.
 """
 
 from __future__ import annotations
@@ -343,7 +343,8 @@ def duquant_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def env_requests_duquant(environ: Mapping[str, str]) -> bool:
-    """docs/contract.md, "Configuration": DuQuant is active when any OPENPI_DUQUANT_* variable other than PACKDIR is set."""
+    """DuQuant is active when any OPENPI_DUQUANT_* variable other than PACKDIR is set (docs/contract.md,
+    "Configuration")."""
     return any(k != ENV_PREFIX + "PACKDIR" for k in duquant_env(environ))
 
 

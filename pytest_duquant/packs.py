@@ -4,8 +4,8 @@ The cache key covers the layer name, the weight's bytes (shape and dtype include
 changes the pack, and the algorithm itself (PACK_FORMAT, the rotation's sign convention, the weight
 quantizer's scale grid), so a pack computed for other weights, other settings or by another version of
 the algorithm is never served. Packs are computed on the CPU in float64 whatever device the weight is on,
-so CPU and CUDA runs (and float32/bfloat16/float64 copies of the same values) get the same pack. Writes are atomic (temp file +
-os.replace), so a crash never leaves a half-written pack that a later run loads.
+so CPU and CUDA runs (and float32/bfloat16/float64 copies of the same values) get the same pack. Writes are
+atomic (temp file + os.replace), so a crash never leaves a half-written pack that a later run loads.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Under the session preset (`--duquant-preset`, variables): action-chunk error vs FP (relative L2, max abs,
 every denoising step), per-layer SQNR of every quantized linear vs plain RTN, packed bytes, all compared
-with golden/model/<fingerprint>/<preset>.json. Orderings (docs/contract.md, "Presets"): `precision` <= `A`; DuQuant <= plain RTN
-on the same layers; error falls as WBITS rises. docs/model-suite.md has the measured numbers.
+with golden/model/<fingerprint>/<preset>.json. Orderings (docs/contract.md, "Presets"): `precision` <= `A`;
+DuQuant <= plain RTN on the same layers; error falls as WBITS rises. docs/model-suite.md has the measured numbers.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ def test_model_metrics_match_the_golden(measure, session_preset, golden_step, ro
 @pytest.mark.parametrize("rotation", ["svd", "greedy"])
 def test_duquant_beats_plain_rtn_on_the_same_layers(request, measure, session_preset, golden_root,
                                                     golden_record_command, rotation):
-    """The presets' ordering (docs/contract.md, "Presets"): a DuQuant preset's per-layer error <= plain RTN at the same bits on the same layers
-    (mean per-layer SQNR over the quantized linears, on their real calibration inputs).
+    """The presets' ordering (docs/contract.md, "Presets"): a DuQuant preset's per-layer error <= plain RTN at
+    the same bits on the same layers (mean per-layer SQNR over the quantized linears, on their real calibration inputs).
 
-    Greedy (the paper's rotation) is asserted outright. The SVD rotation (the default, docs/contract.md "Algorithm") aligns with outlier
-    channels instead of spreading them, so on some checkpoints/presets it is measurably *worse* than RTN:
-    where the committed golden records that, this test is a strict xfail quoting the recorded numbers
-    (an XPASS then says the relation changed and the golden/docs need a look). Without a golden for these
-    settings the SVD expectation is unknown: skipped with the command that records one."""
+    Greedy (the paper's rotation) is asserted outright. The SVD rotation (the default, docs/contract.md
+    "Algorithm") aligns with outlier channels instead of spreading them, so on some checkpoints/presets it is
+    measurably *worse* than RTN: where the committed golden records that, this test is a strict xfail quoting
+    the recorded numbers (an XPASS then says the relation changed and the golden/docs need a look). Without a
+    golden for these settings the SVD expectation is unknown: skipped with the command that records one."""
     cfg = _variant(session_preset, rotation)
     name = measure.name(cfg)
     m = measure(cfg, rtn=True, label=name)
