@@ -8,6 +8,7 @@ import pkgutil
 import sys
 
 from pytest_duquant import commands as _commands
+from pytest_duquant import progress
 from pytest_duquant.config import DuQuantConfigError
 
 
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with progress.reporting_to(progress.to_stderr):  # a line for every phase that lasts (stderr)
+            return int(args.func(args) or 0)
     except DuQuantConfigError as exc:
         print(f"duquant: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pytest_duquant import progress
 from pytest_duquant.config import DuQuantConfig, replace
 from pytest_duquant.layer import DuQuantLinear
 from pytest_duquant.numerics import PercentileObserver, fake_quant_sym, quantize_weight_rtn
@@ -570,34 +571,38 @@ class Probe:
             raise ValueError(f"config {config.describe()}: selects no linear of {self.model_name}")
         for n in names:
             self._fp_modules.setdefault(n, self.model.get_submodule(n))
-        self._ensure_inputs(names)
-        fp_states = self.fp_states()
+        what = f"{self.model_name} {label or config.preset}"
+        with progress.phase(f"{what}: FP layer inputs and reference outputs"):
+            self._ensure_inputs(names)
+            fp_states = self.fp_states()
         # DuQuant
         report = quantize_model(self.model, config)
         try:
             with self.running():
                 with calibrating(self.model):
                     self.calibration_calls(config.calib_steps)
-                with PeakMemory(self.device) as mem:
+                with PeakMemory(self.device) as mem, progress.phase(f"{what}: evaluation"):
                     q_states = self.evaluate()
             quant_bytes = module_bytes(self.model)
-            dq = {n: self._layer_sqnr(n, self.model.get_submodule(n)) for n in names}
+            with progress.phase(f"{what}: per-layer SQNR"):
+                dq = {n: self._layer_sqnr(n, self.model.get_submodule(n)) for n in names}
         finally:
             self.restore()
         # plain RTN
         rtn_sqnr: dict[str, float] = {}
         output_rtn = None
         if rtn:
-            try:
-                rtn_quantize_model(self.model, config)
-                with self.running():
-                    with calibrating(self.model):
-                        self.calibration_calls(config.calib_steps)
-                    r_states = self.evaluate()
-                output_rtn = OutputError.between(fp_states, r_states)
-                rtn_sqnr = {n: self._layer_sqnr(n, self.model.get_submodule(n))[0] for n in names}
-            finally:
-                self.restore()
+            with progress.phase(f"{what}: plain RTN baseline (quantize, calibrate, evaluate)"):
+                try:
+                    rtn_quantize_model(self.model, config)
+                    with self.running():
+                        with calibrating(self.model):
+                            self.calibration_calls(config.calib_steps)
+                        r_states = self.evaluate()
+                    output_rtn = OutputError.between(fp_states, r_states)
+                    rtn_sqnr = {n: self._layer_sqnr(n, self.model.get_submodule(n))[0] for n in names}
+                finally:
+                    self.restore()
         records = {r.name: r for r in report.layers}
         layers = []
         for n in names:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -66,6 +67,35 @@ def pytest_configure(config: pytest.Config) -> None:
     ckpt = _ckpt_option(config)
     if ckpt is not None and not ckpt.is_dir():
         raise pytest.UsageError(f"--ckpt {ckpt}: no such checkpoint directory")
+    if not hasattr(config, "workerinput"):
+        from pytest_duquant import progress
+
+        config.stash[_PROGRESS_KEY] = progress.report_to(_terminal_writer(config))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _PROGRESS_KEY in config.stash:
+        from pytest_duquant import progress
+
+        progress.report_to(config.stash[_PROGRESS_KEY])
+
+
+_PROGRESS_KEY = pytest.StashKey[object]()
+
+
+def _terminal_writer(config: pytest.Config):
+    """Progress lines of long phases (loading, quantizing, calibrating) on the terminal, past output capture."""
+
+    def write(line: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            return
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+        with ctx:
+            reporter.write_line(line)
+
+    return write
 
 
 def _ckpt_option(config: pytest.Config) -> Path | None:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from pytest_duquant import progress as _progress
 from pytest_duquant.config import DuQuantConfig, from_env
 from pytest_duquant.layer import DuQuantLinear
 from pytest_duquant.packs import PackCache, build_pack, pack_key
@@ -144,7 +145,7 @@ def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dry
     cache = PackCache(config.packdir)
     settings = config.pack_settings()
     block_out = config.effective_block_out
-    iterator = selected
+    iterator = _progress.steps(selected, f"DuQuant {config.preset}: quantizing", unit="linears")
     if progress:
         from tqdm import tqdm
 

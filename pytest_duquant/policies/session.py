@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pytest_duquant import progress
 from pytest_duquant.config import DuQuantConfig
 from pytest_duquant.quantize import calibration, quantize_model
 
@@ -119,7 +120,8 @@ def builtin_checkpoint_dir(variant: str = BUILTIN_VARIANT, seed: int = BUILTIN_S
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{stem}", dir=root))
         try:
-            init_checkpoint(tmp, variant, int(seed))
+            with progress.phase(f"writing the built-in {variant} checkpoint (seed {seed}) to {d}", announce=True):
+                init_checkpoint(tmp, variant, int(seed))
             try:
                 os.replace(tmp, d)
             except OSError:  # another process finished first: use its copy
@@ -173,9 +175,16 @@ def policy_factory(
         )
     else:
         ckpt = builtin_checkpoint_dir()
-    fingerprint = checkpoint_fingerprint(ckpt)
+    weights = ckpt / WEIGHTS_NAME
+    big = weights.is_file() and weights.stat().st_size > 1 << 30
+    with progress.phase(f"fingerprint of {weights}", announce=big):
+        fingerprint = checkpoint_fingerprint(ckpt)
 
     def make():
+        with progress.phase(f"loading pi0.5 from {ckpt}", announce=big):
+            return _load()
+
+    def _load():
         if backend == "openpi":
             from pytest_duquant.policies.pi05.openpi_adapter import load_openpi_policy
 
@@ -206,7 +215,7 @@ def run_calibration_calls(policy, observations: Sequence[dict], calls: int) -> N
     CALIB_NOISE_SEED + i (10 denoising steps each)."""
     if not observations:
         raise ValueError("calibration needs at least one observation")
-    for i in range(calls):
+    for i in progress.steps(range(calls), "calibration", unit="policy calls"):
         policy.infer(observations[i % len(observations)], CALIB_NOISE_SEED + i)
 
 
