@@ -143,48 +143,44 @@ def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dry
         return report
 
     cache = PackCache(config.packdir)
-    settings = config.pack_settings()
     block_out = config.effective_block_out
+    packs = _load_or_build_packs(model, selected, config, cache)
     iterator = _progress.steps(selected, f"DuQuant {config.preset}: quantizing", unit="linears")
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(selected, desc="DuQuant", unit="layer")
-    for choice in iterator:
-        t0 = time.perf_counter()
-        linear = model.get_submodule(choice.name)
-        key = pack_key(choice.name, linear.weight, {**settings, "wbits": choice.wbits})
-        pack = cache.load(choice.name, key)
-        cached = pack is not None
-        if pack is None:
-            pack = build_pack(linear.weight, wbits=choice.wbits, block=config.block, block_out=block_out,
-                              ls=config.ls, permute=config.permute, row_rot=config.row_rot,
-                              rotation=config.rotation)
-            cache.save(choice.name, key, pack)
-        layer = DuQuantLinear.from_pack(
-            linear, pack, name=choice.name, wbits=choice.wbits, abits=config.abits, block=config.block,
-            block_out=block_out, row_rot=config.row_rot, act_pct=config.act_pct, calib_steps=config.calib_steps,
-            act_dynamic=config.act_dynamic, backend=config.backend,
-        )
-        _set_submodule(model, choice.name, layer)
-        before = linear.weight.numel() * linear.weight.element_size()
-        if linear.bias is not None:
-            before += linear.bias.numel() * linear.bias.element_size()
-        record = LayerRecord(
-            name=choice.name, out_features=choice.out_features, in_features=choice.in_features, wbits=choice.wbits,
-            abits=config.abits if layer.act_quant_enabled else 16, block=config.block, block_out=block_out,
-            permute=config.permute, row_rot=config.row_rot, bytes_before=before, bytes_after=layer.packed_bytes(),
-            seconds=time.perf_counter() - t0, cached=cached,
-        )
-        report.layers.append(record)
-        log.info("Quantizing layer: %s", choice.name)
-        log.info("Weight shape: [%d, %d]", choice.out_features, choice.in_features)
-        log.info("Quantized to W%dA%d, block=%d%s", record.wbits, record.abits, record.block,
-                 " (pack from cache)" if cached else "")
-        log.info("Memory saved: %.1f MB", (record.bytes_before - record.bytes_after) / 1e6)
-        if layer.w_scales is not None:
-            log.debug("  weight scales: min %.3g median %.3g max %.3g; %.3f s", float(layer.w_scales.min()),
-                      float(layer.w_scales.median()), float(layer.w_scales.max()), record.seconds)
+    try:
+        for choice in iterator:
+            t0 = time.perf_counter()
+            linear = model.get_submodule(choice.name)
+            pack, cached, build_seconds = next(packs)
+            layer = DuQuantLinear.from_pack(
+                linear, pack, name=choice.name, wbits=choice.wbits, abits=config.abits, block=config.block,
+                block_out=block_out, row_rot=config.row_rot, act_pct=config.act_pct, calib_steps=config.calib_steps,
+                act_dynamic=config.act_dynamic, backend=config.backend,
+            )
+            _set_submodule(model, choice.name, layer)
+            before = linear.weight.numel() * linear.weight.element_size()
+            if linear.bias is not None:
+                before += linear.bias.numel() * linear.bias.element_size()
+            record = LayerRecord(
+                name=choice.name, out_features=choice.out_features, in_features=choice.in_features, wbits=choice.wbits,
+                abits=config.abits if layer.act_quant_enabled else 16, block=config.block, block_out=block_out,
+                permute=config.permute, row_rot=config.row_rot, bytes_before=before, bytes_after=layer.packed_bytes(),
+                seconds=build_seconds + time.perf_counter() - t0, cached=cached,
+            )
+            report.layers.append(record)
+            log.info("Quantizing layer: %s", choice.name)
+            log.info("Weight shape: [%d, %d]", choice.out_features, choice.in_features)
+            log.info("Quantized to W%dA%d, block=%d%s", record.wbits, record.abits, record.block,
+                     " (pack from cache)" if cached else "")
+            log.info("Memory saved: %.1f MB", (record.bytes_before - record.bytes_after) / 1e6)
+            if layer.w_scales is not None:
+                log.debug("  weight scales: min %.3g median %.3g max %.3g; %.3f s", float(layer.w_scales.min()),
+                          float(layer.w_scales.median()), float(layer.w_scales.max()), record.seconds)
+    finally:
+        packs.close()  # the pack threads stop and torch gets its thread count back, even on an error
     if config.backend == "triton":  # q/k/v and gate/up share one activation + one GEMM launch on the GPU
         from pytest_duquant.kernels.grouping import group_siblings
 
@@ -192,6 +188,57 @@ def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dry
     report.seconds = time.perf_counter() - start
     log.info("%s", report.summary())
     return report
+
+
+def pack_workers() -> int:
+    """Layers whose packs are built at once: one per thread torch may use (at most 8), each single-threaded.
+
+    Independent layers in parallel, instead of each small op split over threads: no barrier between threads
+    (on a busy 2-core machine a descheduled OpenMP thread stalled every op), and a pack never depends on the
+    thread count (single-threaded reductions), so it is the same on every machine.
+    """
+    return max(1, min(8, torch.get_num_threads()))
+
+
+def _load_or_build_packs(model: nn.Module, selected: list[LinearChoice], config: DuQuantConfig,
+                         cache: PackCache) -> Iterator[tuple]:
+    """Yield (pack, cached, seconds) for `selected`, in order: from the cache, else built (and saved) by
+    `pack_workers()` threads, a few layers ahead of the consumer."""
+    settings = config.pack_settings()
+    block_out = config.effective_block_out
+
+    def one(choice: LinearChoice):
+        t0 = time.perf_counter()
+        weight = model.get_submodule(choice.name).weight
+        key = pack_key(choice.name, weight, {**settings, "wbits": choice.wbits})
+        pack = cache.load(choice.name, key)
+        cached = pack is not None
+        if pack is None:
+            pack = build_pack(weight, wbits=choice.wbits, block=config.block, block_out=block_out, ls=config.ls,
+                              permute=config.permute, row_rot=config.row_rot, rotation=config.rotation)
+            cache.save(choice.name, key, pack)
+        return pack, cached, time.perf_counter() - t0
+
+    workers = pack_workers()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if workers == 1:
+            for choice in selected:
+                yield one(choice)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="duquant-pack") as pool:
+            ahead = 2 * workers
+            futures = [pool.submit(one, c) for c in selected[:ahead]]
+            for i in range(len(selected)):
+                if i + ahead < len(selected):
+                    futures.append(pool.submit(one, selected[i + ahead]))
+                yield futures[i].result()
+                futures[i] = None  # let the pack go once the layer holds it
+    finally:
+        torch.set_num_threads(threads)
 
 
 def enable_debug_logging() -> None:
