@@ -28,6 +28,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--tokenizer", default=None, metavar="PATH", help="PaliGemma SentencePiece tokenizer model")
     group.addoption("--duquant-update-golden", action="store_true", default=False,
                     help="rewrite golden files from this run (explicit; prints what changed)")
+    group.addoption("--duquant-golden-presets", default=None, metavar="all|P1,P2",
+                    help="check the model goldens under each of these presets (`all`: A, B, precision, speed) "
+                    "instead of only the session's preset; the rest of the run keeps --duquant-preset")
     group.addoption("--duquant-calib", default=None, metavar="SOURCE",
                     help="calibration observations: synthetic (default), libero:<suite> (real resets) or FILE.npz")
     group.addoption("--duquant-report", default=None, metavar="DIR", help="write the report (PNG + JSON) here")

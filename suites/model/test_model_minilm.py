@@ -19,10 +19,10 @@ def _variant(config, rotation):
 
 
 @pytest.mark.parametrize("rotation", ["config", "greedy"])
-def test_minilm_metrics_match_the_golden(minilm_measure, session_preset, golden_step, rotation):
-    if rotation == "greedy" and session_preset.rotation == "greedy":
+def test_minilm_metrics_match_the_golden(minilm_measure, golden_preset, golden_step, rotation):
+    if rotation == "greedy" and golden_preset.rotation == "greedy":
         pytest.skip("the settings in force already use ROTATION=greedy (covered by [config])")
-    cfg = session_preset if rotation == "config" else _variant(session_preset, "greedy")
+    cfg = golden_preset if rotation == "config" else _variant(golden_preset, "greedy")
     name = minilm_measure.name(cfg)
     m = minilm_measure(cfg, rtn=True, label=name)
     assert len(m.layers) == 36  # 6 layers x (q, k, v, o, fc1, fc2)
@@ -30,12 +30,12 @@ def test_minilm_metrics_match_the_golden(minilm_measure, session_preset, golden_
 
 
 @pytest.mark.parametrize("rotation", ["svd", "greedy"])
-def test_minilm_duquant_vs_plain_rtn(request, minilm_measure, session_preset, golden_root, golden_record_command,
+def test_minilm_duquant_vs_plain_rtn(request, minilm_measure, golden_preset, golden_root, golden_record_command,
                                      rotation):
     """Greedy must beat RTN (mean per-layer SQNR); SVD is a strict xfail where the golden records that it
     does not (it loses badly on the fc2 layers, whose GELU inputs have outlier channels). Without a golden
     for these settings the SVD expectation is unknown: skipped with the command that records one."""
-    cfg = _variant(session_preset, rotation)
+    cfg = _variant(golden_preset, rotation)
     name = minilm_measure.name(cfg)
     m = minilm_measure(cfg, rtn=True, label=name)
     gain = m.mean_sqnr_db - m.mean_rtn_sqnr_db

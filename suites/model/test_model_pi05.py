@@ -21,11 +21,11 @@ def _variant(config, rotation):
 
 
 @pytest.mark.parametrize("rotation", ["config", "greedy"])
-def test_model_metrics_match_the_golden(measure, session_preset, golden_step, rotation):
+def test_model_metrics_match_the_golden(measure, golden_preset, golden_step, rotation):
     """Every figure within tolerance of golden/model/<fingerprint>/<name>.json; the table of the worst
     layers otherwise. 'config' = the settings in force; 'greedy' = the same with ROTATION=greedy."""
-    cfg = session_preset if rotation == "config" else _variant(session_preset, "greedy")
-    if rotation == "greedy" and session_preset.rotation == "greedy":
+    cfg = golden_preset if rotation == "config" else _variant(golden_preset, "greedy")
+    if rotation == "greedy" and golden_preset.rotation == "greedy":
         pytest.skip("the settings in force already use ROTATION=greedy (covered by [config])")
     name = measure.name(cfg)
     m = measure(cfg, rtn=True, label=name)
@@ -34,7 +34,7 @@ def test_model_metrics_match_the_golden(measure, session_preset, golden_step, ro
 
 
 @pytest.mark.parametrize("rotation", ["svd", "greedy"])
-def test_duquant_beats_plain_rtn_on_the_same_layers(request, measure, session_preset, golden_root,
+def test_duquant_beats_plain_rtn_on_the_same_layers(request, measure, golden_preset, golden_root,
                                                     golden_record_command, rotation):
     """The presets' ordering (docs/contract.md, "Presets"): a DuQuant preset's per-layer error <= plain RTN at
     the same bits on the same layers (mean per-layer SQNR over the quantized linears, on their real calibration inputs).
@@ -44,7 +44,7 @@ def test_duquant_beats_plain_rtn_on_the_same_layers(request, measure, session_pr
     measurably *worse* than RTN: where the committed golden records that, this test is a strict xfail quoting
     the recorded numbers (an XPASS then says the relation changed and the golden/docs need a look). Without a
     golden for these settings the SVD expectation is unknown: skipped with the command that records one."""
-    cfg = _variant(session_preset, rotation)
+    cfg = _variant(golden_preset, rotation)
     name = measure.name(cfg)
     m = measure(cfg, rtn=True, label=name)
     rtn = m.mean_rtn_sqnr_db
