@@ -434,7 +434,7 @@ def record_denoising(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     orig = model.denoise_step
 
     def denoise_step(kv_cache, prefix_pad, x_t, time):
-        seen.append(x_t.detach().to(torch.float32).clone())
+        seen.append(x_t.detach().to(torch.promote_types(x_t.dtype, torch.float32)).clone())
         return orig(kv_cache, prefix_pad, x_t, time)
 
     model.denoise_step = denoise_step
@@ -654,12 +654,15 @@ class PolicyProbe(Probe):
         eval_obs: Sequence[dict] | None = None,
         eval_seeds: Sequence[int] | None = None,
         fingerprint: str | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs,
     ):
         from pytest_duquant.policies.session import default_calibration_observations, policy_module
 
         self.policy = policy
         model = policy_module(policy)
+        if dtype is not None:  # e.g. float64: the golden then pins the quantization, not the CPU's float order
+            model.set_precision(str(dtype).removeprefix("torch."))
         super().__init__(
             model,
             fingerprint=fingerprint or getattr(policy, "fingerprint", "unknown"),
@@ -693,7 +696,7 @@ class PolicyProbe(Probe):
         with record_denoising(self.model) as seen:
             final = self.policy.raw_actions(self.eval_obs, self.eval_seeds)
         states = [s[..., : self.action_dims] for s in seen[1:]] + [
-            final.to(torch.float32)[..., : self.action_dims]
+            final.to(torch.promote_types(final.dtype, torch.float32))[..., : self.action_dims]
         ]
         return [s.cpu() for s in states]
 
@@ -715,6 +718,7 @@ class PolicyProbe(Probe):
             },
             "sqnr_inputs": {"calls": self.sqnr_calls, "max_rows": self.max_rows},
             "tokenizer": tokenizer_digest(self.policy),
+            "dtype": str(getattr(self.model, "compute_dtype", "unknown")).removeprefix("torch."),
         }
 
 
@@ -724,13 +728,22 @@ EVAL_OBS_SEED = 1
 
 class MiniLMProbe(Probe):
     """all-MiniLM-L6-v2: calibration call i embeds CALIBRATION_SENTENCES[i mod 16]; evaluation embeds the
-    EVALUATION_SENTENCES (error of the normalized sentence embeddings)."""
+    EVALUATION_SENTENCES (error of the normalized sentence embeddings).
 
-    def __init__(self, model=None, tokenizer=None, **kwargs):
+    Runs in float64 by default (`dtype`): in float32 the order of float operations (the CPU's vector width,
+    the BLAS build) moves a few activation codes across a rounding boundary, the flips compound through the
+    six layers, and the embedding error's max abs moved by up to 6% between machines. In float64 the same
+    measurement agrees to 1e-13 across those machines, so the golden pins the quantization, not the CPU
+    (docs/model-suite.md, "Reproducibility").
+    """
+
+    def __init__(self, model=None, tokenizer=None, *, dtype: torch.dtype = torch.float64, **kwargs):
         from pytest_duquant.policies import minilm
 
         if model is None:
             model, tokenizer = minilm.load_minilm()
+        model = model.to(dtype)
+        self.dtype = dtype
         self.tok = tokenizer
         self.minilm = minilm
         self.calib = [tokenizer.batch([s]) for s in minilm.CALIBRATION_SENTENCES]
@@ -764,6 +777,7 @@ class MiniLMProbe(Probe):
             },
             "sqnr_inputs": {"calls": self.sqnr_calls, "max_rows": self.max_rows},
             "weights_sha": self.minilm.weights_fingerprint(),
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
 

@@ -1,4 +1,7 @@
-"""Static activation calibration: running max of per-call per-channel percentiles of |x| (SPEC §3 step 6)."""
+"""Static activation calibration: running max of per-call per-channel percentiles of |x|.
+
+docs/contract.md, "Algorithm" step 6.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ _MIN_PCT = 1e-6
 
 
 def percentile_abs(x: torch.Tensor, pct: float) -> torch.Tensor:
-    """Per channel (last dim) `pct` percentile of |x| over all other dims, linear interpolation (float32)."""
-    a = x.detach().abs().to(torch.float32).reshape(-1, x.shape[-1])
+    """Per channel (last dim) `pct` percentile of |x| over all other dims, linear interpolation; computed in
+    float32, or in float64 for float64 inputs (a float64 measurement keeps float64 scales: its float order no
+    longer moves activation codes across rounding boundaries)."""
+    a = x.detach().abs().to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, x.shape[-1])
     q = pct / 100.0
     if a.numel() <= _QUANTILE_LIMIT:
         return torch.quantile(a, q, dim=0)

@@ -170,6 +170,25 @@ def test_compare_within_tolerance_passes_and_beyond_fails_with_worst_layers_tabl
     assert any(f.startswith("mean SQNR") for f in cmp.failures)
 
 
+def test_each_output_figure_has_its_own_tolerance():
+    """max abs (one extreme value) and relative L2 (an average) spread differently: one rtol each."""
+    golden = gm.to_golden(_metrics(), "B", {"output_rel_l2_rtol": 0.3, "output_max_abs_rtol": 0.001})
+    m = _metrics(rel=0.021)  # rel L2 +5%: within 30%
+    m.output.max_abs = 0.1002  # max abs +0.2%: beyond 0.1%
+    failures = gm.compare(golden, m).failures
+    assert any(f.startswith("output.max_abs") for f in failures)
+    assert not any(f.startswith("output.rel_l2") for f in failures)
+
+
+def test_new_goldens_take_the_tolerances_measured_for_their_precision():
+    m = _metrics()
+    assert gm.to_golden(m, "B")["tolerances"] == gm.DEFAULT_TOLERANCES  # protocol says no dtype
+    m.protocol = {**m.protocol, "dtype": "float64"}
+    tol = gm.to_golden(m, "B")["tolerances"]
+    assert tol == {**gm.DEFAULT_TOLERANCES, **gm.FLOAT64_TOLERANCES}
+    assert tol["output_max_abs_rtol"] < gm.DEFAULT_TOLERANCES["output_rtol"]
+
+
 def test_an_improvement_beyond_tolerance_also_fails():
     """A layer that silently stopped quantizing looks like an improvement; it must not pass unnoticed."""
     golden = gm.to_golden(_metrics(), "B")

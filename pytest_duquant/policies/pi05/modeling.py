@@ -66,6 +66,12 @@ def make_att_2d_masks(pad_masks: torch.Tensor, ar_masks: torch.Tensor) -> torch.
     return att & pad
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the steps openpi computes in float32 (norms, softmax, RoPE, the flow): float32 for bf16 and
+    float32 models, float64 for a model measured in float64 (`set_precision("float64")`, tests only)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def additive_mask(mask_bool: torch.Tensor) -> torch.Tensor:
     """bool[B, T, S] -> float32[B, 1, T, S] with 0 where allowed and MASK_VALUE elsewhere."""
     zero = torch.zeros((), dtype=torch.float32, device=mask_bool.device)
@@ -112,7 +118,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch
         v = v[:, :, None].expand(b, hkv, rep, v.shape[2], d).reshape(b, hq, v.shape[2], d)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
     scores = scores + mask_add
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.softmax(scores, dim=-1, dtype=math_dtype(scores.dtype)).to(q.dtype)
     out = torch.matmul(probs, v)  # [B, Hq, T, D]
     return out.transpose(1, 2).reshape(b, t, hq * d)
 
@@ -134,17 +140,17 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
         dtype = x.dtype
-        var = torch.mean(torch.square(x.float()), dim=-1, keepdim=True)
-        normed = x * torch.rsqrt(var + self.eps)  # float32
+        var = torch.mean(torch.square(x.to(math_dtype(dtype))), dim=-1, keepdim=True)
+        normed = x * torch.rsqrt(var + self.eps)  # float32 (float64 when measured in float64)
         if self.dense is None:
-            return (normed * (1.0 + self.weight.float())).to(dtype), None
+            return (normed * (1.0 + self.weight.to(normed.dtype))).to(dtype), None
         if cond is None:
             raise ValueError("adaptive RMSNorm needs the time condition (cond)")
         modulation = self.dense(cond)
         if x.dim() == 3:
             modulation = modulation.unsqueeze(1)
         scale, shift, gate = torch.chunk(modulation, 3, dim=-1)
-        normed = normed * (1 + scale.to(torch.float32)) + shift.to(torch.float32)
+        normed = normed * (1 + scale.to(normed.dtype)) + shift.to(normed.dtype)
         return normed.to(dtype), gate.to(dtype)
 
     def extra_repr(self) -> str:
@@ -208,7 +214,8 @@ class GemmaModel(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin [B, T, head_dim] for integer positions [B, T] (float32 math, cast to dtype)."""
-        freqs = positions[..., None].float() * self.inv_freq.float()[None, None, :]
+        m = math_dtype(self.inv_freq.dtype)
+        freqs = positions[..., None].to(m) * self.inv_freq.to(m)[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -444,10 +451,13 @@ class Pi05Model(nn.Module):
 
     # ---- precision ------------------------------------------------------------------------------
     def set_precision(self, precision: str | torch.dtype) -> Pi05Model:
-        """'float32' or 'bfloat16' (openpi's selective bf16: see module docstring)."""
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(precision, precision)
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"precision {precision!r}: must be float32 or bfloat16")
+        """'float32' or 'bfloat16' (openpi's selective bf16: see module docstring); 'float64' for measurements
+        only (every step in float64, so the order of float operations no longer moves a quantized run)."""
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(
+            precision, precision
+        )
+        if dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise ValueError(f"precision {precision!r}: must be float32, bfloat16 (or float64 to measure)")
         pwe = self.paligemma_with_expert
         for gm in (pwe.language_model, pwe.expert):  # start from exact float32 frequencies
             gm.inv_freq = gm.fresh_inv_freq(device=gm.inv_freq.device)
@@ -457,9 +467,13 @@ class Pi05Model(nn.Module):
                 if any(sel in name for sel in FLOAT32_PARAM_SELECTORS):
                     param.data = param.data.to(torch.float32)
         for mod in (self.action_in_proj, self.action_out_proj, self.time_mlp_in, self.time_mlp_out):
-            mod.to(dtype=torch.float32)
+            mod.to(dtype=math_dtype(dtype))
         self.compute_dtype = dtype
         return self
+
+    @property
+    def math_dtype(self) -> torch.dtype:
+        return math_dtype(self.compute_dtype)
 
     # ---- embeddings -----------------------------------------------------------------------------
     def embed_prefix(
@@ -515,7 +529,7 @@ class Pi05Model(nn.Module):
         outs, _ = self.paligemma_with_expert.run_layers(
             [None, suffix], [None, cond], additive_mask(full), positions, past_kv=kv_cache
         )
-        out = outs[1][:, -self.config.action_horizon :].to(torch.float32)
+        out = outs[1][:, -self.config.action_horizon :].to(self.math_dtype)
         return self.action_out_proj(out)
 
     @torch.no_grad()
@@ -530,10 +544,10 @@ class Pi05Model(nn.Module):
         """Flow-matching sampling, static shapes (compile / CUDA-graph friendly). noise: float32 [B, H, A]."""
         prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
         kv_cache, _ = self.compute_prefix_cache(prefix_embs, prefix_pad)
-        x_t = noise.to(torch.float32)
+        x_t = noise.to(self.math_dtype)
         b = x_t.shape[0]
         for t in self.euler_times:  # unrolled: no host sync, static shapes
-            time = torch.full((b,), t, dtype=torch.float32, device=noise.device)
+            time = torch.full((b,), t, dtype=self.math_dtype, device=noise.device)
             v_t = self.denoise_step(kv_cache, prefix_pad, x_t, time)
             x_t = x_t + self.euler_dt * v_t  # dt is float32(-1/num_steps), as openpi's tensor
         return x_t
@@ -556,7 +570,7 @@ class Pi05Model(nn.Module):
         outs, _ = self.paligemma_with_expert.run_layers(
             [prefix_embs, suffix], [None, cond], additive_mask(mask), positions
         )
-        v = self.action_out_proj(outs[1][:, -self.config.action_horizon :].to(torch.float32))
+        v = self.action_out_proj(outs[1][:, -self.config.action_horizon :].to(self.math_dtype))
         return v, outs[0]
 
 
