@@ -597,7 +597,9 @@ def random_model(
 
 @torch.no_grad()
 def init_random_weights(model: Pi05Model, seed: int = 0) -> Pi05Model:
-    """Deterministic random init (same values for the same seed on any machine: drawn on CPU in float32).
+    """Deterministic random init (same values for the same seed on any machine: drawn on the CPU in float64 and
+    rounded to float32; torch's float32 normal sampler uses the CPU's vector unit, so a scalar or ARM machine
+    drew other last bits, hence another checkpoint fingerprint than an AVX2/AVX512 one).
 
     Scales keep activations O(1): weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02), norm weights ~ N(0, 0.1)
     (Gemma scales by 1 + w; LayerNorm by 1 + N(0, 0.1)), embeddings ~ N(0, 1/width) (x sqrt(width) in use),
@@ -606,7 +608,7 @@ def init_random_weights(model: Pi05Model, seed: int = 0) -> Pi05Model:
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     for name, param in model.named_parameters():
         shape = tuple(param.shape)
-        x = torch.randn(shape, generator=gen, dtype=torch.float32)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64).to(torch.float32)
         if name.endswith("embed_tokens.weight"):
             x = x / math.sqrt(shape[1])
         elif name.endswith("position_embedding.weight"):

@@ -18,9 +18,14 @@ from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer, resolve_t
 
 
 def noise_for_seed(seed: int, horizon: int, action_dim: int) -> torch.Tensor:
-    """float32 [horizon, action_dim] ~ N(0, 1) from torch.Generator(cpu).manual_seed(seed) (any device)."""
+    """float32 [horizon, action_dim] ~ N(0, 1) from torch.Generator(cpu).manual_seed(seed) (any device).
+
+    Drawn in float64 and rounded to float32: torch's float32 normal sampler computes its logs and cosines with
+    the CPU's vector unit, so AVX512, AVX2 and scalar machines drew noise differing in the last float32 bit
+    (enough to move a quantized run's action error by percents); float64's last-bit differences do not
+    survive the rounding."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn((horizon, action_dim), generator=gen, dtype=torch.float32)
+    return torch.randn((horizon, action_dim), generator=gen, dtype=torch.float64).to(torch.float32)
 
 
 class Pi05Policy:
