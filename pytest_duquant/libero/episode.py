@@ -42,12 +42,6 @@ class EpisodeSpec:
     fingerprint: str | None = None
     video_dir: str | None = None  # write an MP4 here when the episode fails
 
-    @property
-    def key(self):
-        from pytest_duquant.libero.results import EpisodeKey
-
-        return EpisodeKey(self.suite, self.task_id, self.trial, self.seed)
-
 
 class LiberoEnv:
     """A real LIBERO task env (``OffScreenRenderEnv``) with its language and init states.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from pytest_duquant.cli import main
 from pytest_duquant.golden_libero import golden_from_results, golden_path, write_golden
 from pytest_duquant.results_io import EpisodeResult
+
+from pytest_duquant.cli import main
 
 
 @pytest.fixture
