@@ -447,8 +447,12 @@ def _bisect_increasing(f: Callable[[float], float], lo: float, hi: float, tol: f
     return hi
 
 
+WINDOW = 24  # grid points below a bound (and below delta) checked for a non-rejection
+
+
 def grid_step(n: int) -> float:
-    """The resolution of the monotone bounds: 1/40 of the largest standard error of a rate at n, >= 5e-4."""
+    """The resolution of the monotone bounds: 1/40 of the largest standard error of a rate at n, >= 5e-4;
+    WINDOW steps cover 0.6 of it, where the exact p-value crosses alpha."""
     return max(0.5 / math.sqrt(max(n, 1)) / 40.0, 5e-4)
 
 
@@ -460,7 +464,7 @@ def _lower_bound(
 
     Then "L > delta" implies "the test at delta rejects" for *every* delta (a valid bound, and a verdict
     read off L is monotone in delta), although the exact p-value is not monotone in d (its rejection
-    region is discrete). Found by bisection, then checked downwards on 40 grid points of `step`
+    region is discrete). Found by bisection, then checked downwards on WINDOW grid points of `step`
     (grid_step(n)); a non-rejected grid point lowers L below it and the search repeats.
     """
     eps = 1e-6
@@ -481,7 +485,7 @@ def _lower_bound(
                 lo = mid
             else:
                 hi = mid
-        bad = next((d for d in (lo - k * step for k in range(1, 41)) if d > -1.0 and pfun(d) > alpha), None)
+        bad = next((d for d in (lo - k * step for k in range(1, WINDOW + 1)) if d > -1.0 and pfun(d) > alpha), None)
         if bad is None:
             return lo
         hi, lo = bad, bad - step
@@ -492,9 +496,9 @@ def _lower_bound(
 
 
 def _monotone_p(pfun: Callable[[float], float], delta: float, step: float) -> float:
-    """max of pfun over the grid delta - k * step (k = 0..40): the p-value of the monotone test, <= alpha
+    """max of pfun over the grid delta - k * step (k = 0..WINDOW): the p-value of the monotone test, <= alpha
     exactly when every allowed drop on that grid up to delta is rejected."""
-    return max(pfun(d) for d in (delta - k * step for k in range(41)) if d > -1.0)
+    return max(pfun(d) for d in (delta - k * step for k in range(WINDOW + 1)) if d > -1.0)
 
 
 def _paired_se(b: int, c: int, n: int) -> float:
@@ -837,7 +841,7 @@ def _decision(
 def verdict_table(n: int, delta: float, alpha: float, pass_alpha: float | None = None) -> np.ndarray:
     """The paired verdict for every (b, c) among n pairs at once: int8 array [b, c] with 1 = REGRESSION,
     0 = PASS, -1 = INCONCLUSIVE, -2 = infeasible (b + c > n). For simulations: the same rule as gate(), on
-    same grid (REGRESSION when every allowed drop delta - k * grid_step(n), k = 0..40, is rejected; PASS
+    same grid (REGRESSION when every allowed drop delta - k * grid_step(n), k = 0..WINDOW, is rejected; PASS
     likewise upwards with the reverse test). gate() bisects between grid points too, so the two agree
     except where the p-value crosses alpha twice within one grid step."""
     delta = _check_delta(delta)
@@ -848,14 +852,14 @@ def verdict_table(n: int, delta: float, alpha: float, pass_alpha: float | None =
     c = np.arange(n + 1)[None, :]
     feasible = (b + c) <= n
     reg = np.ones((n + 1, n + 1), dtype=bool)
-    for k in range(41):
+    for k in range(WINDOW + 1):
         d = delta - k * step
         if d <= -1.0:
             break
         crit = paired_critical_value(n, d, alpha)
         reg &= _paired_zstar(n, d) >= crit
     ok = np.ones((n + 1, n + 1), dtype=bool)
-    for k in range(41):
+    for k in range(WINDOW + 1):
         d = delta + k * step
         if d >= 1.0:
             break

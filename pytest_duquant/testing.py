@@ -23,13 +23,15 @@ def make_records(
     rng_seed: int = 0,
     outcomes: Mapping | None = None,
 ) -> list[dict]:
-    """Records of tasks x trials episodes, trial-major; success from `outcomes[key]` or drawn at `rate`."""
+    """Records of tasks x trials episodes, trial-major; success from `outcomes[key]` (key = (suite, task_id,
+    trial, seed); for another seed the same episode's) or drawn at `rate`."""
     rng = random.Random(rng_seed)
+    by_episode = {tuple(k)[:3]: v for k, v in (outcomes or {}).items()}  # another seed: the same outcomes
     recs = []
     for trial in range(trials):
         for task in range(tasks):
             key = (suite, task, trial, seed)
-            ok = bool(outcomes[key]) if outcomes is not None else rng.random() < rate
+            ok = bool(outcomes.get(key, by_episode[key[:3]])) if outcomes is not None else rng.random() < rate
             recs.append(
                 {
                     "suite": suite,

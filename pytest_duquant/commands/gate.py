@@ -66,12 +66,14 @@ def _ids(text: str | None, what: str, count_means_range: bool) -> list[int] | No
     return parse_ids(text, n=10**6, what=what)
 
 
-def _writable(path: str) -> None:
+def _writable(path: str) -> str | None:
+    """Why the --json path cannot be written, or None."""
     parent = Path(path).expanduser().resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK) or Path(path).is_dir():
-        raise ValueError(f"--json {path}: cannot write there")
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or Path(path).is_dir():
+        return f"--json {path}: cannot write there"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
     from pytest_duquant.reporting.verdict import render
     from pytest_duquant.results import ResultsError, read_results
 
+    problem = _writable(args.json_out) if args.json_out else None
+    if problem:  # checked before judging: a printed verdict is always the one that stands
+        print(f"duquant gate: unusable input: {problem}", file=sys.stderr)
+        return EXIT_UNUSABLE
     try:
-        if args.json_out:
-            _writable(args.json_out)
         tasks = _ids(args.tasks, "--tasks", False)
         trials = _ids(args.trials, "--trials", True)
         records = read_results(args.results)
