@@ -142,7 +142,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, dryru
     again = [c.name for c in plan if c.selected and c.quantized]
     if again:
         raise DuQuantError(
-            f"{len(again)} selected layer(s) are already DuQuant-quantized (e.g. {again[0]}); quantizing twice "
+            f"{len(again)} selected layer(s) are already quantized (e.g. {again[0]}); quantizing twice "
             "would stack transforms. Quantize a fresh copy of the FP model instead."
         )
     selected = [c for c in plan if c.selected]

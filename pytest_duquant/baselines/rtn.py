@@ -42,6 +42,8 @@ class RTNConfig:
 class RTNLinear(nn.Module):
     """Plain round-to-nearest: per-output-channel weight RTN, activation quantization on the raw input."""
 
+    quantized_linear = True
+
     def __init__(
         self,
         linear: nn.Linear,

@@ -32,6 +32,10 @@ from pytest_duquant.libero.protocol import (
 )
 
 
+class RolloutError(RuntimeError):
+    """The run could not go on (a worker died, the env could not be built, the policy raised)."""
+
+
 @dataclass(frozen=True)
 class EpisodeSpec:
     suite: str

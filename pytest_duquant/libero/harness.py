@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pytest_duquant.libero.episode import EpisodeRunner, EpisodeSpec
+from pytest_duquant.libero.episode import EpisodeRunner, EpisodeSpec, RolloutError
 from pytest_duquant.libero.protocol import (
     DEFAULT_SEED,
     INIT_STATES_PER_TASK,
@@ -38,10 +38,6 @@ from pytest_duquant.libero.protocol import (
 from pytest_duquant.results import EpisodeKey, EpisodeResult, ResultsWriter, environment, summarize
 
 BACKENDS = ("local", "ray")
-
-
-class RolloutError(RuntimeError):
-    """The run could not go on (a worker died, the env could not be built, the policy raised)."""
 
 
 @dataclass
