@@ -506,10 +506,11 @@ def _paired_se(b: int, c: int, n: int) -> float:
     return math.sqrt(max((b + c) / n - est * est, 1.0 / n) / n)
 
 
-def _paired_ci(b: int, c: int, n: int, alpha: float) -> tuple[float, float]:
+def _paired_ci(b: int, c: int, n: int, alpha: float, pass_alpha: float | None = None) -> tuple[float, float]:
+    """(L, U): the monotone one-sided bounds of the drop at alpha (lower) and pass_alpha (upper, default alpha)."""
     est, se, step = (b - c) / n, _paired_se(b, c, n), grid_step(n)
     lower = _lower_bound(lambda d: paired_pvalue(b, c, n, d), alpha, est, se, step)
-    upper = -_lower_bound(lambda d: paired_pvalue(c, b, n, d), alpha, -est, se, step)
+    upper = -_lower_bound(lambda d: paired_pvalue(c, b, n, d), pass_alpha or alpha, -est, se, step)
     return lower, upper
 
 
@@ -621,13 +622,18 @@ def _unpaired_mdd(n1: int, n2: int, delta: float, alpha: float, p_ref: float, po
     return _bisect_increasing(lambda d: _unpaired_tail(cnt, n1, n2, p_ref, p_ref - d) - power, delta, p_ref)
 
 
-def _unpaired_ci(x1: int, n1: int, x2: int, n2: int, alpha: float) -> tuple[float, float]:
-    est = x1 / n1 - x2 / n2
+def _unpaired_se(x1: int, n1: int, x2: int, n2: int) -> float:
     p1, p2 = x1 / n1, x2 / n2
-    se = math.sqrt(max(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2, 1.0 / (n1 + n2)))
-    step = grid_step(n1 + n2)
+    return math.sqrt(max(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2, 1.0 / (n1 + n2)))
+
+
+def _unpaired_ci(
+    x1: int, n1: int, x2: int, n2: int, alpha: float, pass_alpha: float | None = None
+) -> tuple[float, float]:
+    """(L, U) as _paired_ci, for two independent samples."""
+    est, se, step = x1 / n1 - x2 / n2, _unpaired_se(x1, n1, x2, n2), grid_step(n1 + n2)
     lower = _lower_bound(lambda d: unpaired_pvalue(x1, n1, x2, n2, d), alpha, est, se, step)
-    upper = -_lower_bound(lambda d: unpaired_pvalue(x2, n2, x1, n1, d), alpha, -est, se, step)
+    upper = -_lower_bound(lambda d: unpaired_pvalue(x2, n2, x1, n1, d), pass_alpha or alpha, -est, se, step)
     return lower, upper
 
 
@@ -726,11 +732,9 @@ def gate(
         b = sum(1 for k in keys if ref[k] and not cand[k])
         c = sum(1 for k in keys if cand[k] and not ref[k])
         rs, cs = sum(ref.values()), sum(cand.values())
-        se, step = _paired_se(b, c, n), grid_step(n)
-        lower = _lower_bound(lambda d: paired_pvalue(b, c, n, d), alpha, (b - c) / n, se, step)
-        upper = -_lower_bound(lambda d: paired_pvalue(c, b, n, d), pass_alpha, (c - b) / n, se, step)
-        p = _monotone_p(lambda d: paired_pvalue(b, c, n, d), delta, step)
-        p_pass = _monotone_p(lambda d: paired_pvalue(c, b, n, d), -delta, step)
+        ci = _paired_ci(b, c, n, alpha, pass_alpha)
+        p = _monotone_p(lambda d: paired_pvalue(b, c, n, d), delta, grid_step(n))
+        p_pass = _monotone_p(lambda d: paired_pvalue(c, b, n, d), -delta, grid_step(n))
         mdd = _paired_mdd(n, delta, alpha, c / n, power)
         counts = {"n": n, "n_reference": n, "n_candidate": n, "b": b, "c": c}
         test = "paired exact unconditional test (Tango score, worst case over the nuisance)"
@@ -738,15 +742,10 @@ def gate(
     else:
         n1, n2 = len(ref), len(cand)
         rs, cs = sum(ref.values()), sum(cand.values())
-        est = rs / n1 - cs / n2
-        p1, p2 = rs / n1, cs / n2
-        se = math.sqrt(max(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2, 1.0 / (n1 + n2)))
-        step = grid_step(n1 + n2)
-        lower = _lower_bound(lambda d: unpaired_pvalue(rs, n1, cs, n2, d), alpha, est, se, step)
-        upper = -_lower_bound(lambda d: unpaired_pvalue(cs, n2, rs, n1, d), pass_alpha, -est, se, step)
-        p = _monotone_p(lambda d: unpaired_pvalue(rs, n1, cs, n2, d), delta, step)
-        p_pass = _monotone_p(lambda d: unpaired_pvalue(cs, n2, rs, n1, d), -delta, step)
-        mdd = _unpaired_mdd(n1, n2, delta, alpha, p1, power)
+        ci = _unpaired_ci(rs, n1, cs, n2, alpha, pass_alpha)
+        p = _monotone_p(lambda d: unpaired_pvalue(rs, n1, cs, n2, d), delta, grid_step(n1 + n2))
+        p_pass = _monotone_p(lambda d: unpaired_pvalue(cs, n2, rs, n1, d), -delta, grid_step(n1 + n2))
+        mdd = _unpaired_mdd(n1, n2, delta, alpha, rs / n1, power)
         b = c = None
         counts = {"n": n1 + n2, "n_reference": n1, "n_candidate": n2}
         test = "unpaired exact unconditional test (Farrington-Manning score, worst case over the nuisance)"
@@ -756,7 +755,7 @@ def gate(
         delta,
         alpha,
         pass_alpha,
-        (lower, upper),
+        ci,
         p,
         p_pass,
         mdd,
