@@ -292,7 +292,14 @@ def _judge_suite(
         )
     fp_arm = None
     if reference is not None:
-        ref_out = outcomes(r for r in reference if r.suite == suite)
+        arm = [r for r in reference if r.suite == suite]
+        other = {(r.fingerprint, r.protocol) for r in arm} - {(fingerprint, protocol)}
+        if other:
+            raise _Unusable(
+                f"the same-machine FP arm is of another checkpoint/protocol {sorted(map(str, other))}, the run "
+                f"is ({fingerprint}, {protocol})"
+            )
+        ref_out = outcomes(arm)
         lacking = [k for k in plan if k not in ref_out]
         if lacking:
             raise _Unusable(_missing_text(lacking, len(plan), "same-machine FP arm"))
