@@ -182,9 +182,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, dryru
         if scales is not None:
             log.debug("  weight scales: min %.3g median %.3g max %.3g; %.3f s", float(scales.min()),
                       float(scales.median()), float(scales.max()), record.seconds)
-    if isinstance(config, DuQuantConfig) and config.backend == "triton":
-        from pytest_duquant.kernels.grouping import group_siblings  # q/k/v and gate/up: one launch pair
-
+    if isinstance(config, DuQuantConfig) and config.backend == "triton":  # q/k/v and gate/up: one launch pair
         log.info("Grouped %d sets of sibling linears for the GPU kernels", group_siblings(model))
     report.seconds = time.perf_counter() - start
     log.info("%s", report.summary())
@@ -268,3 +266,20 @@ def calibration(model: nn.Module) -> Iterator[list[nn.Module]]:
         for layer in layers:
             layer.calibrating = False
             layer.freeze()
+
+
+def group_siblings(model: torch.nn.Module) -> int:
+    """Attach a SiblingGroup to every set of DuQuantLinear siblings (SIBLING_NAMES under one parent with the
+    same in_features); returns how many groups were formed."""
+    from pytest_duquant.kernels.grouping import SIBLING_NAMES, SiblingGroup
+
+    count = 0
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            layers = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, DuQuantLinear) for m in layers) and len({m.in_features for m in layers}) == 1:
+                group = SiblingGroup(layers)
+                for m in layers:
+                    m.kernel_group = group
+                count += 1
+    return count
