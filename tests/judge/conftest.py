@@ -41,3 +41,9 @@ class Setup:
 @pytest.fixture
 def setup(tmp_path):
     return Setup(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _design_cache(tmp_path, monkeypatch):
+    """Sequential designs go to a temporary cache, not the user's."""
+    monkeypatch.setenv("PYTEST_DUQUANT_CACHE", str(tmp_path / "cache"))
