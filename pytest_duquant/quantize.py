@@ -1,4 +1,6 @@
-"""quantize_model(model, config): select, pack (cached), replace, report. Also explicit calibration."""
+"""quantize_model(model, config): select, replace, report — one entry, a handler per method (as torchao's
+``quantize_(model, config)``): a DuQuantConfig quantizes with DuQuant (packs cached by content), an
+RTNConfig with plain round-to-nearest (baselines/rtn.py). Also explicit calibration of either."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from pytest_duquant.baselines.rtn import RTNConfig, rtn_layer
 from pytest_duquant.config import DuQuantConfig, from_env
 from pytest_duquant.layer import DuQuantLinear
 from pytest_duquant.packs import PackCache, build_pack, pack_key
@@ -38,6 +41,7 @@ class LayerRecord:
     bytes_after: int
     seconds: float
     cached: bool
+    method: str = "duquant"
 
 
 @dataclass
@@ -101,36 +105,44 @@ class QuantReport:
         }
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` of `model` (replacing what is there)."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, module)
 
 
-def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dryrun: bool | None = None,
-                   progress: bool = False) -> QuantReport:
-    """Replace the layers `config` selects with DuQuantLinear, in place. Returns a QuantReport.
+QuantConfig = DuQuantConfig | RTNConfig
 
-    `config` defaults to the environment (`from_env()`). With DRYRUN (or dryrun=True) the plan is returned
-    and the model is left untouched. A selected layer that is already quantized raises DuQuantError before
-    anything changes.
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, dryrun: bool | None = None,
+                   progress: bool = False) -> QuantReport:
+    """Replace the layers `config` selects, in place, by the method the config names. Returns a QuantReport.
+
+    `config`: a DuQuantConfig (default: from the environment, `from_env()`) -> DuQuantLinear; an
+    RTNConfig(base) -> RTNLinear on the layers, bits and activation scheme of `base`. With DRYRUN (or
+    dryrun=True) the plan is returned and the model is left untouched. A selected layer that is already
+    quantized raises DuQuantError before anything changes.
     """
     config = from_env() if config is None else config
-    if config.debug:
+    if not isinstance(config, (DuQuantConfig, RTNConfig)):
+        raise TypeError(f"quantize_model: config must be a DuQuantConfig or an RTNConfig, got {type(config).__name__}")
+    selection = config.base if isinstance(config, RTNConfig) else config
+    if selection.debug:
         enable_debug_logging()
-    dry = config.dryrun if dryrun is None else dryrun
+    dry = selection.dryrun if dryrun is None else dryrun
     start = time.perf_counter()
-    plan = linear_choices(model, config)
+    plan = linear_choices(model, selection)
     report = QuantReport(preset=config.preset, dryrun=dry, config=config.describe(), plan=plan)
     if not config.enabled:
         log.info("DuQuant: preset fp, nothing quantized")
         return report
-    for missing in unmatched_layer_names(plan, config):
+    for missing in unmatched_layer_names(plan, selection):
         log.warning("DuQuant: %r (from LAYERS/WBITS) names no nn.Linear of this model", missing)
     again = [c.name for c in plan if c.selected and c.quantized]
     if again:
         raise DuQuantError(
-            f"{len(again)} selected layer(s) are already DuQuant-quantized (e.g. {again[0]}); quantizing twice "
+            f"{len(again)} selected layer(s) are already quantized (e.g. {again[0]}); quantizing twice "
             "would stack transforms. Quantize a fresh copy of the FP model instead."
         )
     selected = [c for c in plan if c.selected]
@@ -140,10 +152,7 @@ def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dry
             log.info("[dry run] would quantize %s [%d, %d] to W%d", c.name, c.out_features, c.in_features, c.wbits)
         report.seconds = time.perf_counter() - start
         return report
-
-    cache = PackCache(config.packdir)
-    settings = config.pack_settings()
-    block_out = config.effective_block_out
+    handler = _RTN(config) if isinstance(config, RTNConfig) else _DuQuant(config)
     iterator = selected
     if progress:
         from tqdm import tqdm
@@ -152,45 +161,72 @@ def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dry
     for choice in iterator:
         t0 = time.perf_counter()
         linear = model.get_submodule(choice.name)
-        key = pack_key(choice.name, linear.weight, {**settings, "wbits": choice.wbits})
-        pack = cache.load(choice.name, key)
-        cached = pack is not None
-        if pack is None:
-            pack = build_pack(linear.weight, wbits=choice.wbits, block=config.block, block_out=block_out,
-                              ls=config.ls, permute=config.permute, row_rot=config.row_rot,
-                              rotation=config.rotation)
-            cache.save(choice.name, key, pack)
-        layer = DuQuantLinear.from_pack(
-            linear, pack, name=choice.name, wbits=choice.wbits, abits=config.abits, block=config.block,
-            block_out=block_out, row_rot=config.row_rot, act_pct=config.act_pct, calib_steps=config.calib_steps,
-            act_dynamic=config.act_dynamic, backend=config.backend,
-        )
-        _set_submodule(model, choice.name, layer)
+        layer, cached = handler.layer(linear, choice)
+        set_submodule(model, choice.name, layer)
         before = linear.weight.numel() * linear.weight.element_size()
         if linear.bias is not None:
             before += linear.bias.numel() * linear.bias.element_size()
         record = LayerRecord(
             name=choice.name, out_features=choice.out_features, in_features=choice.in_features, wbits=choice.wbits,
-            abits=config.abits if layer.act_quant_enabled else 16, block=config.block, block_out=block_out,
-            permute=config.permute, row_rot=config.row_rot, bytes_before=before, bytes_after=layer.packed_bytes(),
-            seconds=time.perf_counter() - t0, cached=cached,
+            abits=selection.abits if layer.act_quant_enabled else 16, bytes_before=before,
+            bytes_after=layer.packed_bytes(), seconds=time.perf_counter() - t0, cached=cached, **handler.settings,
         )
         report.layers.append(record)
         log.info("Quantizing layer: %s", choice.name)
         log.info("Weight shape: [%d, %d]", choice.out_features, choice.in_features)
-        log.info("Quantized to W%dA%d, block=%d%s", record.wbits, record.abits, record.block,
+        log.info("Quantized to W%dA%d, %s%s", record.wbits, record.abits,
+                 f"block={record.block}" if record.method == "duquant" else "plain RTN",
                  " (pack from cache)" if cached else "")
         log.info("Memory saved: %.1f MB", (record.bytes_before - record.bytes_after) / 1e6)
-        if layer.w_scales is not None:
-            log.debug("  weight scales: min %.3g median %.3g max %.3g; %.3f s", float(layer.w_scales.min()),
-                      float(layer.w_scales.median()), float(layer.w_scales.max()), record.seconds)
-    if config.backend == "triton":  # q/k/v and gate/up share one activation + one GEMM launch on the GPU
-        from pytest_duquant.kernels.grouping import group_siblings
-
+        scales = getattr(layer, "w_scales", None)
+        if scales is not None:
+            log.debug("  weight scales: min %.3g median %.3g max %.3g; %.3f s", float(scales.min()),
+                      float(scales.median()), float(scales.max()), record.seconds)
+    if isinstance(config, DuQuantConfig) and config.backend == "triton":  # q/k/v and gate/up: one launch pair
         log.info("Grouped %d sets of sibling linears for the GPU kernels", group_siblings(model))
     report.seconds = time.perf_counter() - start
     log.info("%s", report.summary())
     return report
+
+
+class _DuQuant:
+    """DuQuant's handler: build (or load from the content-keyed cache) each layer's pack, wrap the linear."""
+
+    def __init__(self, config: DuQuantConfig):
+        self.config = config
+        self.cache = PackCache(config.packdir)
+        self.pack_settings = config.pack_settings()
+        block_out = config.effective_block_out
+        self.settings = {"block": config.block, "block_out": block_out, "permute": config.permute,
+                         "row_rot": config.row_rot, "method": "duquant"}
+
+    def layer(self, linear: nn.Linear, choice: LinearChoice) -> tuple[nn.Module, bool]:
+        c = self.config
+        key = pack_key(choice.name, linear.weight, {**self.pack_settings, "wbits": choice.wbits})
+        pack = self.cache.load(choice.name, key)
+        cached = pack is not None
+        if pack is None:
+            pack = build_pack(linear.weight, wbits=choice.wbits, block=c.block, block_out=c.effective_block_out,
+                              ls=c.ls, permute=c.permute, row_rot=c.row_rot, rotation=c.rotation)
+            self.cache.save(choice.name, key, pack)
+        layer = DuQuantLinear.from_pack(
+            linear, pack, name=choice.name, wbits=choice.wbits, abits=c.abits, block=c.block,
+            block_out=c.effective_block_out, row_rot=c.row_rot, act_pct=c.act_pct, calib_steps=c.calib_steps,
+            act_dynamic=c.act_dynamic, backend=c.backend,
+        )
+        return layer, cached
+
+
+class _RTN:
+    """Plain RTN's handler: no transform, nothing cached."""
+
+    settings = {"block": 0, "block_out": 0, "permute": False, "row_rot": "0", "method": "rtn"}
+
+    def __init__(self, config: RTNConfig):
+        self.config = config
+
+    def layer(self, linear: nn.Linear, choice: LinearChoice) -> tuple[nn.Module, bool]:
+        return rtn_layer(linear, choice.name, choice.wbits, self.config), False
 
 
 def enable_debug_logging() -> None:
@@ -207,14 +243,20 @@ def duquant_layers(model: nn.Module) -> list[DuQuantLinear]:
     return [m for m in model.modules() if isinstance(m, DuQuantLinear)]
 
 
+def calibrated_layers(model: nn.Module) -> list[nn.Module]:
+    """The quantized layers of any method that calibrate activation scales (``calibrating`` + ``freeze()``)."""
+    return [m for m in model.modules() if hasattr(m, "calibrating") and callable(getattr(m, "freeze", None))]
+
+
 @contextlib.contextmanager
-def calibration(model: nn.Module) -> Iterator[list[DuQuantLinear]]:
-    """Observe every forward call of every DuQuantLinear inside the block; freeze all scales on exit.
+def calibration(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Observe every forward call of every quantized layer (DuQuant or RTN) inside the block; freeze all
+    scales on exit.
 
     Use for calibration on real observations: every denoising step of every policy call is observed, and
     no layer freezes early (CALIB_STEPS then counts the policy calls the caller makes).
     """
-    layers = duquant_layers(model)
+    layers = calibrated_layers(model)
     for layer in layers:
         layer.calibrating = True
     try:
@@ -224,3 +266,20 @@ def calibration(model: nn.Module) -> Iterator[list[DuQuantLinear]]:
         for layer in layers:
             layer.calibrating = False
             layer.freeze()
+
+
+def group_siblings(model: torch.nn.Module) -> int:
+    """Attach a SiblingGroup to every set of DuQuantLinear siblings (SIBLING_NAMES under one parent with the
+    same in_features); returns how many groups were formed."""
+    from pytest_duquant.kernels.grouping import SIBLING_NAMES, SiblingGroup
+
+    count = 0
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            layers = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, DuQuantLinear) for m in layers) and len({m.in_features for m in layers}) == 1:
+                group = SiblingGroup(layers)
+                for m in layers:
+                    m.kernel_group = group
+                count += 1
+    return count

@@ -52,7 +52,7 @@ def run(args) -> int:
         return 0
 
     from pytest_duquant.libero.calibration import CalibrationSourceError, calibration_observations
-    from pytest_duquant.model_metrics import PolicyProbe
+    from pytest_duquant.metrics.probe import PolicyProbe
 
     try:
         calib = calibration_observations(args.calib)

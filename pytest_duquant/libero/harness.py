@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pytest_duquant.libero.episode import EpisodeRunner, EpisodeSpec
+from pytest_duquant.libero.episode import EpisodeRunner, EpisodeSpec, RolloutError
 from pytest_duquant.libero.protocol import (
     DEFAULT_SEED,
     INIT_STATES_PER_TASK,
@@ -35,19 +35,15 @@ from pytest_duquant.libero.protocol import (
     ProtocolSettings,
     check_suite,
 )
-from pytest_duquant.libero.results import EpisodeKey, ResultsWriter, summarize
+from pytest_duquant.results import EpisodeKey, EpisodeResult, ResultsWriter, environment, summarize
 
 BACKENDS = ("local", "ray")
-
-
-class RolloutError(RuntimeError):
-    """The run could not go on (a worker died, the env could not be built, the policy raised)."""
 
 
 @dataclass
 class RolloutSummary:
     results_path: Path
-    records: list[dict]  # every requested episode that is recorded, in (task, trial) order
+    records: list[EpisodeResult]  # every requested episode that is recorded, in (task, trial) order
     new: int  # episodes run now (the rest were already in the file)
     requested: int
     wall_s: float
@@ -242,7 +238,7 @@ def run_rollouts(
     batch_wait_s: float = 0.05,
     max_batch: int | None = None,
     ray_address: str | None = None,
-    on_record: Callable[[dict], None] | None = None,
+    on_record: Callable[[EpisodeResult], None] | None = None,
     lazy_render: bool = True,
 ) -> RolloutSummary:
     """Run (suite, tasks × trials, seed) episodes under openpi's protocol; resume from results_path.
@@ -359,6 +355,7 @@ def _schedule(
     successes = sum(bool(writer.done[k]["success"]) for k in done_keys)
     finished = len(done_keys)
     bar = _progress_bar(len(keys), finished, successes, progress)
+    env = environment(getattr(policy, "device", None))  # every record says what produced it
     queue = list(pending)  # ordered by (task, trial): workers keep their env while the task lasts
     transport = _make_transport(backend, n_workers, settings, env_factory, ray_address, lazy_render)
     worker_task: dict[int, tuple[str, int] | None] = {w: None for w in range(n_workers)}
@@ -414,9 +411,8 @@ def _schedule(
                         first_wait = time.monotonic()
                     waiting.append((w, msg[1], msg[2]))
                 elif kind == "done":
-                    rec = msg[1]
-                    writer.append(rec)
-                    new_records[EpisodeKey.of(rec)] = rec
+                    rec = writer.append({**msg[1], "env": env})
+                    new_records[rec.key] = rec
                     finished += 1
                     successes += bool(rec["success"])
                     if on_record is not None:

@@ -3,7 +3,7 @@
 Options (registered by the plugin): --ckpt, --duquant-preset, --duquant-update-golden, --libero-suite
 (comma-separated, default libero_spatial), --libero-tasks (default all), --libero-trials (default 50),
 --libero-workers (default min(8, cores - 1)), --libero-backend (local|ray), --libero-results (default
-./libero_results). Goldens live in <rootdir>/golden/libero/<fingerprint>/<suite>.json.
+./libero_results). Goldens: the plugin's duquant_success_regression (golden/libero/<fingerprint>/<suite>.json).
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ def _opt(config, name, default=None):
 def pytest_generate_tests(metafunc):
     if "libero_suite" in metafunc.fixturenames:
         suites = [
-            s.strip()
-            for s in str(_opt(metafunc.config, "--libero-suite", DEFAULT_SUITE)).split(",")
-            if s.strip()
+            s.strip() for s in str(_opt(metafunc.config, "--libero-suite", DEFAULT_SUITE)).split(",") if s.strip()
         ]
         metafunc.parametrize("libero_suite", suites)
 
@@ -44,7 +42,6 @@ class LiberoRunOptions:
     workers: int
     backend: str
     results_dir: Path
-    golden_root: Path
     tokenizer: str | None
     policy_backend: str
     calibration: str | None
@@ -60,7 +57,6 @@ def libero_options(request) -> LiberoRunOptions:
         workers=int(workers),
         backend=_opt(c, "--libero-backend", "local"),
         results_dir=Path(_opt(c, "--libero-results", DEFAULT_RESULTS)).expanduser(),
-        golden_root=Path(c.rootpath) / "golden",
         tokenizer=_opt(c, "--tokenizer"),
         policy_backend=_opt(c, "--policy-backend", "builtin"),
         calibration=_opt(c, "--duquant-calib"),

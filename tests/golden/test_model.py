@@ -1,90 +1,17 @@
-"""model_metrics building blocks and the model golden file format / comparison (fast, synthetic)."""
+"""Model goldens: the file format, migration, comparison, the ModelRegression check (fast, synthetic)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
-import torch
-from torch import nn
 
-from pytest_duquant import golden_model as gm
-from pytest_duquant.config import from_env, replace
-from pytest_duquant.model_metrics import (
-    InputCapture,
-    LayerError,
-    ModelMetrics,
-    OutputError,
-    RTNLinear,
-    calibrating,
-    layer_position,
-    numeric_settings,
-    rtn_quantize_model,
-    sqnr_db,
-)
-from pytest_duquant.numerics import quantize_weight_rtn
-
-
-def test_sqnr_db_values():
-    ref = torch.ones(100)
-    assert sqnr_db(ref, ref) == 200.0
-    assert sqnr_db(ref, ref * 0.9) == pytest.approx(20.0)  # error 0.1 -> 20 dB
-    assert sqnr_db(ref, torch.zeros(100)) == pytest.approx(0.0)
-
-
-def test_layer_position_parses_index_and_kind():
-    assert layer_position("paligemma_with_expert.gemma_expert.model.layers.17.mlp.down_proj") == (
-        17,
-        "down_proj",
-    )
-    assert layer_position("encoder.layers.0.attn.q_proj") == (0, "q_proj")
-    assert layer_position("action_out_proj") == (None, "action_out_proj")
-
-
-def test_output_error_per_step_and_final():
-    ref = [torch.ones(2, 3), 2 * torch.ones(2, 3)]
-    test = [torch.ones(2, 3) * 1.1, 2 * torch.ones(2, 3)]
-    e = OutputError.between(ref, test)
-    assert e.per_step_rel_l2 == pytest.approx([0.1, 0.0])
-    assert e.rel_l2 == 0.0 and e.max_abs == 0.0
-    assert e.per_step_max_abs[0] == pytest.approx(0.1)
-
-
-def test_rtn_linear_is_plain_per_channel_rtn_with_static_per_channel_activations():
-    torch.manual_seed(0)
-    lin = nn.Linear(16, 8)
-    cfg = replace(from_env({}, preset="A"), scope="", layers=("lin",))
-    model = nn.Sequential()
-    model.add_module("lin", lin)
-    assert rtn_quantize_model(model, cfg) == ["lin"]
-    q = model.lin
-    assert isinstance(q, RTNLinear)
-    codes, scales = quantize_weight_rtn(lin.weight, 4)
-    assert torch.equal(q.weight_q, codes.float() * scales[:, None])
-    x = torch.randn(32, 16)
-    with calibrating(model):
-        model(x)
-    assert q.act_scale is not None and q.act_scale.shape == (16,)
-    # the frozen static scale: the 99.9th percentile of |x| per input channel over 127
-    expected = torch.quantile(x.abs(), 0.999, dim=0) / 127
-    assert torch.allclose(q.act_scale, expected, rtol=1e-5)
-    # off: exact
-    exact = RTNLinear(lin, name="lin", wbits=16, abits=0, act_pct=99.9)
-    assert torch.allclose(exact(x), lin(x), atol=1e-6)
-
-
-def test_input_capture_thins_evenly_and_keeps_at_most_max_rows():
-    lin = nn.Linear(4, 4)
-    model = nn.Sequential()
-    model.add_module("lin", lin)
-    with InputCapture(model, ["lin"], max_rows=10) as cap:
-        for i in range(8):
-            model(torch.full((3, 4), float(i)))
-    rows = cap.inputs()["lin"]
-    assert rows.shape[1] == 4 and 5 <= rows.shape[0] <= 10
-    assert rows[:, 0].unique().numel() >= 5  # spread over the calls, not only the first ones
-    assert lin._forward_pre_hooks == {}  # hooks removed
+from pytest_duquant.config import from_env
+from pytest_duquant.golden import model as gm
+from pytest_duquant.golden.common import GoldenMismatchError, GoldenNotFoundError, GoldenSchemaError
+from pytest_duquant.metrics.records import LayerError, ModelMetrics, OutputError, golden_name, numeric_settings
 
 
 # ---- goldens ---------------------------------------------------------------------------------------
@@ -132,7 +59,7 @@ def test_golden_roundtrip_is_schema_valid_and_human_readable(tmp_path):
     "mutate, message",
     [
         (lambda d: d.pop("metrics"), "metrics: must be an object"),
-        (lambda d: d.update(schema="other"), "schema: must be"),
+        (lambda d: d.update(schema="other"), "$.schema: 'other', expected"),
         (lambda d: d["layers"][1].update(sqnr_db="x"), "layers[1].sqnr_db: must be a finite number"),
         (lambda d: d["layers"].append(dict(d["layers"][0])), "duplicate layer"),
         (lambda d: d["tolerances"].pop("sqnr_db"), "tolerances.sqnr_db"),
@@ -144,7 +71,7 @@ def test_golden_schema_errors_name_the_key(tmp_path, mutate, message):
     mutate(doc)
     p = tmp_path / "g.json"
     p.write_text(json.dumps(doc))
-    with pytest.raises(gm.GoldenSchemaError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(GoldenSchemaError, match=re.escape(message)):
         gm.load(p)
 
 
@@ -188,43 +115,69 @@ def test_golden_of_another_checkpoint_or_settings_is_never_used(tmp_path):
     m = _metrics()
     doc = gm.to_golden(m, "B")
     other = _metrics(fingerprint="fff000")
-    with pytest.raises(gm.GoldenMismatch, match="fingerprint abc123.*fff000.*never used"):
+    with pytest.raises(GoldenMismatchError, match="fingerprint abc123.*fff000.*never used"):
         gm.compare(doc, other)
     changed = _metrics()
     changed.settings = dict(changed.settings, block=32)
-    with pytest.raises(gm.GoldenMismatch, match="block: golden 64 vs run 32"):
+    with pytest.raises(GoldenMismatchError, match="block: golden 64 vs run 32"):
         gm.compare(doc, changed)
     # on disk: the file lives under the fingerprint, another fingerprint finds nothing and says so
-    gm.write(gm.golden_path(tmp_path, "abc123", "B"), doc)
-    with pytest.raises(gm.GoldenMissing, match="only for other checkpoint fingerprints \\(abc123\\)"):
-        gm.check_or_update(other, "B", tmp_path)
+    gm.write(gm.path_for(tmp_path, "abc123", "B"), doc)
+    assert gm.path_for(tmp_path, "abc123", "B") == tmp_path / "model" / "abc123" / "B.json"
+    with pytest.raises(GoldenNotFoundError, match="only for other checkpoint fingerprints \\(abc123\\)"):
+        gm.ModelRegression(tmp_path).check(other, "B")
 
 
 def test_update_rewrites_explicitly_and_says_what_changed(tmp_path):
-    first = gm.check_or_update(_metrics(), "B", tmp_path, update=True)
+    update = gm.ModelRegression(tmp_path, update=True)
+    first = update.check(_metrics(), "B")
     assert first.updated and "new golden" in first.message
-    second = gm.check_or_update(_metrics(sqnr=(20.0, 16.0, 25.0), rel=0.03), "B", tmp_path, update=True)
+    second = update.check(_metrics(sqnr=(20.0, 16.0, 25.0), rel=0.03), "B")
     assert "mean SQNR 21.000 -> 20.333 dB" in second.message
     assert "1 layer(s) moved by more than 0.3 dB: m.layers.1.q_proj -2.00" in second.message
     assert "output rel L2 0.02 -> 0.03" in second.message
-    again = gm.check_or_update(_metrics(sqnr=(20.0, 16.0, 25.0), rel=0.03), "B", tmp_path)
+    again = gm.ModelRegression(tmp_path).check(_metrics(sqnr=(20.0, 16.0, 25.0), rel=0.03), "B")
     assert not again.updated and again.comparison.ok
-    before = (tmp_path / "abc123" / "B.json").read_text()
-    same = gm.check_or_update(_metrics(sqnr=(20.0, 16.0, 25.0), rel=0.03), "B", tmp_path, update=True)
+    path = tmp_path / "model" / "abc123" / "B.json"
+    before = path.read_text()
+    same = update.check(_metrics(sqnr=(20.0, 16.0, 25.0), rel=0.03), "B")
     assert not same.updated and "unchanged" in same.message
-    assert (tmp_path / "abc123" / "B.json").read_text() == before  # no churn of dates
+    assert path.read_text() == before  # no churn of dates
+    assert len(update.messages) == 3
+
+
+def test_a_moved_figure_fails_the_check_with_the_report(tmp_path):
+    gm.ModelRegression(tmp_path, update=True).check(_metrics(), "B")
+    with pytest.raises(gm.ModelRegressionError, match="worst layers") as ei:
+        gm.ModelRegression(tmp_path).check(_metrics(sqnr=(20.0, 16.5, 25.0)), "B")
+    assert isinstance(ei.value, AssertionError)  # a test failure, not unusable input
+
+
+def test_version_1_goldens_are_migrated_with_their_numbers_untouched(tmp_path):
+    """The committed goldens are schema v1: they are read as v2 with the same metrics and layers."""
+    doc = gm.to_golden(_metrics(), "B")
+    v1 = dict(doc, schema_version=1)
+    v1["provenance"] = {"date": "2026-11-24T06:46:05Z", "torch": "2.13.0+cpu", "python": "3.11.7",
+                        "machine": "x86_64", "threads": 1, "command": "pytest", "info": {}}
+    (tmp_path / "B.json").write_text(json.dumps(v1))
+    got = gm.load(tmp_path / "B.json")
+    assert got["schema_version"] == 2 and got["metrics"] == doc["metrics"] and got["layers"] == doc["layers"]
+    assert got["provenance"]["versions"] == {"torch": "2.13.0+cpu", "python": "3.11.7"}
+    assert gm.compare(got, _metrics()).ok
 
 
 def test_golden_name_follows_the_settings():
     pure = numeric_settings(from_env({}, preset="B"))
-    assert gm.golden_name("B", pure, pure) == "B"
-    assert gm.golden_name("B", dict(pure, rotation="greedy"), pure) == "B-greedy"
-    custom = gm.golden_name("B", dict(pure, block=32), pure)
-    assert custom.startswith("B-custom-") and custom != gm.golden_name("B", dict(pure, block=16), pure)
+    assert golden_name("B", pure, pure) == "B"
+    assert golden_name("B", dict(pure, rotation="greedy"), pure) == "B-greedy"
+    custom = golden_name("B", dict(pure, block=32), pure)
+    assert custom.startswith("B-custom-") and custom != golden_name("B", dict(pure, block=16), pure)
 
 
 def test_committed_goldens_are_schema_valid():
-    root = gm.default_root()
+    from pytest_duquant.golden.common import default_root
+
+    root = default_root() / "model"
     files = sorted(root.glob("*/*.json"))
     assert files, f"no committed model goldens under {root}"
     for f in files:

@@ -1,9 +1,10 @@
-"""Model goldens: `golden/model/<fingerprint>/<name>.json`, the measured model metrics with tolerances.
+"""Model goldens: ``golden/model/<fingerprint>/<name>.json``, the measured model metrics with tolerances.
 
-`<name>` is the preset when the settings in force are the preset's own; `<preset>-<rotation>` when only the
-rotation differs (e.g. `B-greedy`); `<preset>-custom-<hash8>` otherwise. A golden is only ever compared
-with a run of the same checkpoint fingerprint, the same numeric settings and the same measurement
-protocol; anything else is a `GoldenMismatch` with a message saying what differs.
+``<name>`` is the preset when the settings in force are the preset's own; ``<preset>-<rotation>`` when only
+the rotation differs (e.g. ``B-greedy``); ``<preset>-custom-<hash8>`` otherwise (``metrics.records.
+golden_name``). A golden is only ever compared with a run of the same checkpoint fingerprint, the same
+numeric settings and the same measurement protocol; anything else is a GoldenMismatchError saying what
+differs.
 
 Comparison (`compare`): every figure must lie within its tolerance of the golden, in both directions
 (a sudden "improvement", e.g. a layer that silently stopped quantizing, is as suspicious as a regression):
@@ -11,25 +12,44 @@ Comparison (`compare`): every figure must lie within its tolerance of the golden
 - per-layer SQNR (DuQuant and RTN): |now - golden| <= sqnr_db; mean over layers: <= mean_sqnr_db;
 - packed bytes: exact.
 Failures come with a table of the worst layers (name, SQNR now vs golden).
+
+:class:`ModelRegression` is the fixture class (``duquant_model_regression``): ``check(metrics, name)``
+compares, or rewrites the file when updating (``--duquant-update-golden``), saying what changed.
+
+Schema version 2 records provenance as every golden kind does (``versions``, ``device``; golden.common);
+version-1 files (``provenance.torch``/``python`` at the top) are read and migrated, numbers untouched.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
 import math
 import os
-import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_duquant.model_metrics import ModelMetrics, OutputError
+from pytest_duquant.golden.common import (
+    GoldenError,
+    GoldenMismatchError,
+    GoldenNotFoundError,
+    GoldenSchemaError,
+    check_header,
+    drift,
+    golden_path,
+    kind_root,
+    provenance,
+    read_document,
+    schema_name,
+    write_atomic,
+    write_golden,
+)
+from pytest_duquant.metrics.records import ModelMetrics, OutputError
 
-SCHEMA = "pytest-duquant/model-golden"
-SCHEMA_VERSION = 1
+KIND = "model"
+SCHEMA = schema_name(KIND)
+SCHEMA_VERSION = 2
 # Deterministic on CPU with a fixed thread count (the probes use 1): the tolerances cover float differences
 # across machines (BLAS kernels, SVD sign choices flipping a few rounding decisions), not real changes.
 DEFAULT_TOLERANCES = {
@@ -41,51 +61,21 @@ DEFAULT_TOLERANCES = {
 WORST_LAYERS = 12
 
 
-class GoldenError(Exception):
-    """Base class of golden problems."""
+def _migrate_v1(data: dict) -> dict:
+    """v1 -> v2: provenance ``{"torch", "python", "machine", ...}`` -> ``{"versions": {...}, "device", ...}``."""
+    prov = dict(data.get("provenance") or {})
+    versions = {k: prov.pop(k) for k in ("python", "torch") if k in prov}
+    new = dict(data, schema_version=SCHEMA_VERSION)
+    new["provenance"] = {"date": prov.pop("date", None), "versions": versions, "device": None, **prov}
+    return new
 
 
-class GoldenSchemaError(GoldenError):
-    """A golden file is not valid JSON of the expected schema (the message names file, key and problem)."""
+_MIGRATIONS = {1: _migrate_v1, 2: lambda d: d}
 
 
-class GoldenMismatch(GoldenError):
-    """The golden belongs to another checkpoint, other settings or another protocol: never compared."""
-
-
-class GoldenMissing(GoldenError):
-    """No golden recorded for this checkpoint fingerprint and settings."""
-
-
-# ---- names and paths ----------------------------------------------------------------------------
-def golden_name(preset: str, settings: dict, preset_settings: dict) -> str:
-    """File stem for a run with `settings` under `preset` (whose pure settings are `preset_settings`)."""
-    diff = sorted(
-        k for k in set(settings) | set(preset_settings) if settings.get(k) != preset_settings.get(k)
-    )
-    if not diff:
-        return preset
-    if diff == ["rotation"]:
-        return f"{preset}-{settings['rotation']}"
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{preset}-custom-{digest}"
-
-
-def golden_path(root: str | os.PathLike, fingerprint: str, name: str) -> Path:
-    return Path(root) / fingerprint / f"{name}.json"
-
-
-def default_root(start: str | os.PathLike | None = None) -> Path:
-    """<repo>/golden/model: the nearest `golden/model` above `start` (else this package's repo, else cwd)."""
-    candidates = []
-    if start is not None:
-        candidates.append(Path(start).resolve())
-    candidates += [Path(__file__).resolve().parent.parent, Path.cwd()]
-    for base in candidates:
-        for d in (base, *base.parents):
-            if (d / "golden" / "model").is_dir():
-                return d / "golden" / "model"
-    return candidates[0] / "golden" / "model"
+def path_for(root: str | os.PathLike, fingerprint: str, name: str) -> Path:
+    """``<root>/model/<fingerprint>/<name>.json`` (root: the golden/ folder, or its model/ folder)."""
+    return golden_path(root, KIND, fingerprint, name)
 
 
 # ---- schema -------------------------------------------------------------------------------------
@@ -95,7 +85,7 @@ def _num(v) -> bool:
 
 def _check(cond: bool, where: str, key: str, problem: str) -> None:
     if not cond:
-        raise GoldenSchemaError(f"{where}: {key}: {problem}")
+        raise GoldenSchemaError(where, f"{key}: {problem}")
 
 
 def _check_output(d: Any, where: str, key: str) -> None:
@@ -119,15 +109,9 @@ def _check_output(d: Any, where: str, key: str) -> None:
 
 
 def validate(data: Any, where: str = "golden") -> dict:
-    """Check `data` against the schema; returns it. Raises GoldenSchemaError naming the key."""
-    _check(isinstance(data, dict), where, "(top level)", "must be a JSON object")
-    _check(data.get("schema") == SCHEMA, where, "schema", f"must be {SCHEMA!r}, got {data.get('schema')!r}")
-    _check(
-        data.get("schema_version") == SCHEMA_VERSION,
-        where,
-        "schema_version",
-        f"must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}",
-    )
+    """Check `data` against the schema (an older version is migrated first); returns the current-version
+    document. Raises GoldenSchemaError naming the key."""
+    data = check_header(data, KIND, _MIGRATIONS, where)
     for k in ("model", "fingerprint", "preset", "name"):
         _check(isinstance(data.get(k), str) and data[k], where, k, "must be a non-empty string")
     for k in ("settings", "protocol", "tolerances", "metrics", "provenance"):
@@ -174,11 +158,7 @@ def validate(data: Any, where: str = "golden") -> dict:
 
 def load(path: str | os.PathLike) -> dict:
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise GoldenSchemaError(f"{p}: not valid JSON ({exc})") from None
-    return validate(data, str(p))
+    return validate(read_document(p), str(p))
 
 
 # ---- conversion ---------------------------------------------------------------------------------
@@ -203,10 +183,13 @@ def to_golden(
     metrics: ModelMetrics, name: str, tolerances: dict | None = None, command: str | None = None
 ) -> dict:
     """The golden document for `metrics` (validated)."""
-    import torch
-
     tol = dict(DEFAULT_TOLERANCES)
     tol.update(tolerances or {})
+    info = dict(metrics.info)
+    env = {"versions": {"torch": info.pop("torch", None)}, "device": info.pop("device", "cpu")}
+    prov = provenance(None, threads=info.pop("threads", None), command=command, info=info)
+    prov["versions"].update({k: v for k, v in env["versions"].items() if v})
+    prov["device"] = env["device"]
     doc = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -235,15 +218,7 @@ def to_golden(
             }
             for la in metrics.layers
         ],
-        "provenance": {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "threads": metrics.info.get("threads"),
-            "command": command,
-            "info": {k: v for k, v in metrics.info.items() if k not in ("threads", "torch")},
-        },
+        "provenance": prov,
     }
     return validate(json.loads(json.dumps(doc)), f"golden {name}")
 
@@ -258,20 +233,20 @@ def _compact_scalar_lists(text: str) -> str:
     return _SCALAR_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
 
 
-def write(path: str | os.PathLike, doc: dict) -> Path:
-    """Write atomically, human-readable (one layer per line)."""
-    validate(doc, str(path))
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+def dumps(doc: dict) -> str:
+    """Human-readable text: one layer per line, lists of numbers on one line."""
     body = dict(doc)
     layers = body.pop("layers")
     text = _compact_scalar_lists(json.dumps(body, indent=2, sort_keys=False))
     layer_lines = ",\n".join("    " + json.dumps(la) for la in layers)
-    text = text[:-2] + ',\n  "layers": [\n' + layer_lines + "\n  ]\n}\n"
-    json.loads(text)  # sanity
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    return text[:-2] + ',\n  "layers": [\n' + layer_lines + "\n  ]\n}\n"
+
+
+def write(path: str | os.PathLike, doc: dict) -> Path:
+    """Write atomically, human-readable (one layer per line)."""
+    validate(doc, str(path))
+    p = Path(path)
+    write_atomic(p, dumps(doc))
     return p
 
 
@@ -339,14 +314,14 @@ class Comparison:
 
 
 def check_applicable(golden: dict, metrics: ModelMetrics, path: str) -> None:
-    """Raise GoldenMismatch unless the golden was recorded for this fingerprint, settings and protocol."""
+    """Raise GoldenMismatchError unless the golden was recorded for this fingerprint, settings and protocol."""
     if golden["fingerprint"] != metrics.fingerprint:
-        raise GoldenMismatch(
+        raise GoldenMismatchError(
             f"{path}: recorded for checkpoint fingerprint {golden['fingerprint']}, this run's checkpoint is "
             f"{metrics.fingerprint}; a golden of another checkpoint is never used"
         )
     if golden["model"] != metrics.model:
-        raise GoldenMismatch(
+        raise GoldenMismatchError(
             f"{path}: recorded for model {golden['model']!r}, this run measures {metrics.model!r}"
         )
     diff = sorted(
@@ -358,11 +333,11 @@ def check_applicable(golden: dict, metrics: ModelMetrics, path: str) -> None:
         details = ", ".join(
             f"{k}: golden {golden['settings'].get(k)!r} vs run {metrics.settings.get(k)!r}" for k in diff
         )
-        raise GoldenMismatch(f"{path}: recorded with other DuQuant settings ({details})")
+        raise GoldenMismatchError(f"{path}: recorded with other DuQuant settings ({details})")
     if golden["protocol"] != json.loads(json.dumps(metrics.protocol)):
         gp, mp = golden["protocol"], json.loads(json.dumps(metrics.protocol))
         keys = sorted(k for k in set(gp) | set(mp) if gp.get(k) != mp.get(k))
-        raise GoldenMismatch(
+        raise GoldenMismatchError(
             f"{path}: recorded with another measurement protocol (differs in {', '.join(keys)}: "
             + "; ".join(f"{k}: golden {gp.get(k)!r} vs run {mp.get(k)!r}" for k in keys)
             + ")"
@@ -527,48 +502,85 @@ class GoldenResult:
     comparison: Comparison | None = None
 
 
-def check_or_update(
-    metrics: ModelMetrics,
-    name: str,
-    root: str | os.PathLike,
-    *,
-    update: bool = False,
-    command: str | None = None,
-) -> GoldenResult:
-    """The whole golden step: update (explicit) or compare. Raises GoldenMissing / GoldenMismatch /
-    GoldenSchemaError; a numeric regression is returned as a failed Comparison (see .comparison.ok)."""
-    path = golden_path(root, metrics.fingerprint, name)
-    if update:
+class ModelRegressionError(GoldenError, AssertionError):
+    """A figure moved beyond its tolerance (a test failure, not unusable input)."""
+
+
+class ModelRegression:
+    """The model-golden check of a test: ``check(metrics, name)``.
+
+    Compares with ``<root>/model/<fingerprint>/<name>.json`` (raising ModelRegressionError with the
+    worst-layers table when a figure moved beyond tolerance), or, with ``update=True``, records the
+    measurement there (unchanged numbers leave the file untouched) and returns what changed. A missing
+    golden or one of another checkpoint/settings/protocol raises a GoldenError saying so.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, update: bool = False, command: str | None = None):
+        self.root = Path(root)
+        self.update = update
+        self.command = command
+        self.messages: list[str] = []  # what updates wrote, for the session summary
+
+    def path(self, metrics: ModelMetrics, name: str) -> Path:
+        return path_for(self.root, metrics.fingerprint, name)
+
+    def check(self, metrics: ModelMetrics, name: str) -> GoldenResult:
+        __tracebackhide__ = True
+        result = self.record(metrics, name) if self.update else self.compare(metrics, name)
+        if result.comparison is not None and not result.comparison.ok:
+            raise ModelRegressionError(result.message)
+        return result
+
+    def record(self, metrics: ModelMetrics, name: str) -> GoldenResult:
+        path = self.path(metrics, name)
         old = None
         if path.is_file():
             try:
                 old = load(path)
             except GoldenSchemaError:
                 old = None
-        keep_tol = old["tolerances"] if old else None
-        doc = to_golden(metrics, name, keep_tol, command=command)
-        if old is not None and _same_numbers(old, doc):
-            return GoldenResult(path, False, f"{path}: unchanged (same numbers; file left as it is)")
-        write(path, doc)
-        return GoldenResult(path, True, describe_changes(old, doc))
-    if not path.is_file():
-        others = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
-        other_note = ""
-        if path.parent.is_dir():
-            have = sorted(p.stem for p in path.parent.glob("*.json"))
-            other_note = f"; goldens of this checkpoint: {', '.join(have) or 'none'}"
-        elif others:
-            other_note = (
-                f"; goldens exist only for other checkpoint fingerprints ({', '.join(others[:6])}) and "
-                "are never used for this one"
-            )
-        raise GoldenMissing(
-            f"no model golden {path} (checkpoint fingerprint {metrics.fingerprint}, settings "
-            f"{name}){other_note}. Record it with --duquant-update-golden."
+        doc = to_golden(metrics, name, old["tolerances"] if old else None, command=self.command)
+        written = write_golden(
+            path, dumps(doc), changes=lambda: None if old is None else ([] if _same_numbers(old, doc) else ["numbers"]),
+            replace=True,
         )
-    golden = load(path)
-    cmp = compare(golden, metrics, str(path))
-    return GoldenResult(path, False, "ok" if cmp.ok else cmp.report(), cmp)
+        if not written.written:
+            message = f"{path}: unchanged (same numbers; file left as it is)"
+        else:
+            message = describe_changes(old, doc)
+        self.messages.append(message)
+        return GoldenResult(path, written.written, message)
+
+    def compare(self, metrics: ModelMetrics, name: str) -> GoldenResult:
+        path = self.path(metrics, name)
+        if not path.is_file():
+            raise GoldenNotFoundError(_missing_message(self.root, path, metrics, name))
+        golden = load(path)
+        cmp = compare(golden, metrics, str(path))
+        if cmp.ok:
+            return GoldenResult(path, False, "ok", cmp)
+        moved = drift(golden["provenance"], {"versions": {"torch": metrics.info.get("torch")},
+                                             "device": metrics.info.get("device", "cpu")})
+        note = f"\n(the golden was made on another stack: {'; '.join(moved)})" if moved else ""
+        return GoldenResult(path, False, cmp.report() + note, cmp)
+
+
+def _missing_message(root: Path, path: Path, metrics: ModelMetrics, name: str) -> str:
+    model_root = kind_root(root, KIND)
+    others = sorted(p.name for p in model_root.iterdir() if p.is_dir()) if model_root.is_dir() else []
+    other_note = ""
+    if path.parent.is_dir():
+        have = sorted(p.stem for p in path.parent.glob("*.json"))
+        other_note = f"; goldens of this checkpoint: {', '.join(have) or 'none'}"
+    elif others:
+        other_note = (
+            f"; goldens exist only for other checkpoint fingerprints ({', '.join(others[:6])}) and "
+            "are never used for this one"
+        )
+    return (
+        f"no model golden {path} (checkpoint fingerprint {metrics.fingerprint}, settings "
+        f"{name}){other_note}. Record it with --duquant-update-golden."
+    )
 
 
 def recorded_rtn_relation(
@@ -576,7 +588,7 @@ def recorded_rtn_relation(
 ) -> tuple[float, float, Path] | None:
     """(mean SQNR, mean RTN SQNR, path) recorded in the committed golden for this run (same fingerprint,
     settings and protocol), or None when there is no such golden or it has no RTN figures."""
-    path = golden_path(root, metrics.fingerprint, name)
+    path = path_for(root, metrics.fingerprint, name)
     if not path.is_file():
         return None
     try:
