@@ -38,9 +38,9 @@ EXPERT_VERSION = "expert-v1"
 # ---- constants (metres, radians, action units) ----------------------------------------------------
 KP_POS = 12.0  # action units per metre (1 unit = 5 cm OSC offset)
 KP_ROT = 3.0  # action units per radian (1 unit = 0.5 rad)
-KI_POS = 0.6  # integral gain (action units per metre-step)
-I_CLAMP = 0.3  # max |integral contribution| (action units)
-I_ZONE = 0.03  # integrate only within 3 cm of the goal
+KI_POS = 1.0  # integral gain (action units per metre-step)
+I_CLAMP = 0.5  # max |integral contribution| (action units)
+I_ZONE = 0.06  # integrate only within 6 cm of the goal
 GRIPPER_OPEN, GRIPPER_CLOSE = -1.0, 1.0
 
 HOVER = 0.07  # hover height above the grasp point
@@ -373,19 +373,27 @@ class ScriptedExpert:
             for g in geoms:
                 yield name, geom_box(self.m, self.d, g)
 
-    def _gripper_boxes(self, p, yaw):
-        """A box model of the open gripper at grasp point p, swept from 8 cm above down to p."""
+    def _gripper_boxes(self, p, yaw, sweep: float = HOVER):
+        """A box model of the open gripper at grasp point p, swept up by ``sweep`` (the descent).
+
+        Measured on the Panda gripper in the grip-site frame: fingers (open) 3.5-7 cm either side
+        along the finger axis, 1.2 cm below to 4.9 cm above the site; the hand +-10.5 cm along the
+        finger axis, +-3.2 cm across, 3.1-12.4 cm above the site.
+        """
         R = desired_rotation(yaw)
         ax = R[:, 0]  # finger axis
+        Rb = rot_z(yaw + math.pi / 2)  # box axes: x = finger axis, y = across, z = up
         boxes = []
+        lo, hi = -0.012, 0.049 + sweep
         for s in (-1.0, 1.0):
-            c = p + s * 0.045 * ax + np.array([0.0, 0.0, 0.035])
-            boxes.append((c, R, np.array([0.012, 0.012, 0.047])))
-        boxes.append((p + np.array([0.0, 0.0, 0.115]), R, np.array([0.105, 0.035, 0.04])))
+            c = p + s * 0.0525 * ax + np.array([0.0, 0.0, (lo + hi) / 2])
+            boxes.append((c, Rb, np.array([0.0175, 0.012, (hi - lo) / 2])))
+        lo, hi = 0.031, 0.124 + sweep
+        boxes.append((p + np.array([0.0, 0.0, (lo + hi) / 2]), Rb, np.array([0.105, 0.033, (hi - lo) / 2])))
         return boxes
 
-    def _gripper_collides(self, p, yaw) -> bool:
-        others = list(self._others_boxes())
+    def _gripper_collides(self, p, yaw, others=None) -> bool:
+        others = list(self._others_boxes()) if others is None else others
         for c1, R1, h1 in self._gripper_boxes(p, yaw):
             for _name, (c2, R2, h2) in others:
                 if boxes_overlap(c1, R1, h1, c2, R2, h2):
@@ -396,37 +404,42 @@ class ScriptedExpert:
         fp = footprint_of_points(self.object_points())
         x_obj, R_obj = self.obj_pos(), self.obj_rot()
         obj_yaw = math.atan2(R_obj[1, 0], R_obj[0, 0])
+        others = list(self._others_boxes())
+        candidates = []  # (grasp point, yaw), most preferred first
         if fp.width <= GRIPPER_SPAN:
-            if fp.length < SMALL_OBJECT:
-                yaw = 0.0
-            else:
-                yaw = wrap_half(fp.yaw - math.pi / 2)  # finger axis along the narrow side
-            z = max(fp.top - GRIP_BELOW_TOP, fp.bottom + GRIP_ABOVE_BOTTOM)
-            p = np.array([fp.center[0], fp.center[1], z])
             rim = False
-        else:  # too wide for the fingers: pinch the rim, one finger inside
-            # radius of a round object: half the mean side (the corners' radius overestimates it)
-            r = (fp.width + fp.length) / 4.0
-            z = fp.top - RIM_BELOW_TOP
-            dirs = [(0, 1), (0, -1), (-1, 0), (-1, 1), (-1, -1), (1, 1), (1, -1), (1, 0)]
-            choice = None
-            for dx, dy in dirs:
-                u = np.array([dx, dy], dtype=float)
-                u /= np.linalg.norm(u)
-                p = np.array([*(fp.center + u * (r - RIM_INSET)), z])
-                yaw = wrap_half(math.atan2(u[1], u[0]) - math.pi / 2)
-                if not self._gripper_collides(p, yaw):
-                    choice = (p, yaw)
-                    break
-            if choice is None:
-                u = np.array([0.0, 1.0])
-                choice = (np.array([*(fp.center + u * (r - RIM_INSET)), z]), 0.0)
-            p, yaw = choice
+            z = max(fp.top - GRIP_BELOW_TOP, fp.bottom + GRIP_ABOVE_BOTTOM)
+            narrow = wrap_half(fp.yaw - math.pi / 2)  # finger axis along the narrow side
+            across = wrap_half(fp.yaw)  # finger axis along the long side
+            yaws = [0.0, narrow, across] if fp.length < SMALL_OBJECT else [narrow]
+            if fp.length >= SMALL_OBJECT and fp.length < GRIPPER_SPAN - 0.005:
+                yaws.append(across)
+            long_dir = np.array([math.cos(fp.yaw + math.pi / 2), math.sin(fp.yaw + math.pi / 2)])
+            max_off = max(0.0, fp.length / 2 - 0.02)
+            offsets = [0.0] + [s * k * 0.01 for k in range(1, 4) for s in (1, -1) if k * 0.01 <= max_off]
+            for off in offsets:
+                for yaw in yaws:
+                    xy = fp.center + off * long_dir
+                    candidates.append((np.array([xy[0], xy[1], z]), yaw))
+        else:  # too wide for the fingers: pinch the rim, one finger inside, fingers radial
             rim = True
+            r = (fp.width + fp.length) / 4.0  # radius of a round object (corners overestimate it)
+            z = fp.top - RIM_BELOW_TOP
+            for dx, dy in [(0, 1), (0, -1), (-1, 0), (-1, 1), (-1, -1), (1, 1), (1, -1), (1, 0)]:
+                u = np.array([dx, dy], dtype=float) / math.hypot(dx, dy)
+                p = np.array([*(fp.center + u * (r - RIM_INSET)), z])
+                candidates.append((p, wrap_half(math.atan2(u[1], u[0]) - math.pi / 2)))
+        p, yaw = candidates[0]
+        clear = False
+        for cand_p, cand_yaw in candidates:
+            if not self._gripper_collides(cand_p, cand_yaw, others):
+                p, yaw, clear = cand_p, cand_yaw, True
+                break
         return {
             "p_local": R_obj.T @ (p - x_obj),
             "yaw_rel": wrap_angle(yaw - obj_yaw),
             "rim": rim,
+            "clear": clear,
             "fp": fp,
         }
 
@@ -570,7 +583,7 @@ class ScriptedExpert:
             if np.linalg.norm(p - eef) < GRASP_TOL or (self._stalled() and abs(eef[2] - p[2]) < 0.02):
                 self.hold_pos = eef.copy()
                 self._set_phase("grasp")
-            elif self._stalled():
+            elif self._stalled() and self.phase_t > 60:
                 self._set_phase("approach")
             return a
 
