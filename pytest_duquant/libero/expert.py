@@ -307,6 +307,7 @@ class ScriptedExpert:
         self.hold_pos = None
         self.phases_seen: list[str] = ["approach"]
         self.flips = 0
+        self._bind()
 
     # ---- state readers ------------------------------------------------------------------------------
     def object_points(self, name: str | None = None) -> np.ndarray:
