@@ -190,3 +190,23 @@ def test_expert_solves_libero_spatial_task0():
         assert ex.plan["rim"]  # the bowl is wider than the gripper
     finally:
         env.close()
+
+
+def test_expert_drives_the_projects_libero_env():
+    """The harness's LiberoEnv (rendered OffScreenRenderEnv): same API, a few steps only."""
+    _require_libero("libero_object")
+    from pytest_duquant.libero.episode import LiberoEnv
+    from pytest_duquant.libero.protocol import ProtocolSettings
+
+    env = LiberoEnv("libero_object", 0, ProtocolSettings())
+    try:
+        ex = X.ScriptedExpert(env.env)
+        assert ex.task_env is env.env.env
+        seen = []
+        r = X.run_expert_episode(env, env.init_states[0], max_steps=4, expert=ex,
+                                 on_step=lambda o, a, e, t: seen.append(o["agentview_image"].shape))
+        assert r["error"] is None, r["traceback"]
+        assert r["steps"] == 14 and len(seen) == 4 and ex.phase == "approach"
+        assert ex.task_env.sim is env.env.env.sim  # re-bound after LiberoEnv's hard reset
+    finally:
+        env.close()
