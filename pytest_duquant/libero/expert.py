@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EXPERT_VERSION = "expert-v1"
+EXPERT_VERSION = "expert-v2"
 
 # ---- constants (metres, radians, action units) ----------------------------------------------------
 KP_POS = 12.0  # action units per metre (1 unit = 5 cm OSC offset)
@@ -67,6 +67,7 @@ IN_XY_TOL = 0.015  # ... (in)
 LOWER_XY_HOLD = 0.02  # stop descending while the xy error is larger than this
 IN_RELEASE_GAP = 0.02  # in: release with the bottom this far above the surface
 ON_PUSH = 0.01  # on: aim the bottom this far below the surface; stop at contact
+SLIDE_MARGIN = 0.015  # xy margin of the held object when checking for overhangs before lifting
 
 # The grip site frame at yaw 0: local x (the finger axis) -> world y, local y -> world x, z down.
 R_DOWN = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
@@ -184,29 +185,33 @@ def footprint_of_points(points: np.ndarray, angle_step_deg: float = 1.0) -> Foot
     )
 
 
+def boxes_overlap_many(c1, R1, h1, C2, R2, H2) -> np.ndarray:
+    """Separating-axis test of one oriented box against N others -> bool[N] (True: they overlap).
+
+    Boxes are (centre (3), rotation whose columns are the box axes (3x3), half-sizes (3)); the
+    others stacked as (N,3), (N,3,3), (N,3). The 15 candidate axes: 3 + 3 face normals and the
+    9 edge cross products (a degenerate cross product never separates).
+    """
+    C2, R2, H2 = np.asarray(C2, float), np.asarray(R2, float), np.asarray(H2, float)
+    n = len(C2)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    d = C2 - np.asarray(c1, float)  # (N,3)
+    A1 = np.broadcast_to(R1.T[None], (n, 3, 3))  # rows = axes of box 1
+    A2 = np.transpose(R2, (0, 2, 1))  # rows = axes of the others
+    cr = np.cross(A1[:, :, None, :], A2[:, None, :, :]).reshape(n, 9, 3)
+    norm = np.linalg.norm(cr, axis=2, keepdims=True)
+    cr = np.where(norm > 1e-9, cr / np.maximum(norm, 1e-12), 0.0)
+    axes = np.concatenate([A1, A2, cr], axis=1)  # (N,15,3)
+    r1 = np.abs(axes @ R1) @ np.asarray(h1, float)  # (N,15)
+    r2 = np.einsum("nak,nk->na", np.abs(np.einsum("nai,nik->nak", axes, R2)), H2)
+    dist = np.abs(np.einsum("nai,ni->na", axes, d))
+    return ~np.any(dist > r1 + r2 + 1e-9, axis=1)
+
+
 def boxes_overlap(c1, R1, h1, c2, R2, h2) -> bool:
     """Separating-axis test of two oriented boxes (centre, rotation columns = axes, half-sizes)."""
-    d = np.asarray(c2) - np.asarray(c1)
-    axes = [R1[:, i] for i in range(3)] + [R2[:, i] for i in range(3)]
-    for i in range(3):
-        for j in range(3):
-            cr = np.cross(R1[:, i], R2[:, j])
-            n = np.linalg.norm(cr)
-            if n > 1e-9:
-                axes.append(cr / n)
-    for ax in axes:
-        r1 = np.sum(h1 * np.abs(R1.T @ ax))
-        r2 = np.sum(h2 * np.abs(R2.T @ ax))
-        if abs(d @ ax) > r1 + r2:
-            return False
-    return True
-
-
-def point_in_box_xy(p_xy, c, R, h, grow: float = 0.0) -> bool:
-    """Is the vertical line through p_xy within ``grow`` of the box's xy shadow? (conservative)"""
-    corners = c + (_BOX_SIGNS * h) @ R.T
-    lo, hi = corners[:, :2].min(0) - grow, corners[:, :2].max(0) + grow
-    return bool(np.all(p_xy >= lo) and np.all(p_xy <= hi))
+    return bool(boxes_overlap_many(c1, R1, h1, np.asarray(c2)[None], np.asarray(R2)[None], np.asarray(h2)[None])[0])
 
 
 def segment_points(a_xy, b_xy, step: float = 0.01) -> np.ndarray:
@@ -253,10 +258,7 @@ class ScriptedExpert:
         self._sim = env.sim
         m, d = env.sim.model._model, env.sim.data._data
         self.m, self.d = m, d
-        import mujoco
-
-        self._mj = mujoco
-        self.site_grip = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_SITE, "gripper0_grip_site")
+        self.site_grip = int(env.sim.model.site_name2id("gripper0_grip_site"))
         # body -> root object body (of the task's objects and fixtures)
         roots = {int(bid): name for name, bid in env.obj_body_id.items()}
         self.body_root = {}
@@ -279,7 +281,10 @@ class ScriptedExpert:
             self.target_id = int(env.obj_body_id[self.target_name])
             self.target_root = self.target_name
         else:
-            sid = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_SITE, self.target_name)
+            try:
+                sid = int(env.sim.model.site_name2id(self.target_name))
+            except Exception:  # noqa: BLE001 - robosuite raises ValueError for an unknown name
+                sid = -1
             if sid < 0:
                 raise KeyError(f"target {self.target_name!r}: neither an object body nor a site")
             self.target_kind = "site"
@@ -307,6 +312,8 @@ class ScriptedExpert:
         self.hold_pos = None
         self.phases_seen: list[str] = ["approach"]
         self.flips = 0
+        self.bad_grasps: list[np.ndarray] = []
+        self.slide_goal = None  # grasp points (object frame) that proved blocked
         self._bind()
 
     # ---- state readers ------------------------------------------------------------------------------
@@ -367,45 +374,75 @@ class ScriptedExpert:
         return bool(self.task_env._check_success())
 
     # ---- planning --------------------------------------------------------------------------------------
-    def _others_boxes(self, exclude=()):
-        for name, geoms in self.obj_geoms.items():
-            if name == self.obj_name or name in exclude:
-                continue
-            for g in geoms:
-                yield name, geom_box(self.m, self.d, g)
+    def _others(self, exclude=()):
+        """World boxes of every other task object's collision geoms: (centres, rotations, halves)."""
+        ids = [g for name, geoms in self.obj_geoms.items() if name != self.obj_name and name not in exclude
+               for g in geoms]
+        if not ids:
+            return np.zeros((0, 3)), np.zeros((0, 3, 3)), np.zeros((0, 3))
+        ids = np.asarray(ids)
+        R = self.d.geom_xmat[ids].reshape(-1, 3, 3)
+        aabb = self.m.geom_aabb[ids]
+        C = self.d.geom_xpos[ids] + np.einsum("nij,nj->ni", R, aabb[:, :3])
+        return C, R, np.asarray(aabb[:, 3:], dtype=float)
 
-    def _gripper_boxes(self, p, yaw, sweep: float = HOVER):
+    @staticmethod
+    def _box_extents(C, R, H):
+        """World AABBs (lo (N,3), hi (N,3)) of stacked oriented boxes."""
+        ext = np.einsum("nij,nj->ni", np.abs(R), H)
+        return C - ext, C + ext
+
+    def _tallest_on_path(self, pts, grow: float) -> float:
+        """Top of the tallest other object whose xy box (grown) covers a point of the path."""
+        C, R, H = self._others()
+        if len(C) == 0:
+            return -np.inf
+        lo, hi = self._box_extents(C, R, H)
+        inside = np.all((pts[None, :, :] >= lo[:, None, :2] - grow) & (pts[None, :, :] <= hi[:, None, :2] + grow), axis=2)
+        hit = np.any(inside, axis=1)
+        return float(hi[hit, 2].max()) if np.any(hit) else -np.inf
+
+    def _gripper_boxes(self, p, yaw, sweep: float = HOVER, grow: float = 0.0):
         """A box model of the open gripper at grasp point p, swept up by ``sweep`` (the descent).
 
-        Measured on the Panda gripper in the grip-site frame: fingers (open) 3.5-7 cm either side
-        along the finger axis, 1.2 cm below to 4.9 cm above the site; the hand +-10.5 cm along the
-        finger axis, +-3.2 cm across, 3.1-12.4 cm above the site.
+        Measured on the open Panda gripper, in the grip-site frame (x = finger axis, heights above
+        the site): finger tips 3.9-5.4 cm either side, -1 to 1.5 cm high; finger knuckles 4.0-6.6 cm,
+        1.5-4.5 cm high (both +-1 cm across); the hand +-10.4 cm along the finger axis, +-2.1 cm
+        across from 3.1 to 6 cm high, +-3.2 cm across above.
         """
         R = desired_rotation(yaw)
         ax = R[:, 0]  # finger axis
         Rb = rot_z(yaw + math.pi / 2)  # box axes: x = finger axis, y = across, z = up
+        parts = [  # (x from, x to, half across, height from, height to)
+            (0.039, 0.054, 0.010, -0.010, 0.015),
+            (0.040, 0.066, 0.010, 0.015, 0.045),
+        ]
         boxes = []
-        lo, hi = -0.012, 0.049 + sweep
-        for s in (-1.0, 1.0):
-            c = p + s * 0.0525 * ax + np.array([0.0, 0.0, (lo + hi) / 2])
-            boxes.append((c, Rb, np.array([0.0175, 0.012, (hi - lo) / 2])))
-        lo, hi = 0.031, 0.124 + sweep
-        boxes.append((p + np.array([0.0, 0.0, (lo + hi) / 2]), Rb, np.array([0.105, 0.033, (hi - lo) / 2])))
+        for x0, x1, hy, z0, z1 in parts:
+            for sgn in (-1.0, 1.0):
+                c = p + sgn * (x0 + x1) / 2 * ax + np.array([0.0, 0.0, (z0 + z1 + sweep) / 2])
+                boxes.append((c, Rb, np.array([(x1 - x0) / 2, hy, (z1 + sweep - z0) / 2]) + grow))
+        for hy, z0, z1 in ((0.021, 0.031, 0.06), (0.032, 0.06, 0.124)):
+            c = p + np.array([0.0, 0.0, (z0 + z1 + sweep) / 2])
+            boxes.append((c, Rb, np.array([0.104, hy, (z1 + sweep - z0) / 2]) + grow))
         return boxes
 
-    def _gripper_collides(self, p, yaw, others=None) -> bool:
-        others = list(self._others_boxes()) if others is None else others
-        for c1, R1, h1 in self._gripper_boxes(p, yaw):
-            for _name, (c2, R2, h2) in others:
-                if boxes_overlap(c1, R1, h1, c2, R2, h2):
-                    return True
+    def _gripper_collides(self, p, yaw, others=None, grow: float = 0.0) -> bool:
+        C, R, H = self._others() if others is None else others
+        if len(C) == 0:
+            return False
+        near = np.linalg.norm(C[:, :2] - p[:2], axis=1) < 0.35 + np.linalg.norm(H, axis=1)  # cheap pre-filter
+        C, R, H = C[near], R[near], H[near]
+        for c1, R1, h1 in self._gripper_boxes(p, yaw, grow=grow):
+            if np.any(boxes_overlap_many(c1, R1, h1, C, R, H)):
+                return True
         return False
 
     def _plan_grasp(self) -> dict:
         fp = footprint_of_points(self.object_points())
         x_obj, R_obj = self.obj_pos(), self.obj_rot()
         obj_yaw = math.atan2(R_obj[1, 0], R_obj[0, 0])
-        others = list(self._others_boxes())
+        others = self._others()
         candidates = []  # (grasp point, yaw), most preferred first
         if fp.width <= GRIPPER_SPAN:
             rim = False
@@ -426,15 +463,30 @@ class ScriptedExpert:
             rim = True
             r = (fp.width + fp.length) / 4.0  # radius of a round object (corners overestimate it)
             z = fp.top - RIM_BELOW_TOP
-            for dx, dy in [(0, 1), (0, -1), (-1, 0), (-1, 1), (-1, -1), (1, 1), (1, -1), (1, 0)]:
-                u = np.array([dx, dy], dtype=float) / math.hypot(dx, dy)
+            dirs = [(0, 1), (0, -1), (-1, 0), (-1, 1), (-1, -1), (1, 1), (1, -1), (1, 0)]
+            angles = [math.atan2(dy, dx) for dx, dy in dirs]
+            # then the directions between those, least wrist rotation first, near side first
+            extra = [math.radians(22.5 + 45 * k) for k in range(8)]
+            extra.sort(key=lambda ang: (round(abs(wrap_half(ang - math.pi / 2)), 3), math.cos(ang)))
+            for ang in angles + extra:
+                u = np.array([math.cos(ang), math.sin(ang)])
                 p = np.array([*(fp.center + u * (r - RIM_INSET)), z])
-                candidates.append((p, wrap_half(math.atan2(u[1], u[0]) - math.pi / 2)))
+                candidates.append((p, wrap_half(ang - math.pi / 2)))
+        bad = [c for c in getattr(self, "bad_grasps", [])]
+
+        def is_bad(p, yaw):
+            local = R_obj.T @ (p - x_obj)
+            return any(np.linalg.norm(local - b) < 0.01 for b in bad)
+
+        candidates = [c for c in candidates if not is_bad(*c)] or candidates
         p, yaw = candidates[0]
         clear = False
-        for cand_p, cand_yaw in candidates:
-            if not self._gripper_collides(cand_p, cand_yaw, others):
-                p, yaw, clear = cand_p, cand_yaw, True
+        for grow in (0.005, 0.0):  # with a 5 mm margin first
+            for cand_p, cand_yaw in candidates:
+                if not self._gripper_collides(cand_p, cand_yaw, others, grow=grow):
+                    p, yaw, clear = cand_p, cand_yaw, True
+                    break
+            if clear:
                 break
         return {
             "p_local": R_obj.T @ (p - x_obj),
@@ -451,28 +503,54 @@ class ScriptedExpert:
 
     def _travel_z(self, a_xy, b_xy, base_z) -> float:
         """Fingertip height that clears every other object on the straight xy path a -> b."""
-        pts = segment_points(a_xy, b_xy, 0.02)
-        top = -np.inf
-        for _name, (c, R, h) in self._others_boxes(exclude=()):
-            corners = c + (_BOX_SIGNS * h) @ R.T
-            lo, hi = corners[:, :2].min(0) - 0.05, corners[:, :2].max(0) + 0.05
-            if np.any(np.all((pts >= lo) & (pts <= hi), axis=1)):
-                top = max(top, corners[:, 2].max())
+        top = self._tallest_on_path(segment_points(a_xy, b_xy, 0.02), 0.05)
         return max(base_z, top + TRAVEL_CLEARANCE)
 
     def _plan_carry(self, eef) -> float:
         fp = footprint_of_points(self.object_points())
         pts = segment_points(self.obj_pos()[:2], self.target_pos()[:2], 0.01)
-        grow = fp.radius + 0.01
-        top = -np.inf
-        for _name, (c, R, h) in self._others_boxes():
-            corners = c + (_BOX_SIGNS * h) @ R.T
-            lo, hi = corners[:, :2].min(0) - grow, corners[:, :2].max(0) + grow
-            if np.any(np.all((pts >= lo) & (pts <= hi), axis=1)):
-                top = max(top, corners[:, 2].max())
+        top = self._tallest_on_path(pts, fp.radius + 0.01)
         hand_above_bottom = eef[2] - fp.bottom
         z = top + CARRY_CLEARANCE + hand_above_bottom
         return float(max(z, eef[2] + CARRY_MIN_LIFT))
+
+    def _slide_out(self, lift: float):
+        """xy shift that takes the held object out from under anything above it (None: none needed).
+
+        "Above" = other objects' collision geoms whose bottom is above the object's mid-height and
+        that overlap the column the object sweeps when lifted by ``lift``. The smallest shift (16
+        directions, 5 mm steps up to 8 cm) that clears them wins; ties go toward the target.
+        """
+        fp = footprint_of_points(self.object_points())
+        C, R, H = self._others()
+        if len(C) == 0:
+            return None
+        lo, hi = self._box_extents(C, R, H)
+        mid = (fp.top + fp.bottom) / 2
+        over = (lo[:, 2] > mid) & (lo[:, 2] < fp.top + lift)
+        if not np.any(over):
+            return None
+        C, R, H = C[over], R[over], H[over]
+        Rb = rot_z(fp.yaw)
+        z0, z1 = fp.bottom + 0.005, fp.top + lift
+        # 1.5 cm margin in xy: an object held at one edge tilts and swings a little when lifted
+        half = np.array([fp.width / 2 + SLIDE_MARGIN, fp.length / 2 + SLIDE_MARGIN, (z1 - z0) / 2])
+
+        def blocked(shift):
+            c = np.array([fp.center[0] + shift[0], fp.center[1] + shift[1], (z0 + z1) / 2])
+            return bool(np.any(boxes_overlap_many(c, Rb, half, C, R, H)))
+
+        if not blocked(np.zeros(2)):
+            return None
+        to_target = self.target_pos()[:2] - fp.center
+        to_target = to_target / max(np.linalg.norm(to_target), 1e-9)
+        dirs = [np.array([math.cos(a), math.sin(a)]) for a in np.radians(np.arange(0, 360, 22.5))]
+        dirs.sort(key=lambda u: -float(u @ to_target))
+        for k in range(1, 17):
+            for u in dirs:
+                if not blocked(u * 0.005 * k):
+                    return u * (0.005 * k + 0.005)
+        return None
 
     # ---- control ----------------------------------------------------------------------------------------
     def _set_phase(self, phase: str) -> None:
@@ -584,7 +662,10 @@ class ScriptedExpert:
             if np.linalg.norm(p - eef) < GRASP_TOL or (self._stalled() and abs(eef[2] - p[2]) < 0.02):
                 self.hold_pos = eef.copy()
                 self._set_phase("grasp")
-            elif self._stalled() and self.phase_t > 60:
+            elif self._stalled() and self.phase_t > 30:
+                # blocked above the grasp point: remember this grasp as bad, plan another one
+                self.bad_grasps.append(self.plan["p_local"].copy())
+                self.plan = None
                 self._set_phase("approach")
             return a
 
@@ -596,10 +677,16 @@ class ScriptedExpert:
                 self.rel = R_cur.T @ (self.obj_pos() - eef)
                 self.carry_z = self._plan_carry(eef)
                 self.lift_xy = eef[:2].copy()
-                self._set_phase("lift")
+                shift = self._slide_out(self.carry_z - eef[2])
+                if shift is not None and np.linalg.norm(shift) > 0:
+                    self.lift_xy = eef[:2] + shift
+                    self.slide_goal = np.array([*self.lift_xy, eef[2] + 0.004])
+                    self._set_phase("slide")
+                else:
+                    self._set_phase("lift")
             return a
 
-        if ph in ("lift", "transport", "lower"):
+        if ph in ("slide", "lift", "transport", "lower"):
             a[6] = GRIPPER_CLOSE
             a[3:6], _ = self._rot_action(R_cur, self.yaw)
             if not self._held_ok(eef, R_cur):
@@ -610,6 +697,12 @@ class ScriptedExpert:
             obj = self.obj_pos()
             e_xy = tgt[:2] - obj[:2]
             dist_xy = float(np.linalg.norm(e_xy))
+            if ph == "slide":  # drag the object out from under an overhang before lifting
+                a[:3] = self._pos_action(self.slide_goal - eef, True)
+                if np.linalg.norm(self.slide_goal[:2] - eef[:2]) < 0.006 or self._stalled():
+                    self.lift_xy = eef[:2].copy()
+                    self._set_phase("lift")
+                return a
             if ph == "lift":
                 goal = np.array([self.lift_xy[0], self.lift_xy[1], self.carry_z])
                 a[:3] = self._pos_action(goal - eef, False)
