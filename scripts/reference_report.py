@@ -46,8 +46,9 @@ def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
         return (lo + hi) / 2
 
     lower = 0.0 if k == 0 else bisect(tail_ge, alpha / 2)
-    upper = 1.0 if k == n else bisect(lambda p: 1 - tail_ge(p) + math.comb(n, k) * p**k * (1 - p) ** (n - k),
-                                      1 - alpha / 2)
+    # P(X <= k) falls as p grows: bisect its negation
+    upper = 1.0 if k == n else bisect(lambda p: tail_ge(p) - math.comb(n, k) * p**k * (1 - p) ** (n - k) - 1,
+                                      -alpha / 2)
     return lower, upper
 
 
