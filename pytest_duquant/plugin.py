@@ -11,7 +11,7 @@ from pytest_duquant.config import PRESET_NAMES, DuQuantConfig, DuQuantConfigErro
 
 _CONFIG_KEY = pytest.StashKey[DuQuantConfig]()
 MARKERS = {
-    "libero": "golden LIBERO rollouts of the quantized policy (select with -m libero; need --ckpt)",
+    "libero": "golden LIBERO rollouts of the quantized policy (select with -m libero; --ckpt, else the reference policy)",
     "gpu": "needs a CUDA GPU (kernels, benchmarks); skipped with the reason elsewhere",
     "slow": "takes more than a few seconds",
 }
@@ -75,7 +75,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     cuda = _cuda_reason()
     for item in items:
         if item.get_closest_marker("libero") and "libero" not in markexpr:
-            reason = "LIBERO golden rollouts run only when selected: -m libero --ckpt DIR"
+            reason = "LIBERO golden rollouts run only when selected: -m libero [--ckpt DIR]"
             item.add_marker(pytest.mark.skip(reason=reason))
         if item.get_closest_marker("gpu") and cuda:
             item.add_marker(pytest.mark.skip(reason=cuda))

@@ -28,28 +28,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RTN = {"BLOCK": 1, "PERMUTE": 0, "ROW_ROT": "0"}
-SETTINGS: dict[str, tuple[str, dict]] = {
-    "fp": ("fp", {}),
-    "B": ("B", {}),
-    "rtn_w2": ("A", {**RTN, "WBITS_DEFAULT": 2}),
-    "A": ("A", {}),
-    "speed": ("speed", {}),
-    "precision": ("precision", {}),
-    "rtn_w4a8": ("A", dict(RTN)),
-    "w3": ("A", {"WBITS_DEFAULT": 3}),
-    "w2": ("A", {"WBITS_DEFAULT": 2}),
-}
-
-
-def setting_config(name: str, packdir: str | None = None):
-    from pytest_duquant.config import from_env
-
-    preset, overrides = SETTINGS[name]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_DUQUANT_")}
-    if packdir:
-        overrides = {**overrides, "PACKDIR": packdir}
-    return from_env(clean, preset=preset, overrides=overrides)
+from pytest_duquant.policies.reference import SETTINGS, setting_config
 
 
 def main(argv=None) -> int:
@@ -93,7 +72,7 @@ def main(argv=None) -> int:
             print(f"deadline reached: {name} and later settings not started", flush=True)
             break
         trials = parse_ids(args.fp_trials if name == "fp" else args.matrix_trials, n=INIT_STATES_PER_TASK)
-        config = setting_config(name, packdir=str(out / "packs"))
+        config = setting_config(name, packdir=str(out / "packs"))  # OPENPI_DUQUANT_* variables ignored
         factory = pi05_policy_factory(args.ckpt, config, device=device,
                                       calibration=str(calib) if calib.is_file() else None)
         t1 = time.perf_counter()

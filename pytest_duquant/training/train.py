@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pytest_duquant.libero.demos import demo_files, read_manifest
+from pytest_duquant.libero.policy import CKPT_CALIBRATION
 from pytest_duquant.policies.pi05.checkpoint import save_checkpoint
 from pytest_duquant.policies.pi05.configuration import variant_config
 from pytest_duquant.policies.pi05.modeling import random_model
@@ -43,7 +44,7 @@ from pytest_duquant.training.flow import flow_matching_loss
 from pytest_duquant.training.tokenizer import write_prompt_tokenizer
 
 STATE_FILE = "train_state.pt"
-CALIB_FILE = "calibration.npz"  # real policy inputs shipped with the checkpoint (libero/calibration.py reads it)
+CALIB_FILE = CKPT_CALIBRATION  # real policy inputs shipped with the checkpoint (libero/calibration.py reads it)
 LOG_FILE = "train_log.json"
 
 

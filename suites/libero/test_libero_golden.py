@@ -1,5 +1,6 @@
 """Golden LIBERO rollouts: does the quantized pi0.5 keep its success rate?
 
+    pytest -m libero --duquant-preset=B                              # the shipped reference policy, libero_object
     pytest -m libero --ckpt $CKPT --duquant-preset=B                 # judge preset B against the golden
     pytest -m libero --ckpt $CKPT --duquant-update-golden            # write the golden from an FP run
     pytest -m libero --ckpt $CKPT --duquant-preset=B --libero-tasks 0-9 --libero-trials 2 \
@@ -70,17 +71,16 @@ def _rollouts(factory, suite, opts, label, seed=7):
 def test_libero_success_rate_vs_golden(
     request,
     libero_suite,
-    duquant_ckpt,
+    libero_ckpt,
     duquant_config,
     duquant_update_golden,
     duquant_success_regression,
     libero_options,
     record_property,
 ):
-    if duquant_ckpt is None:
-        pytest.skip("LIBERO golden rollouts need a pi0.5 LIBERO checkpoint: pass --ckpt DIR")
     from pytest_duquant.libero.protocol import check_suite
 
+    duquant_ckpt = libero_ckpt
     suite = check_suite(libero_suite)
     _require_simulator(suite)
     opts = libero_options
