@@ -11,7 +11,7 @@ from pytest_duquant.config import PRESET_NAMES, DuQuantConfig, DuQuantConfigErro
 
 _CONFIG_KEY = pytest.StashKey[DuQuantConfig]()
 MARKERS = {
-    "libero": "golden LIBERO rollouts of the quantized policy (select with -m libero; --ckpt, else the reference policy)",
+    "libero": "golden LIBERO rollouts of the quantized policy (-m libero; --ckpt, else the reference policy)",
     "gpu": "needs a CUDA GPU (kernels, benchmarks); skipped with the reason elsewhere",
     "slow": "takes more than a few seconds",
 }

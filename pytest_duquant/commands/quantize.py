@@ -38,11 +38,10 @@ def run(args) -> int:
     config = from_env(os.environ, preset=args.preset)
     enable_debug_logging() if config.debug else None
     print(f"duquant: {config.describe()}")
-    from pytest_duquant.policies.pi05.errors import CheckpointError
-    from pytest_duquant.policies.session import SessionPolicyError, policy_factory
-
     from pytest_duquant.libero.policy import CKPT_CALIBRATION
+    from pytest_duquant.policies.pi05.errors import CheckpointError
     from pytest_duquant.policies.reference import reference_checkpoint
+    from pytest_duquant.policies.session import SessionPolicyError, policy_factory
 
     try:
         ckpt = Path(args.ckpt) if args.ckpt else reference_checkpoint()

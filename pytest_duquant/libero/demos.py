@@ -105,7 +105,7 @@ def _append(path: Path, record: dict) -> None:
 
 
 def _record_episode(env, job: DemoJob, settings: ProtocolSettings, out_dir: Path) -> dict:
-    from pytest_duquant.libero.expert import EXPERT_VERSION, run_expert_episode
+    from pytest_duquant.libero import expert
 
     frames: dict[str, list] = {"image": [], "wrist_image": [], "state": [], "actions": [], "executed": [],
                                "step": []}
@@ -120,7 +120,7 @@ def _record_episode(env, job: DemoJob, settings: ProtocolSettings, out_dir: Path
         frames["step"].append(t)
 
     t0 = time.perf_counter()
-    res = run_expert_episode(
+    res = expert.run_expert_episode(
         env, env.init_states[job.trial], job.seed, max_steps=settings.max_steps_for(job.suite),
         num_steps_wait=settings.num_steps_wait, action_noise=job.action_noise, noise_seed=job.noise_seed,
         on_step=on_step,
@@ -133,7 +133,7 @@ def _record_episode(env, job: DemoJob, settings: ProtocolSettings, out_dir: Path
         "steps": int(res["steps"]),
         "frames": len(frames["step"]),
         "file": job.file if res["success"] else None,
-        "expert_version": EXPERT_VERSION,
+        "expert_version": expert.EXPERT_VERSION,
         "protocol": settings.name,
         "format": FORMAT,
         "wall_s": round(time.perf_counter() - t0, 2),
@@ -161,13 +161,13 @@ def _record_episode(env, job: DemoJob, settings: ProtocolSettings, out_dir: Path
 
 def _worker(args) -> list[dict]:
     """One process: the jobs of one task (one env build), each appended to the manifest as it ends."""
-    jobs, out_dir, settings = args
+    jobs, out_dir, settings, env_factory = args
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    from pytest_duquant.libero.episode import LiberoEnv
+    from pytest_duquant.libero.episode import resolve_env_factory
 
     out_dir = Path(out_dir)
-    env = LiberoEnv(jobs[0].suite, jobs[0].task_id, settings)
+    env = resolve_env_factory(env_factory)(jobs[0].suite, jobs[0].task_id, settings)
     records = []
     try:
         for job in jobs:
@@ -194,10 +194,13 @@ def _chunks(jobs: list[DemoJob], size: int) -> Iterator[list[DemoJob]]:
 def collect_demos(
     jobs: list[DemoJob], out_dir: str | Path, *, workers: int = 1, chunk: int = 5,
     settings: ProtocolSettings | None = None, progress: bool = True, max_seconds: float | None = None,
+    env_factory=None,
 ) -> list[dict]:
     """Run the jobs not yet in ``out_dir/demos.jsonl``; returns every record (old and new).
 
-    ``max_seconds``: stop after this long (episodes in flight are dropped; rerun to resume)."""
+    ``max_seconds``: stop after this long (episodes in flight are dropped; rerun to resume).
+    ``env_factory`` (tests): as :func:`pytest_duquant.libero.episode.resolve_env_factory`; the real env
+    (rendered) by default."""
     import multiprocessing as mp
 
     from pytest_duquant.libero import sim_setup
@@ -207,14 +210,15 @@ def collect_demos(
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["suite"], r["task_id"], r["trial"], r["repeat"]) for r in read_manifest(out)}
     todo = [j for j in jobs if j.key not in done]
-    sim_setup.prepare()  # writes LIBERO's config once, before workers import libero
+    if env_factory is None:
+        sim_setup.prepare()  # writes LIBERO's config once, before workers import libero
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="demos", unit="ep")
     ok = sum(1 for r in read_manifest(out) if r["success"])
-    tasks = [(c, str(out), settings) for c in _chunks(todo, max(1, int(chunk)))]
+    tasks = [(c, str(out), settings, env_factory) for c in _chunks(todo, max(1, int(chunk)))]
     deadline = None if max_seconds is None else time.monotonic() + float(max_seconds)
     if workers <= 1:
         results: Iterator = map(_worker, tasks)

@@ -75,7 +75,8 @@ def write_calibration(arrays, path: Path, n: int = 16, seed: int = 0) -> Path:
     one episode per prompt, then frames drawn uniformly (seeded)."""
     firsts = [int(np.flatnonzero(arrays.prompt_id == p)[0]) for p in range(len(arrays.prompts))]
     rng = np.random.default_rng(seed)
-    rest = rng.choice(len(arrays), size=max(0, n - len(firsts)), replace=False).tolist()
+    others = np.setdiff1d(np.arange(len(arrays)), firsts)
+    rest = rng.choice(others, size=min(len(others), max(0, n - len(firsts))), replace=False).tolist()
     idx = (firsts + rest)[:n]
     np.savez_compressed(
         path, image=arrays.image[idx], wrist_image=arrays.wrist_image[idx], state=arrays.state[idx],
