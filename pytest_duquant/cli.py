@@ -8,6 +8,7 @@ import pkgutil
 import sys
 
 from pytest_duquant import commands as _commands
+from pytest_duquant import progress
 from pytest_duquant.config import DuQuantConfigError
 
 
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def func(a):
         try:
-            return args.func(a)
+            with progress.reporting_to(progress.to_stderr):  # a line for every phase that lasts (stderr)
+                return args.func(a)
         except DuQuantConfigError as exc:
             print(f"duquant: configuration error: {exc}", file=sys.stderr)
             return 2

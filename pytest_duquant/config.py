@@ -1,7 +1,7 @@
 """DuQuantConfig: what to quantize and how, built from presets, OPENPI_DUQUANT_* variables and overrides.
 
-Precedence, highest first (SPEC §2): explicit override > environment variable > preset > internal
-defaults (= preset A). Everything is validated here, before any weight is touched.
+Precedence, highest first (docs/contract.md, "Configuration"): explicit override > environment variable >
+preset > internal defaults (= preset A). Everything is validated here, before any weight is touched.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class DuQuantConfig:
         }
 
     def summary_items(self) -> list[tuple[str, str, str]]:
-        """(variable, value, source) for every setting, in the order of SPEC §2."""
+        """(variable, value, source) for every setting, in the order of docs/contract.md, "Configuration"."""
         rows = []
         for spec in _FIELDS:
             value = getattr(self, spec.attr)
@@ -345,7 +345,8 @@ def duquant_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def env_requests_duquant(environ: Mapping[str, str]) -> bool:
-    """SPEC §2: DuQuant is active when any OPENPI_DUQUANT_* variable other than PACKDIR is set."""
+    """DuQuant is active when any OPENPI_DUQUANT_* variable other than PACKDIR is set (docs/contract.md,
+    "Configuration")."""
     return any(k != ENV_PREFIX + "PACKDIR" for k in duquant_env(environ))
 
 

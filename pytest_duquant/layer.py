@@ -67,7 +67,7 @@ class DuQuantLinear(nn.Module):
         layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         bias_rot = None
         if bias is not None and row_rot == "propagate" and r_out is not None:
-            bias_rot = r_out.apply_left(bias.to(torch.float64)).to(dtype)
+            bias_rot = r_out.apply_left(bias.to(device="cpu", dtype=torch.float64)).to(device=device, dtype=dtype)
         layer.register_buffer("bias_rot", bias_rot)
         layer.register_buffer("act_scale", None)
         return layer

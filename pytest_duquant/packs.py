@@ -1,8 +1,11 @@
 """A layer's offline DuQuant transforms and weight codes (a "pack"), and the content-keyed pack cache.
 
-The cache key covers the layer name, the weight's bytes and every setting that changes the pack, so a
-pack computed for other weights or other settings is never served. Writes are atomic (temp file +
-os.replace), so a crash never leaves a half-written pack that a later run loads.
+The cache key covers the layer name, the weight's bytes (shape and dtype included), every setting that
+changes the pack, and the algorithm itself (PACK_FORMAT, the rotation's sign convention, the weight
+quantizer's scale grid), so a pack computed for other weights, other settings or by another version of
+the algorithm is never served. Packs are computed on the CPU in float64 whatever device the weight is on,
+so CPU and CUDA runs (and float32/bfloat16/float64 copies of the same values) get the same pack. Writes are
+atomic (temp file + os.replace), so a crash never leaves a half-written pack that a later run loads.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from pytest_duquant.numerics import (
     smooth_energy,
     zigzag_permutation,
 )
+from pytest_duquant.numerics.quantizers import MSE_GRID
+from pytest_duquant.numerics.rotation import SIGN_CONVENTION
 
-PACK_FORMAT = 1
+PACK_FORMAT = 2
+"""2: rotation columns in canonical form (numerics.rotation.canonical_basis), packs computed on the CPU."""
 log = logging.getLogger("duquant")
 
 
@@ -51,8 +57,10 @@ class LayerPack:
 
 def build_pack(weight: torch.Tensor, *, wbits: int, block: int, block_out: int, ls: float, permute: bool,
                row_rot: str, rotation: str = "svd") -> LayerPack:
-    """SPEC §3 steps 1-5 for one weight [out, in]. rotation: "svd" (SPEC) or "greedy" (the paper's)."""
-    w = weight.detach().to(torch.float64)
+    """docs/contract.md "Algorithm" steps 1-5 for one weight [out, in], computed on the CPU in float64.
+
+    rotation: "svd" (the contract's default) or "greedy" (the paper's). The pack is on the CPU."""
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
     perm = zigzag_permutation(smooth_energy(channel_energy(w), ls)) if permute else None
     wp = w[:, perm.to(w.device)] if perm is not None else w
     r_in = input_rotation(wp, block) if rotation == "svd" else greedy_input_rotation(wp, block)
@@ -87,7 +95,10 @@ def weight_digest(weight: torch.Tensor) -> str:
 
 
 def pack_key(name: str, weight: torch.Tensor, settings: dict) -> str:
-    payload = json.dumps({"format": PACK_FORMAT, "name": name, "weight": weight_digest(weight), **settings},
+    """Content key of a pack: algorithm version, layer name, weight bytes and `settings` (the config's
+    pack_settings() plus the layer's wbits)."""
+    algorithm = {"format": PACK_FORMAT, "signs": SIGN_CONVENTION, "mse_grid": list(MSE_GRID)}
+    payload = json.dumps({"algorithm": algorithm, "name": name, "weight": weight_digest(weight), **settings},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -127,8 +138,8 @@ class PackCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(data, f)
-                f.flush()
-                os.fsync(f.fileno())
+            # No fsync (0.6 s over the 126 expert packs): the rename is atomic for other processes, and a
+            # file that a power loss leaves short fails the format/key check on load and is recomputed.
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

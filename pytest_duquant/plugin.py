@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--duquant-same-machine", action="store_true", default=False,
                     help="LIBERO gate: also roll out the FP policy on the same episodes and judge against it "
                          "(the golden then checks the FP arm for drift)")
+    group.addoption("--duquant-golden-presets", default=None, metavar="all|P1,P2",
+                    help="check the model goldens under each of these presets (`all`: A, B, precision, speed) "
+                    "instead of only the session's preset; the rest of the run keeps --duquant-preset")
     group.addoption("--duquant-calib", default=None, metavar="SOURCE",
                     help="calibration observations: synthetic (default), libero:<suite> (real resets) or FILE.npz")
     group.addoption("--duquant-report", default=None, metavar="DIR", help="write the report (PNG + JSON) here")
@@ -48,6 +52,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("duquant_report", "default report directory", default=None)
 
 
+_REROOT_KEY = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str], parser: pytest.Parser) -> None:
+    """`--ckpt DIR` (space form): keep the project's rootdir and pyproject settings (pytest_duquant.rootdir)."""
+    from pytest_duquant.rootdir import reroot
+
+    note = reroot(early_config, args)
+    if note:
+        early_config.stash[_REROOT_KEY] = note
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
@@ -59,6 +76,35 @@ def pytest_configure(config: pytest.Config) -> None:
     ckpt = _ckpt_option(config)
     if ckpt is not None and not ckpt.is_dir():
         raise pytest.UsageError(f"--ckpt {ckpt}: no such checkpoint directory")
+    if not hasattr(config, "workerinput"):
+        from pytest_duquant import progress
+
+        config.stash[_PROGRESS_KEY] = progress.report_to(_terminal_writer(config))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _PROGRESS_KEY in config.stash:
+        from pytest_duquant import progress
+
+        progress.report_to(config.stash[_PROGRESS_KEY])
+
+
+_PROGRESS_KEY = pytest.StashKey[object]()
+
+
+def _terminal_writer(config: pytest.Config):
+    """Progress lines of long phases (loading, quantizing, calibrating) on the terminal, past output capture."""
+
+    def write(line: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            return
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+        with ctx:
+            reporter.write_line(line)
+
+    return write
 
 
 def _ckpt_option(config: pytest.Config) -> Path | None:
@@ -133,8 +179,11 @@ def _write_report(config: pytest.Config, out: Path) -> dict[str, Path]:
     return paths
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"duquant: {session_config(config).describe()}"
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = [f"duquant: {session_config(config).describe()}"]
+    if _REROOT_KEY in config.stash:
+        lines.append(f"duquant: {config.stash[_REROOT_KEY]}")
+    return lines
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -145,6 +194,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         tr.write_line("preset fp: no quantization (the FP baseline)")
         return
     tr.write_line(f"preset {cfg.preset}; precedence: option > OPENPI_DUQUANT_* > preset > defaults")
+    if config.getoption("--duquant-update-golden") and "libero" in (config.getoption("-m") or ""):
+        tr.write_line("LIBERO goldens were recorded from FP runs (nothing quantized; results labelled fp); "
+                      f"preset {cfg.preset} applied only to model goldens")
     for env, value, source in cfg.summary_items():
         origin = {"default": "default", "preset": f"preset {cfg.preset}", "env": "environment",
                   "override": "option"}[source]

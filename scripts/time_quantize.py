@@ -3,7 +3,8 @@
     python scripts/time_quantize.py [--presets A,B,precision,speed] [--dtype bfloat16] [--out FILE.json]
 
 Builds only the expert (random weights, the openpi module names), so it fits any CPU box. Each preset
-runs twice: a cold run (packs computed) and a warm run (packs from the cache).
+runs twice: a cold run (packs computed) and a warm run (packs from the cache). Wall and CPU seconds are
+printed: on a shared machine the wall time depends on the neighbours, the CPU time much less.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ def main() -> None:
         cfg = replace(from_env({}, preset=preset), packdir=packdir)
         for run in ("cold", "warm"):
             model = expert_only(dtype)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             report = quantize_model(model, cfg)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             rows.append({"preset": preset, "run": run, "layers": len(report.layers), "seconds": round(seconds, 2),
-                         "mib_before": round(report.bytes_before / 2**20, 1),
+                         "cpu_seconds": round(cpu, 2), "mib_before": round(report.bytes_before / 2**20, 1),
                          "mib_after": round(report.bytes_after / 2**20, 1)})
-            print(f"{preset:<10} {run:<5} {len(report.layers):>4} layers {seconds:>7.2f} s "
+            print(f"{preset:<10} {run:<5} {len(report.layers):>4} layers {seconds:>7.2f} s (cpu {cpu:6.2f} s) "
                   f"{report.bytes_before / 2**20:>7.1f} MiB -> {report.bytes_after / 2**20:>6.1f} MiB")
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype}

@@ -2,6 +2,7 @@
 
     duquant rollouts --ckpt DIR --suite libero_spatial --tasks 0-9 --trials 50 --workers 8 \\
         --out results/spatial_B.jsonl --preset B
+    duquant rollouts --ckpt DIR --suite libero_spatial --out results/spatial_fp.jsonl     # FP (no preset)
 
 Every finished episode is appended to --out at once; rerunning the same command resumes (finished
 episodes are never rerun or lost). Exit codes: 0 all requested episodes recorded, 1 the run stopped
@@ -45,7 +46,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        help="DuQuant preset (A, B, precision, speed, fp); OPENPI_DUQUANT_* variables apply too",
+        help="DuQuant preset (A, B, precision, speed, fp); OPENPI_DUQUANT_* variables apply too. Without "
+        "--preset and without any OPENPI_DUQUANT_* variable the run is FP (nothing quantized, labelled fp)",
     )
     p.add_argument(
         "--backend", choices=("local", "ray"), default="local", help="episode scheduler (default local)"
@@ -76,7 +78,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pytest_duquant.config import from_env
+    from pytest_duquant.config import env_requests_duquant, from_env
     from pytest_duquant.libero import sim_setup
     from pytest_duquant.libero.harness import RolloutError, run_rollouts
     from pytest_duquant.libero.policy import PolicyUnavailableError, pi05_policy_factory
@@ -91,7 +93,12 @@ def run(args: argparse.Namespace) -> int:
         for s in suites:
             sim_setup.check_suite_assets(s)
         sim_setup.libero_package_root()
-        config = from_env(os.environ, preset=args.preset)
+        preset = args.preset
+        if preset is None and not env_requests_duquant(os.environ):
+            preset = "fp"  # docs/contract.md, "Configuration": quantization is on only when asked for
+        config = from_env(os.environ, preset=preset)
+        print(f"duquant rollouts: {config.describe()}"
+              + ("" if config.enabled else " (FP reference run: results labelled fp)"), file=sys.stderr)
         factory = pi05_policy_factory(
             args.ckpt, config, tokenizer=args.tokenizer, backend=args.policy_backend, device=args.device,
             calibration=args.calib,

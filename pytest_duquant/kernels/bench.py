@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pytest_duquant.kernels.packs import SMALL_M, SimPack, W4A8Pack, make_sim_pack, make_w4a8_pack
 
 EXPERT_SHAPES = ((1024, 2048), (1024, 256), (2048, 1024), (1024, 4096), (4096, 1024))  # (in, out)
-PRESETS = {  # kernel-relevant parts of the SPEC presets
+PRESETS = {  # kernel-relevant parts of the presets (docs/contract.md, "Presets")
     "A": dict(block=16, permute=True, row_rot="restore", block_out=16),
     "B": dict(block=64, permute=False, row_rot="0", block_out=64),
 }

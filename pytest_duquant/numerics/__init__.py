@@ -1,4 +1,4 @@
-"""Pure DuQuant math (SPEC §3): no pytest, no I/O, no global state."""
+"""Pure DuQuant math (docs/contract.md, "Algorithm"): no pytest, no I/O, no global state."""
 
 from pytest_duquant.numerics.calibration import PercentileObserver, percentile_abs
 from pytest_duquant.numerics.permutation import channel_energy, invert_permutation, smooth_energy, zigzag_permutation
@@ -11,6 +11,8 @@ from pytest_duquant.numerics.quantizers import (
 )
 from pytest_duquant.numerics.rotation import (
     BlockRotation,
+    canonical_basis,
+    canonical_signs,
     greedy_block_rotation,
     greedy_input_rotation,
     input_rotation,
@@ -23,6 +25,8 @@ __all__ = [
     "zigzag_permutation",
     "invert_permutation",
     "BlockRotation",
+    "canonical_basis",
+    "canonical_signs",
     "input_rotation",
     "greedy_input_rotation",
     "greedy_block_rotation",

@@ -1,4 +1,4 @@
-"""Channel energy and the zigzag permutation (SPEC §3 steps 1-2)."""
+"""Channel energy and the zigzag permutation (docs/contract.md, "Algorithm" steps 1-2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Symmetric quantizers (SPEC §3 steps 5-6)."""
+"""Symmetric quantizers (docs/contract.md, "Algorithm" steps 5-6)."""
 
 from __future__ import annotations
 
@@ -41,14 +41,21 @@ def quantize_weight_mse(
     """Per output channel, the scale (max|w| / qmax) / a for a in `grid` with the least reconstruction MSE.
 
     Returns (codes [out, in] integer tensor, scales [out] float32). Ties go to the first grid entry.
+    The same arithmetic as `quantize_codes(w, s) * s - w`, done in place in one scratch buffer (quantizing
+    the 126 expert linears is dominated by these passes over the weights).
     """
     w = weight.detach().to(torch.float32)
-    base = (w.abs().amax(dim=1) / qmax(bits)).clamp_min(_MIN_SCALE)
+    q = qmax(bits)
+    base = (w.abs().amax(dim=1) / q).clamp_min(_MIN_SCALE)
     best_err = None
     best_scale = base
+    scratch = torch.empty_like(w)
     for alpha in grid:
         s = (base / alpha)[:, None]
-        err = ((quantize_codes(w, s, bits) * s - w) ** 2).mean(dim=1)
+        t = torch.div(w, s, out=scratch).round_()
+        if alpha > 1.0:  # a scale below max|w| / qmax: codes beyond the range are clipped
+            t.clamp_(-q - 1, q)
+        err = t.mul_(s).sub_(w).square_().mean(dim=1)
         if best_err is None:
             best_err, best_scale = err, s[:, 0]
         else:

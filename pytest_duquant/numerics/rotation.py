@@ -1,4 +1,4 @@
-"""Block-diagonal orthogonal rotations (SPEC §3 steps 3-4), stored as one batched tensor.
+"""Block-diagonal orthogonal rotations (docs/contract.md, "Algorithm" steps 3-4), stored as one batched tensor.
 
 A `BlockRotation` over a width n with block b holds `blocks` [n // b, b, b] and, when b does not divide n,
 one smaller `tail` block. Applying it is one batched einsum over all blocks, never a Python loop per block.
@@ -6,6 +6,7 @@ one smaller `tail` block. Applying it is one batched einsum over all blocks, nev
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -58,23 +59,73 @@ class BlockRotation:
         return torch.cat([out, tail_out], dim=0)
 
 
-def _left_singular_bases(mats: torch.Tensor) -> torch.Tensor:
-    """U of each matrix in a batch [k, r, c] (always square [k, r, r]), in float64, columns by descending
-    singular value.
+SIGN_TIE_RTOL = 1e-6
+"""Entries whose |value| is within this relative distance of a column's largest |value| count as tied."""
 
-    Computed as the eigenvectors of the r x r Gram matrix A A^T (eigh): the same left singular basis as an
-    SVD (up to column signs, which quantization is symmetric in), and 10-100x cheaper for the wide blocks
-    of a weight (r = block, c = thousands), which an SVD would factor in full.
+SIGN_CONVENTION = "eigenvalue-desc;max-abs-positive;tie-lowest-row;rtol=1e-6"
+"""The canonical form of a rotation basis, as stored in the pack cache key (docs/contract.md, "Conventions")."""
+
+
+def canonical_signs(u: torch.Tensor) -> torch.Tensor:
+    """Flip each column of u [..., r, c] so that its largest-|.| entry is positive.
+
+    Entries within SIGN_TIE_RTOL of the column's largest |value| are tied; the tie goes to the lowest row
+    index. An eigen solver may return either sign of an eigenvector (LAPACK builds differ, CPU and CUDA
+    differ), and the sign is NOT harmless here: the int4 code range [-8, 7] is asymmetric, so W R and
+    W (-R) quantize differently. One fixed sign makes the pack a function of the weight alone.
     """
-    a = mats.to(torch.float64)
+    a = u.abs()
+    top = a.amax(dim=-2, keepdim=True)
+    near = (a >= top * (1.0 - SIGN_TIE_RTOL)).to(torch.uint8)
+    row = near.argmax(dim=-2, keepdim=True)  # argmax returns the first maximal index (CPU and CUDA)
+    lead = torch.gather(u, -2, row)
+    sign = torch.where(lead < 0, -1.0, 1.0).to(u.dtype)
+    return u * sign
+
+
+def canonical_basis(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor) -> torch.Tensor:
+    """Columns ordered by descending eigenvalue (stable: equal eigenvalues keep the solver's order), each
+    with its canonical sign (`canonical_signs`). Whatever order and signs a solver returned, the same basis
+    comes out (for distinct eigenvalues; an eigenspace of dimension > 1 has no unique basis to return)."""
+    order = torch.argsort(eigenvalues, dim=-1, descending=True, stable=True)
+    vecs = torch.gather(eigenvectors, -1, order.unsqueeze(-2).expand_as(eigenvectors))
+    return canonical_signs(vecs)
+
+
+def _left_singular_bases(mats: torch.Tensor) -> torch.Tensor:
+    """U of each matrix in a batch [k, r, c] (always square [k, r, r]), in float64, in canonical form:
+    columns by descending singular value, each column's largest-|.| entry positive (`canonical_basis`).
+
+    Computed on the CPU as the eigenvectors of the r x r Gram matrix A A^T (eigh): the same left singular
+    basis as an SVD, and 10-100x cheaper for the wide blocks of a weight (r = block, c = thousands), which
+    an SVD would factor in full. On the CPU whatever device the weight is on, so a pack does not depend on
+    the device's solver; the canonical form removes the remaining freedom (order and signs).
+    """
+    a = mats.to(device="cpu", dtype=torch.float64)
     gram = a @ a.transpose(-1, -2)
-    _, vecs = torch.linalg.eigh(gram)
-    return vecs.flip(-1)
+    with _one_thread():
+        vals, vecs = torch.linalg.eigh(gram)
+    return canonical_basis(vals, vecs)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """LAPACK's eigh on a batch of small matrices gains nothing from threads, and on a busy machine a
+    descheduled OpenMP thread stalls every call (measured: 1-6 s per call on 2 shared cores, vs 4 ms)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def input_rotation(weight: torch.Tensor, block: int) -> BlockRotation:
     """Per column block of `weight` [out, in]: U of W[:, block]^T (= U S V^T). Rotate with W @ R, x @ R."""
-    w = weight.detach().to(torch.float64)
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
     out_f, in_f = w.shape
     b = min(block, in_f)
     nb = in_f // b
@@ -87,7 +138,7 @@ def input_rotation(weight: torch.Tensor, block: int) -> BlockRotation:
 
 def output_rotation(weight: torch.Tensor, block_out: int) -> BlockRotation:
     """Per row block of `weight` [out, in]: U of W[block, :] (= U S V^T). Rotate with R @ W; restore y @ R."""
-    w = weight.detach().to(torch.float64)
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
     out_f, in_f = w.shape
     b = min(block_out, out_f)
     nb = out_f // b
@@ -149,7 +200,7 @@ def greedy_block_rotation(m: torch.Tensor, steps: int = 8, seed: int = 0) -> tor
 
 def greedy_input_rotation(weight: torch.Tensor, block: int, steps: int = 8) -> BlockRotation:
     """Per column block of `weight` [out, in], the greedy outlier rotation (ROTATION=greedy)."""
-    w = weight.detach().to(torch.float64)
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
     in_f = w.shape[1]
     b = min(block, in_f)
     nb = in_f // b

@@ -2,9 +2,9 @@
 
 - `policy_factory(ckpt_dir, tokenizer=None, backend="builtin")` -> a callable returning a fresh FP policy:
   `--ckpt` loaded by our pi0.5 loader (or openpi's, backend "openpi"); without a checkpoint, the built-in
-  dummy pi0.5, written once by `duquant init-checkpoint --variant dummy --seed 0` into a temporary folder and
-  loaded from there, so "no --ckpt" and "--ckpt <that checkpoint>" are the same model with the same
-  fingerprint (and share the model goldens).
+  dummy pi0.5, written once by `duquant init-checkpoint --variant dummy --seed 0` into the user cache
+  (`builtin_checkpoint_dir`, reused by later runs) and loaded from there, so "no --ckpt" and
+  "--ckpt <that checkpoint>" are the same model with the same fingerprint (and share the model goldens).
 - `quantize_and_calibrate(policy, config, observations=None)` -> (policy, QuantReport): quantize the
   policy's model in place, then observe CALIB_STEPS real policy calls (every denoising step) inside
   `calibration(model)` and freeze the activation scales.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pytest_duquant import progress
 from pytest_duquant.config import DuQuantConfig
 from pytest_duquant.quantize import calibration, quantize_model
 
@@ -72,14 +74,64 @@ def tokenizer_digest(policy) -> str | None:
     return None
 
 
+_GENERATOR_SOURCES = (
+    "policies/session.py",
+    "policies/pi05/checkpoint.py",
+    "policies/pi05/configuration.py",
+    "policies/pi05/modeling.py",
+    "policies/pi05/tokenizer.py",
+)
+
+
+def builtin_cache_root() -> Path:
+    """Where built-in checkpoints are kept between runs: $DUQUANT_CACHE_DIR, else <user cache>/pytest-duquant."""
+    root = os.environ.get("DUQUANT_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pytest-duquant"
+
+
+def _generator_digest() -> str:
+    """12 hex of the code that writes a built-in checkpoint (a change of it means other files)."""
+    pkg = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256(torch.__version__.encode())
+    for rel in _GENERATOR_SOURCES:
+        h.update(rel.encode())
+        h.update((pkg / rel).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def builtin_checkpoint_dir(variant: str = BUILTIN_VARIANT, seed: int = BUILTIN_SEED) -> Path:
-    """The built-in random checkpoint, written once per process into a temporary folder."""
+    """The built-in random checkpoint, written once and reused: one folder per (variant, seed, generating
+    code) under `builtin_cache_root()`, so runs without --ckpt neither rewrite it each time nor leave a copy
+    per run in the temp folder. Written into a sibling temp folder and renamed, so a crash or a parallel
+    run never sees half a checkpoint; folders of older generating code for the same variant and seed are
+    removed."""
     key = (variant, int(seed))
     d = _BUILTIN_DIRS.get(key)
-    if d is None or not (d / WEIGHTS_NAME).is_file():
-        d = Path(tempfile.mkdtemp(prefix=f"duquant-{variant}-seed{seed}-"))
-        init_checkpoint(d, variant, int(seed))
-        _BUILTIN_DIRS[key] = d
+    if d is not None and (d / WEIGHTS_NAME).is_file():
+        return d
+    root = builtin_cache_root()
+    stem = f"{variant}-seed{int(seed)}-"
+    d = root / f"{stem}{_generator_digest()}"
+    if not (d / WEIGHTS_NAME).is_file() or not (d / CONFIG_NAME).is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{stem}", dir=root))
+        try:
+            with progress.phase(f"writing the built-in {variant} checkpoint (seed {seed}) to {d}", announce=True):
+                init_checkpoint(tmp, variant, int(seed))
+            try:
+                os.replace(tmp, d)
+            except OSError:  # another process finished first: use its copy
+                if not (d / WEIGHTS_NAME).is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        for old in root.glob(f"{stem}*"):
+            if old != d and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+    _BUILTIN_DIRS[key] = d
     return d
 
 
@@ -121,9 +173,16 @@ def policy_factory(
         )
     else:
         ckpt = builtin_checkpoint_dir()
-    fingerprint = checkpoint_fingerprint(ckpt)
+    weights = ckpt / WEIGHTS_NAME
+    big = weights.is_file() and weights.stat().st_size > 1 << 30
+    with progress.phase(f"fingerprint of {weights}", announce=big):
+        fingerprint = checkpoint_fingerprint(ckpt)
 
     def make():
+        with progress.phase(f"loading pi0.5 from {ckpt}", announce=big):
+            return _load()
+
+    def _load():
         if backend == "openpi":
             from pytest_duquant.policies.pi05.openpi_adapter import load_openpi_policy
 
@@ -154,7 +213,7 @@ def run_calibration_calls(policy, observations: Sequence[dict], calls: int) -> N
     CALIB_NOISE_SEED + i (10 denoising steps each)."""
     if not observations:
         raise ValueError("calibration needs at least one observation")
-    for i in range(calls):
+    for i in progress.steps(range(calls), "calibration", unit="policy calls"):
         policy.infer(observations[i % len(observations)], CALIB_NOISE_SEED + i)
 
 

@@ -24,3 +24,43 @@ def session_preset(duquant_config) -> DuQuantConfig:
     if not duquant_config.enabled:
         pytest.skip("preset fp quantizes nothing: no model metrics to compare (the FP run is the reference)")
     return duquant_config
+
+
+def _golden_presets(config) -> list[str] | None:
+    """--duquant-golden-presets: `all` (every quantizing preset) or a comma list; None when not given."""
+    from pytest_duquant.config import PRESET_NAMES, DuQuantConfigError, canonical_preset
+
+    raw = config.getoption("--duquant-golden-presets", default=None)
+    if not raw:
+        return None
+    if raw.strip().lower() == "all":
+        return [p for p in PRESET_NAMES if p != "fp"]
+    try:
+        return [canonical_preset(p, source="--duquant-golden-presets") for p in raw.split(",") if p.strip()]
+    except DuQuantConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_generate_tests(metafunc):
+    """The golden tests run once per preset of --duquant-golden-presets (CI: all of them, in one session that
+    shares the policy, its FP outputs and the MiniLM model), else under the session's preset."""
+    if "golden_preset" in metafunc.fixturenames:
+        presets = _golden_presets(metafunc.config)
+        if presets is not None:
+            metafunc.parametrize("golden_preset", presets, indirect=True, ids=[f"preset-{p}" for p in presets])
+
+
+@pytest.fixture
+def golden_preset(request, duquant_config) -> DuQuantConfig:
+    """The config a golden test measures: a preset of --duquant-golden-presets (with the OPENPI_DUQUANT_*
+    variables in force, like the session's) or, without that option, the session's config."""
+    import os
+
+    from pytest_duquant.config import from_env, replace
+
+    name = getattr(request, "param", None)
+    if name is None or name == duquant_config.preset:
+        if not duquant_config.enabled:
+            pytest.skip("preset fp quantizes nothing: no model metrics to compare (the FP run is the reference)")
+        return duquant_config
+    return replace(from_env(os.environ, preset=name), packdir=duquant_config.packdir)

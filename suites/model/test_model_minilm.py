@@ -19,10 +19,10 @@ def _variant(config, rotation):
 
 
 @pytest.mark.parametrize("rotation", ["config", "greedy"])
-def test_minilm_metrics_match_the_golden(minilm_measurements, session_preset, duquant_model_regression, rotation):
-    if rotation == "greedy" and session_preset.rotation == "greedy":
+def test_minilm_metrics_match_the_golden(minilm_measurements, golden_preset, duquant_model_regression, rotation):
+    if rotation == "greedy" and golden_preset.rotation == "greedy":
         pytest.skip("the settings in force already use ROTATION=greedy (covered by [config])")
-    cfg = session_preset if rotation == "config" else _variant(session_preset, "greedy")
+    cfg = golden_preset if rotation == "config" else _variant(golden_preset, "greedy")
     name = minilm_measurements.name(cfg)
     m = minilm_measurements(cfg, rtn=True, label=name)
     assert len(m.layers) == 36  # 6 layers x (q, k, v, o, fc1, fc2)

@@ -21,11 +21,11 @@ def _variant(config, rotation):
 
 
 @pytest.mark.parametrize("rotation", ["config", "greedy"])
-def test_model_metrics_match_the_golden(duquant_measurements, session_preset, duquant_model_regression, rotation):
+def test_model_metrics_match_the_golden(duquant_measurements, golden_preset, duquant_model_regression, rotation):
     """Every figure within tolerance of golden/model/<fingerprint>/<name>.json; the table of the worst
     layers otherwise. 'config' = the settings in force; 'greedy' = the same with ROTATION=greedy."""
-    cfg = session_preset if rotation == "config" else _variant(session_preset, "greedy")
-    if rotation == "greedy" and session_preset.rotation == "greedy":
+    cfg = golden_preset if rotation == "config" else _variant(golden_preset, "greedy")
+    if rotation == "greedy" and golden_preset.rotation == "greedy":
         pytest.skip("the settings in force already use ROTATION=greedy (covered by [config])")
     name = duquant_measurements.name(cfg)
     m = duquant_measurements(cfg, rtn=True, label=name)

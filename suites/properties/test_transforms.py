@@ -114,7 +114,8 @@ def test_greedy_permutation_and_rotation_lower_the_outlier_ratio(seed, block):
 
 @given(weights(max_dim=64), st.sampled_from((2, 4, 8, 16)))
 def test_svd_rotation_compacts_each_block_into_its_singular_values(w, block):
-    """SPEC's rotation (U of W_block^T) maps a block to V S: column norms are the descending singular values.
+    """The contract's rotation (docs/contract.md, "Algorithm" step 3: U of W_block^T) maps a block to V S:
+    column norms are the descending singular values.
 
     This is why it does not spread planted outliers (docs/numerics.md): it aligns with them.
     """

@@ -24,3 +24,9 @@ def test_ci_installs_with_the_torch_constraint():
     installs = [line for line in ci.splitlines() if "pip install" in line]
     assert installs and all("-c constraints.txt" in line for line in installs)
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
+
+
+def test_ci_checks_the_model_goldens_under_every_preset():
+    """CI runs one preset for the whole suite, but the model goldens under all of them (issue 15)."""
+    _main_job, test_cmd = readme_commands()
+    assert "--duquant-golden-presets=all" in test_cmd

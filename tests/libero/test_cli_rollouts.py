@@ -40,3 +40,35 @@ def test_a_directory_without_a_checkpoint_exits_2(tmp_path, capsys):
     assert (
         code == 2 and f"--ckpt {tmp_path}: cannot load the pi0.5 policy" in err and "model.safetensors" in err
     )
+
+
+@pytest.mark.parametrize(
+    "argv,env,enabled,preset",
+    [
+        ([], {}, False, "fp"),  # nothing asks for quantization: an FP run, labelled fp
+        (["--preset", "B"], {}, True, "B"),
+        ([], {"OPENPI_DUQUANT_BLOCK": "64"}, True, "A"),  # a variable asks for it (defaults = preset A)
+    ],
+)
+def test_the_run_is_fp_unless_a_preset_or_a_variable_asks_for_quantization(
+    tmp_path, capsys, monkeypatch, argv, env, enabled, preset
+):
+    from pytest_duquant.libero import policy as policy_mod
+    from pytest_duquant.libero import sim_setup
+
+    for k in [k for k in __import__("os").environ if k.startswith("OPENPI_DUQUANT_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sim_setup, "check_suite_assets", lambda suite: None)
+    monkeypatch.setattr(sim_setup, "libero_package_root", lambda: tmp_path)
+    seen = {}
+
+    def factory(ckpt, config=None, **kw):
+        seen["config"] = config
+        raise policy_mod.PolicyUnavailableError("stop here")
+
+    monkeypatch.setattr(policy_mod, "pi05_policy_factory", factory)
+    code = main(["rollouts", "--ckpt", str(tmp_path), "--out", str(tmp_path / "r.jsonl"), *argv])
+    assert code == 2 and "stop here" in capsys.readouterr().err
+    assert seen["config"].enabled is enabled and seen["config"].preset == preset

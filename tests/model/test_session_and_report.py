@@ -60,11 +60,11 @@ def test_prefix_reuse_changes_nothing(make):
     assert "embed_prefix" not in vars(policy.model)  # un-patched afterwards
 
 
-def test_quantize_and_calibrate_observes_every_denoising_step_of_calib_steps_calls(make):
+def test_quantize_and_calibrate_observes_every_denoising_step_of_calib_steps_calls(make, tmp_path):
     from pytest_duquant.policies.pi05.processing import synthetic_observations
 
     policy = make()
-    cfg = replace(from_env({}, preset="B"), calib_steps=3)
+    cfg = replace(from_env({}, preset="B"), calib_steps=3, packdir=str(tmp_path / "packs"))  # never ./duquant_packed
     obs = synthetic_observations(2, 0)
     policy, report = session.quantize_and_calibrate(policy, cfg, obs)
     layers = [m for m in policy.model.modules() if isinstance(m, DuQuantLinear)]

@@ -308,6 +308,61 @@ def test_error_missing_tokenizer(ckpt, tmp_path, monkeypatch):
     assert str(load_policy(d).tokenizer.path) == str(ckpt / "tokenizer.model")
 
 
+def test_error_tokenizer_of_another_vocabulary(ckpt, tmp_path):
+    """A trained checkpoint (no random_init_seed) with a tokenizer whose ids are in range but whose
+    vocabulary is not the embedding's: refused, naming both files."""
+    d = _copy(ckpt, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["pytest_duquant"].pop("random_init_seed")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"tokenizer .*tokenizer\.model: \d+ pieces, but the token "
+                       r"embedding in .*model\.safetensors has 257152 rows"):
+        load_policy(d)
+    assert load_policy(ckpt).tokenizer.vocab_size < 257152  # a random-init checkpoint keeps its tiny tokenizer
+
+
+def test_error_lerobot_relative_actions(policy, ckpt, tmp_path):
+    out = save_checkpoint(policy.model, policy.norm_stats, tmp_path / "lerobot", layout="lerobot",
+                          tokenizer_path=ckpt / "tokenizer.model")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["use_relative_actions"] = True
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"use_relative_actions.* is true: .*relative to the current state"):
+        load_policy(out)
+
+
+def test_full_pi05_is_served_in_bf16_unless_float32_is_asked(monkeypatch):
+    """openpi serves pi05_libero in bf16 whatever precision config.json records; tiny variants keep theirs."""
+    from pytest_duquant.policies.pi05.checkpoint import DTYPE_VARIABLE, serving_precision
+    from pytest_duquant.policies.pi05.configuration import variant_config
+
+    monkeypatch.delenv(DTYPE_VARIABLE, raising=False)
+    stored_fp32 = variant_config("pi05", precision="float32")
+    assert serving_precision(stored_fp32) == "bfloat16"
+    assert serving_precision(stored_fp32, "float32") == "float32"
+    assert serving_precision(variant_config("dummy")) == "float32"
+    monkeypatch.setenv(DTYPE_VARIABLE, "float32")
+    assert serving_precision(stored_fp32) == "float32"
+    monkeypatch.setenv(DTYPE_VARIABLE, "half")
+    with pytest.raises(CheckpointError, match=DTYPE_VARIABLE):
+        serving_precision(stored_fp32)
+
+
+def test_weights_are_read_without_a_memory_map_and_equal_safetensors(ckpt, tmp_path):
+    from pytest_duquant.policies.pi05.checkpoint import read_into
+
+    ref = load_file(str(ckpt / "model.safetensors"))
+    targets = {k: torch.empty_like(v) for k, v in ref.items()}
+    targets["time_mlp_in.weight"] = torch.empty(ref["time_mlp_in.weight"].shape, dtype=torch.float64)  # cast
+    read_into(ckpt / "model.safetensors", targets)
+    for k, v in ref.items():
+        assert torch.equal(targets[k], v.to(targets[k].dtype)), k
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((ckpt / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_into(cut, {k: torch.empty_like(v) for k, v in ref.items()})
+
+
 def test_error_bad_observation(policy):
     with pytest.raises(CheckpointError, match=r"missing 'prompt'"):
         policy.infer(

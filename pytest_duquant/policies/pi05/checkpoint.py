@@ -160,6 +160,13 @@ def _lerobot_config(data: dict, path: Path) -> Pi05Config:
         raise CheckpointError(
             f"{path}: \"type\" is {data.get('type')!r}; only lerobot 'pi05' checkpoints are supported"
         )
+    if data.get("use_relative_actions"):
+        raise CheckpointError(
+            f"{path}: \"use_relative_actions\" is true: this policy predicts actions relative to the current "
+            "state, which lerobot's processor turns back into absolute actions. pytest-duquant's pi0.5 does not "
+            "implement that conversion, so it would send relative actions to the environment as if they were "
+            "absolute; it refuses the checkpoint instead. Use a checkpoint trained with absolute actions."
+        )
     res = tuple(data.get("image_resolution") or (224, 224))
     if res != (224, 224):
         raise CheckpointError(f"{path}: image_resolution {list(res)}; only [224, 224] is supported")
@@ -188,6 +195,7 @@ def _lerobot_config(data: dict, path: Path) -> Pi05Config:
             norm_convention="lerobot",
             output_action_dim=out_dim,
             precision=str(data.get("dtype", "float32")),
+            extras=dict(data.get("pytest_duquant") or {}),
         )
     except Pi05ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
@@ -367,11 +375,47 @@ def check_keys(model: Pi05Model, shapes: dict[str, tuple[int, ...]], path: Path)
     return mapping
 
 
+def embedding_rows(ckpt_dir: str | os.PathLike, layout: str) -> tuple[int, Path] | None:
+    """(rows of the language model's token embedding, weights file), from the file's header; None if absent."""
+    path = Path(ckpt_dir) / WEIGHTS_NAME
+    shapes = _strip_prefix(weight_shapes(path), layout)
+    for key in (EMBED_KEY, PALIGEMMA_LM_HEAD):
+        if key in shapes:
+            return int(shapes[key][0]), path
+    return None
+
+
+def check_tokenizer_vocab(tokenizer, ckpt_dir: str | os.PathLike, layout: str, config: Pi05Config) -> None:
+    """The tokenizer's vocabulary must be the one the checkpoint's embedding was trained with.
+
+    A wrong tokenizer whose ids happen to be in range is accepted by the model and silently turns every
+    prompt into other tokens (every episode fails). The one exception: a random-init checkpoint
+    (`duquant init-checkpoint`, config "random_init_seed") with a tokenizer no larger than its embedding:
+    nothing was trained, so any in-range vocabulary is as good as another.
+    """
+    found = embedding_rows(ckpt_dir, layout)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if found is None or vocab is None:
+        return
+    rows, path = found
+    if vocab == rows:
+        return
+    random_init = "random_init_seed" in config.extras
+    if random_init and vocab <= rows:
+        return
+    where = getattr(tokenizer, "path", "the tokenizer")
+    raise CheckpointError(
+        f"tokenizer {where}: {vocab} pieces, but the token embedding in {path} has {rows} rows "
+        f"(PaliGemma's tokenizer has 257152): it is not this checkpoint's tokenizer, and its token ids would "
+        "mean other words to the model. Pass --tokenizer PATH/paligemma_tokenizer.model (or set "
+        "OPENPI_TOKENIZER); openpi downloads it from gs://big_vision/paligemma_tokenizer.model."
+    )
+
+
 @torch.no_grad()
 def load_weights(model: Pi05Model, path: str | os.PathLike, layout: str = "openpi") -> None:
     """Strictly load `path` into `model` (values cast to each parameter's dtype)."""
     path = Path(path)
-    safe_open, _ = _lazy_safetensors()
     raw_shapes = weight_shapes(path)
     if layout == "lerobot":
         bare = [k for k in raw_shapes if not k.startswith(LEROBOT_PREFIX)]
@@ -383,10 +427,64 @@ def load_weights(model: Pi05Model, path: str | os.PathLike, layout: str = "openp
     mapping = check_keys(model, shapes, path)
     prefix = LEROBOT_PREFIX if layout == "lerobot" else ""
     state = model.state_dict()
-    with safe_open(str(path), framework="pt") as f:
-        for key, file_key in mapping.items():
-            tensor = f.get_tensor(prefix + file_key)
-            state[key].copy_(tensor.to(device=state[key].device, dtype=state[key].dtype))
+    read_into(path, {prefix + file_key: state[key] for key, file_key in mapping.items()})
+
+
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_exactly(f, buf: memoryview) -> None:
+    done = 0
+    while done < len(buf):
+        n = f.readinto(buf[done:])
+        if not n:
+            raise CheckpointError(f"{f.name}: truncated (file ends inside a tensor)")
+        done += n
+
+
+@torch.no_grad()
+def read_into(path: str | os.PathLike, targets: dict[str, torch.Tensor]) -> None:
+    """Fill each target tensor with the file tensor of that name, reading the file sequentially.
+
+    No memory map and no full copy of the file: a tensor whose file dtype is the target's (bf16 -> bf16)
+    is read straight into the target's memory; any other is read into a temporary of its own size and
+    cast. Resident memory stays the model plus the largest such tensor (reading through safetensors'
+    memory map kept every page of the file resident next to the model: peak about twice the model).
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path}: not a readable safetensors file (shorter than its header)")
+        size = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+        base = 8 + size
+        order = sorted(targets, key=lambda k: header[k]["data_offsets"][0])
+        for name in order:
+            info, target = header[name], targets[name]
+            begin, end = info["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            shape = tuple(info["shape"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not supported")
+            if shape != tuple(target.shape):
+                raise CheckpointError(f"{path}: {name}: expected {list(target.shape)}, found {list(shape)}")
+            direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+            buf = target if direct else torch.empty(shape, dtype=dtype)
+            if end - begin != buf.numel() * buf.element_size():
+                raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes for shape {list(shape)}")
+            f.seek(base + begin)
+            if buf.numel():
+                _read_exactly(f, memoryview(buf.reshape(-1).view(torch.uint8).numpy()))
+            if not direct:
+                target.copy_(buf)
 
 
 def load_checkpoint(
@@ -404,7 +502,10 @@ def load_checkpoint(
     if config_overrides:
         config = config.replace(**config_overrides)
     norm_stats = read_norm_stats(d, layout, asset_id)
-    precision = _precision(dtype, config)
+    precision = serving_precision(config, dtype)
+    if precision != config.precision:
+        log.info("%s: stored as %s, served in %s (%s)", d, config.precision, precision,
+                 "asked" if dtype is not None or os.environ.get(DTYPE_VARIABLE) else "openpi serves pi05 in bf16")
     model = build_model(config, device="meta", precision=precision)
     model.to_empty(device=device)
     model.set_precision(precision)  # recomputes RoPE buffers on the real device
@@ -413,6 +514,21 @@ def load_checkpoint(
     # parameters kept in float32 (norms, adaRMS dense, patch/pos embeddings) end up rounded through bf16.
     model.set_precision(precision)
     return model.eval(), config, norm_stats, layout
+
+
+DTYPE_VARIABLE = "DUQUANT_POLICY_DTYPE"
+
+
+def serving_precision(config: Pi05Config, dtype=None) -> str:
+    """The precision a checkpoint is served in: `dtype` when asked (argument, else $DUQUANT_POLICY_DTYPE);
+    otherwise bfloat16 for the full `pi05` variant, as openpi serves pi05_libero whatever precision its
+    config.json records (the converter may write float32), and the variant's own precision for tiny ones
+    (`dummy`: float32)."""
+    if dtype is None:
+        dtype = os.environ.get(DTYPE_VARIABLE) or None
+    if dtype is None:
+        return "bfloat16" if config.variant == "pi05" else config.precision
+    return _precision(dtype, config)
 
 
 def _precision(dtype, config: Pi05Config) -> str:
@@ -429,7 +545,7 @@ def _precision(dtype, config: Pi05Config) -> str:
         return "float32"
     if dtype == torch.bfloat16:
         return "bfloat16"
-    raise CheckpointError(f"dtype {dtype!r}: must be float32 or bfloat16")
+    raise CheckpointError(f"dtype {dtype!r} (argument or ${DTYPE_VARIABLE}): must be float32 or bfloat16")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -511,6 +627,8 @@ def _write_lerobot_files(out: Path, config: Pi05Config, stats: NormStats) -> Non
         "output_features": {"action": {"type": "ACTION", "shape": [act_dim]}},
         "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "QUANTILES"},
     }
+    if config.extras:  # e.g. random_init_seed of a `duquant init-checkpoint` checkpoint
+        cfg["pytest_duquant"] = dict(config.extras)
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
 
     def flat(prefix: str, s: QuantileStats) -> dict[str, torch.Tensor]:

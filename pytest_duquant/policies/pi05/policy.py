@@ -185,16 +185,24 @@ def load_policy(
 ) -> Pi05Policy:
     """Load an openpi or lerobot pi0.5 checkpoint directory (layout detected from its files).
 
-    dtype None = the checkpoint's precision (openpi config.json "precision"; lerobot "dtype").
-    Config, norm stats and tokenizer are validated before any weight is read (CheckpointError).
+    dtype None = bfloat16 for the full pi05 variant (as openpi serves it, whatever config.json records),
+    the variant's own precision for tiny ones (dummy: float32); "float32" (or $DUQUANT_POLICY_DTYPE) asks.
+    Config, norm stats and tokenizer (its vocabulary against the checkpoint's embedding) are validated
+    before any weight is read (CheckpointError).
     """
-    from pytest_duquant.policies.pi05.checkpoint import detect_layout, read_config, read_norm_stats
+    from pytest_duquant.policies.pi05.checkpoint import (
+        check_tokenizer_vocab,
+        detect_layout,
+        read_config,
+        read_norm_stats,
+    )
 
     d = Path(ckpt_dir)
     layout = detect_layout(d)
     config = read_config(d, layout)
     read_norm_stats(d, layout, asset_id)  # fail early
     tok = _tokenizer(tokenizer, d, config, allow_tiny=False)
+    check_tokenizer_vocab(tok, d, layout, config)
     overrides = {} if discrete_state_input is None else {"discrete_state_input": bool(discrete_state_input)}
     model, config, norm_stats, layout = load_checkpoint(
         d, device=device, dtype=dtype, asset_id=asset_id, config_overrides=overrides

@@ -28,6 +28,7 @@ import torch
 
 from pytest_duquant.policies.pi05.configuration import Pi05Config
 from pytest_duquant.policies.pi05.errors import CheckpointError
+from pytest_duquant.policies.pi05.images import resize_with_pad
 
 IMAGE_KEYS = ("observation/image", "observation/wrist_image")
 KEY_ALIASES = {
@@ -100,29 +101,6 @@ def parse_image(image: Any, name: str) -> np.ndarray:
     if img.shape[-1] != 3:
         raise CheckpointError(f"observation {name!r}: expected 3 channels, got shape {img.shape}")
     return img.astype(np.uint8, copy=False)
-
-
-def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """openpi-client resize_with_pad: keep aspect, PIL bilinear, centred zero padding; no-op at the size."""
-    cur_h, cur_w = image.shape[:2]
-    if (cur_h, cur_w) == (height, width):
-        return image
-    ratio = max(cur_w / width, cur_h / height)
-    rh, rw = int(cur_h / ratio), int(cur_w / ratio)
-    try:
-        from PIL import Image
-
-        resized = np.asarray(Image.fromarray(image).resize((rw, rh), resample=Image.BILINEAR))
-    except ImportError:  # torch's antialiased bilinear is designed to match PIL's
-        t = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-        t = torch.nn.functional.interpolate(
-            t, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False
-        )
-        resized = t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-    out = np.zeros((height, width, image.shape[2]), dtype=np.uint8)
-    ph, pw = max(0, int((height - rh) / 2)), max(0, int((width - rw) / 2))
-    out[ph : ph + rh, pw : pw + rw] = resized
-    return out
 
 
 def _get(obs: dict, key: str, index: int):
