@@ -307,6 +307,8 @@ class ScriptedExpert:
         self.yaw = None  # desired wrist yaw of the current attempt
         self.rel = None  # object pos in the grip frame at grasp
         self.carry_z = None
+        self.carry_bottom = -np.inf
+        self.carry_min = -np.inf
         self.integral = np.zeros(3)
         self.hist: list[np.ndarray] = []
         self.hold_pos = None
@@ -468,9 +470,13 @@ class ScriptedExpert:
             # then the directions between those, least wrist rotation first, near side first
             extra = [math.radians(22.5 + 45 * k) for k in range(8)]
             extra.sort(key=lambda ang: (round(abs(wrap_half(ang - math.pi / 2)), 3), math.cos(ang)))
+            pts = self.object_points()
             for ang in angles + extra:
                 u = np.array([math.cos(ang), math.sin(ang)])
-                p = np.array([*(fp.center + u * (r - RIM_INSET)), z])
+                xy = fp.center + u * (r - RIM_INSET)
+                near = np.linalg.norm(pts[:, :2] - xy, axis=1) < 0.025  # the rim there (a bowl may tilt)
+                z_here = (pts[near, 2].max() if np.any(near) else fp.top) - RIM_BELOW_TOP
+                p = np.array([xy[0], xy[1], z_here])
                 candidates.append((p, wrap_half(ang - math.pi / 2)))
         bad = [c for c in getattr(self, "bad_grasps", [])]
 
@@ -507,12 +513,25 @@ class ScriptedExpert:
         return max(base_z, top + TRAVEL_CLEARANCE)
 
     def _plan_carry(self, eef) -> float:
+        """Carry height of the hand; sets ``carry_bottom``, the height the object's bottom must clear.
+
+        The object's bottom clears by 4 cm the tallest thing whose footprint (grown by the object's
+        radius) lies on the straight path to the target; the hand at least 6 cm above the grasp.
+        The lift and transport phases hold the *measured* bottom at ``carry_bottom`` (an object held
+        at its rim tilts and hangs lower than at grasp time).
+        """
         fp = footprint_of_points(self.object_points())
         pts = segment_points(self.obj_pos()[:2], self.target_pos()[:2], 0.01)
         top = self._tallest_on_path(pts, fp.radius + 0.01)
+        self.carry_min = float(eef[2] + CARRY_MIN_LIFT)
+        self.carry_bottom = float(top + CARRY_CLEARANCE) if np.isfinite(top) else -np.inf
         hand_above_bottom = eef[2] - fp.bottom
-        z = top + CARRY_CLEARANCE + hand_above_bottom
-        return float(max(z, eef[2] + CARRY_MIN_LIFT))
+        return float(max(self.carry_bottom + hand_above_bottom, self.carry_min))
+
+    def _carry_goal_z(self, eef) -> float:
+        """Hand height that puts the held object's measured bottom at ``carry_bottom`` (>= carry_min)."""
+        bottom = float(self.object_points()[:, 2].min())
+        return max(self.carry_min, eef[2] + (self.carry_bottom - bottom))
 
     def _slide_out(self, lift: float):
         """xy shift that takes the held object out from under anything above it (None: none needed).
@@ -704,6 +723,7 @@ class ScriptedExpert:
                     self._set_phase("lift")
                 return a
             if ph == "lift":
+                self.carry_z = self._carry_goal_z(eef)
                 goal = np.array([self.lift_xy[0], self.lift_xy[1], self.carry_z])
                 a[:3] = self._pos_action(goal - eef, False)
                 if eef[2] > self.carry_z - 0.015 or (self._stalled() and eef[2] > self.carry_z - 0.05):
@@ -711,6 +731,7 @@ class ScriptedExpert:
                 return a
             tol = ON_XY_TOL if self.predicate == "on" else IN_XY_TOL
             if ph == "transport":
+                self.carry_z = self._carry_goal_z(eef)
                 err = np.array([e_xy[0], e_xy[1], self.carry_z - eef[2]])
                 a[:3] = self._pos_action(err, True)
                 if dist_xy < tol or (self._stalled() and dist_xy < 0.025):
