@@ -364,7 +364,7 @@ class ScriptedExpert:
         if n == 0 or not self.target_geom_set:
             return False
         g1, g2 = d.contact.geom1[:n], d.contact.geom2[:n]
-        for a, b in zip(g1, g2):
+        for a, b in zip(g1, g2, strict=False):
             a, b = int(a), int(b)
             if (a in self.obj_geom_set and b in self.target_geom_set) or (
                 b in self.obj_geom_set and a in self.target_geom_set
@@ -400,7 +400,8 @@ class ScriptedExpert:
         if len(C) == 0:
             return -np.inf
         lo, hi = self._box_extents(C, R, H)
-        inside = np.all((pts[None, :, :] >= lo[:, None, :2] - grow) & (pts[None, :, :] <= hi[:, None, :2] + grow), axis=2)
+        p = pts[None, :, :]
+        inside = np.all((p >= lo[:, None, :2] - grow) & (p <= hi[:, None, :2] + grow), axis=2)
         hit = np.any(inside, axis=1)
         return float(hi[hit, 2].max()) if np.any(hit) else -np.inf
 

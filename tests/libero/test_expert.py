@@ -57,14 +57,14 @@ def test_footprint_of_a_rotated_box():
 
 
 def test_boxes_overlap_separating_axes():
-    I = np.eye(3)
+    eye = np.eye(3)
     h = np.array([0.05, 0.05, 0.05])
-    assert X.boxes_overlap(np.zeros(3), I, h, np.array([0.09, 0, 0]), I, h)
-    assert not X.boxes_overlap(np.zeros(3), I, h, np.array([0.11, 0, 0]), I, h)
+    assert X.boxes_overlap(np.zeros(3), eye, h, np.array([0.09, 0, 0]), eye, h)
+    assert not X.boxes_overlap(np.zeros(3), eye, h, np.array([0.11, 0, 0]), eye, h)
     # rotated 45 degrees: its corner reaches 0.0707 along x
     R = X.rot_z(math.pi / 4)
-    assert X.boxes_overlap(np.zeros(3), I, h, np.array([0.115, 0, 0]), R, h)
-    assert not X.boxes_overlap(np.zeros(3), I, h, np.array([0.125, 0, 0]), R, h)
+    assert X.boxes_overlap(np.zeros(3), eye, h, np.array([0.115, 0, 0]), R, h)
+    assert not X.boxes_overlap(np.zeros(3), eye, h, np.array([0.125, 0, 0]), R, h)
 
 
 def test_unsupported_goal_is_refused():
