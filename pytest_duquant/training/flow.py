@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pytest_duquant.policies.pi05.modeling import Pi05Model, additive_mask, make_att_2d_masks
+from pytest_duquant.policies.pi05.modeling import Pi05Model
 
 
 def sample_time(batch: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -22,19 +22,7 @@ def sample_time(batch: int, generator: torch.Generator, device) -> torch.Tensor:
 
 def velocity(model: Pi05Model, images, image_masks, tokens, token_masks, x_t, time) -> torch.Tensor:
     """v_t [B, H, action_dim] (float32) from a joint prefix + suffix pass (differentiable)."""
-    prefix_embs, prefix_pad = model.embed_prefix(images, image_masks, tokens, token_masks)
-    suffix, cond = model.embed_suffix(x_t, time)
-    b, h = suffix.shape[:2]
-    suffix_pad = torch.ones(b, h, dtype=torch.bool, device=suffix.device)
-    pad = torch.cat([prefix_pad, suffix_pad], dim=1)
-    ar = torch.zeros_like(pad, dtype=torch.int32)
-    ar[:, prefix_pad.shape[1]] = 1
-    mask = make_att_2d_masks(pad, ar)
-    positions = torch.cumsum(pad.to(torch.int64), dim=1) - 1
-    outs, _ = model.paligemma_with_expert.run_layers(
-        [prefix_embs, suffix], [None, cond], additive_mask(mask), positions
-    )
-    return model.action_out_proj(outs[1][:, -model.config.action_horizon :].to(torch.float32))
+    return model.joint_forward(images, image_masks, tokens, token_masks, x_t, time)[0]
 
 
 def flow_matching_loss(

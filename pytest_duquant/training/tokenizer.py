@@ -10,13 +10,12 @@ checkpoint as ``tokenizer.model`` and the policy loads it like any tokenizer.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from pytest_duquant.policies.pi05.tokenizer import clean_prompt
+from pytest_duquant.policies.pi05.tokenizer import clean_prompt, train_sentencepiece
 
 BINS = 256
 
@@ -34,31 +33,12 @@ def prompt_corpus(prompts: Iterable[str], *, states_per_prompt: int = 40, seed: 
 
 def train_prompt_tokenizer(prompts: Iterable[str], vocab_size: int = 512) -> bytes:
     """Serialized SentencePiece model for these prompts; its vocabulary size is at most `vocab_size`."""
-    import sentencepiece as spm
-
     prompts = list(prompts)
     if not prompts:
         raise ValueError("train_prompt_tokenizer: no prompts given")
-    corpus = prompt_corpus(prompts)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        character_coverage=1.0,
-        num_threads=1,
-        bos_id=2,
-        eos_id=1,
-        unk_id=3,
-        pad_id=0,
-        user_defined_symbols=["\n"],
-        hard_vocab_limit=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",  # no NFKC table in the file (~240 KB): prompts are ASCII
-        minloglevel=2,
-    )
-    return buf.getvalue()
+    # BPE: whole words on so small a corpus; no NFKC table in the file (~240 KB): prompts are ASCII
+    return train_sentencepiece(prompt_corpus(prompts), vocab_size, model_type="bpe",
+                               normalization_rule_name="identity")
 
 
 def write_prompt_tokenizer(prompts: Iterable[str], out_path: str | Path, vocab_size: int = 512) -> Path:
