@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from pytest_duquant import progress as _progress
 from pytest_duquant.baselines.rtn import RTNConfig, rtn_layer
 from pytest_duquant.config import DuQuantConfig, from_env
 from pytest_duquant.layer import DuQuantLinear
@@ -153,7 +154,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, dryru
         report.seconds = time.perf_counter() - start
         return report
     handler = _RTN(config) if isinstance(config, RTNConfig) else _DuQuant(config)
-    iterator = selected
+    iterator = _progress.steps(selected, f"{'RTN' if isinstance(config, RTNConfig) else 'DuQuant'} {config.preset}: "
+                               "quantizing", unit="linears")
     if progress:
         from tqdm import tqdm
 

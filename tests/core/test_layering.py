@@ -16,17 +16,17 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "pytest_duquant"
 
 RANKS = [  # (module prefix, rank); the longest matching prefix wins
-    ("config", 0), ("results", 0), ("testing", 0), ("strategies", 0), ("__init__", 0),
+    ("config", 0), ("results", 0), ("testing", 0), ("strategies", 0), ("__init__", 0), ("progress", 0),
     ("selection", 1),
     ("numerics", 2),
     ("packs", 3), ("kernels", 3), ("layer", 3), ("baselines", 3),  # a layer and its kernels: one room
     ("quantize", 4),
     ("policies", 5), ("metrics.records", 5), ("metrics.capture", 5), ("metrics", 5.5),
-    ("libero", 6),
+    ("libero", 6), ("training", 6.5),
     ("gate", 7), ("golden", 8),
     ("judge", 9),
     ("reporting", 10),
-    ("commands", 11), ("cli", 11), ("plugin", 11), ("__main__", 11),
+    ("commands", 11), ("cli", 11), ("plugin", 11), ("rootdir", 11), ("__main__", 11),
 ]
 
 

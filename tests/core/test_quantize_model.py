@@ -200,21 +200,3 @@ def test_state_dict_round_trip_keeps_calibrated_scales(tmp_path):
     quantize_model(clone, cfg(tmp_path, calib_steps=1))
     clone.load_state_dict(state)
     assert torch.equal(clone(x), y)
-
-
-def test_packs_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
-    """Packs are built by independent single-threaded workers: 1 worker or several give the same layers."""
-    import pytest_duquant.quantize as q
-
-    base = ExpertShapedPolicy(depth=3)
-    models = {}
-    for workers in (1, 3):
-        monkeypatch.setattr(q, "pack_workers", lambda w=workers: w)
-        models[workers] = copy.deepcopy(base)
-        quantize_model(models[workers], cfg(tmp_path / f"w{workers}", preset="A"))
-    one, three = (dict(models[w].named_buffers()) for w in (1, 3))
-    assert one.keys() == three.keys() and all(torch.equal(one[k], three[k]) for k in one if one[k] is not None)
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(q, "pack_workers", lambda: 2)
-    quantize_model(copy.deepcopy(base), cfg(tmp_path / "again", preset="B"))
-    assert torch.get_num_threads() == threads  # given back
