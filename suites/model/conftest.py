@@ -64,3 +64,32 @@ def golden_preset(request, duquant_config) -> DuQuantConfig:
             pytest.skip("preset fp quantizes nothing: no model metrics to compare (the FP run is the reference)")
         return duquant_config
     return replace(from_env(os.environ, preset=name), packdir=duquant_config.packdir)
+
+
+def record_command(config) -> str:
+    """The command that records a missing golden: this run's OPENPI_DUQUANT_* variables and arguments, plus
+    --duquant-update-golden."""
+    import os
+    import shlex
+
+    from pytest_duquant.config import duquant_env
+
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(duquant_env(os.environ).items()))
+    args = [a for a in config.invocation_params.args if a != "--duquant-update-golden"]
+    cmd = " ".join(["python -m pytest", *(shlex.quote(str(a)) for a in args), "--duquant-update-golden"])
+    return f"{env} {cmd}" if env else cmd
+
+
+@pytest.fixture
+def check_model_golden(request, duquant_model_regression):
+    """duquant_model_regression.check, except that a setting with no golden yet skips with the exact command
+    that records one (an override like OPENPI_DUQUANT_BLOCK=64 is a new setting, not a failure)."""
+    from pytest_duquant.golden.common import GoldenNotFoundError
+
+    def check(metrics, name):
+        try:
+            return duquant_model_regression.check(metrics, name)
+        except GoldenNotFoundError as exc:
+            pytest.skip(f"{exc}\nTo record it, run exactly: {record_command(request.config)}")
+
+    return check

@@ -19,14 +19,14 @@ def _variant(config, rotation):
 
 
 @pytest.mark.parametrize("rotation", ["config", "greedy"])
-def test_minilm_metrics_match_the_golden(minilm_measurements, golden_preset, duquant_model_regression, rotation):
+def test_minilm_metrics_match_the_golden(minilm_measurements, golden_preset, check_model_golden, rotation):
     if rotation == "greedy" and golden_preset.rotation == "greedy":
         pytest.skip("the settings in force already use ROTATION=greedy (covered by [config])")
     cfg = golden_preset if rotation == "config" else _variant(golden_preset, "greedy")
     name = minilm_measurements.name(cfg)
     m = minilm_measurements(cfg, rtn=True, label=name)
     assert len(m.layers) == 36  # 6 layers x (q, k, v, o, fc1, fc2)
-    duquant_model_regression.check(m, name)
+    check_model_golden(m, name)
 
 
 @pytest.mark.parametrize("rotation", ["svd", "greedy"])

@@ -21,7 +21,7 @@ def _variant(config, rotation):
 
 
 @pytest.mark.parametrize("rotation", ["config", "greedy"])
-def test_model_metrics_match_the_golden(duquant_measurements, golden_preset, duquant_model_regression, rotation):
+def test_model_metrics_match_the_golden(duquant_measurements, golden_preset, check_model_golden, rotation):
     """Every figure within tolerance of golden/model/<fingerprint>/<name>.json; the table of the worst
     layers otherwise. 'config' = the settings in force; 'greedy' = the same with ROTATION=greedy."""
     cfg = golden_preset if rotation == "config" else _variant(golden_preset, "greedy")
@@ -30,7 +30,7 @@ def test_model_metrics_match_the_golden(duquant_measurements, golden_preset, duq
     name = duquant_measurements.name(cfg)
     m = duquant_measurements(cfg, rtn=True, label=name)
     assert len(m.layers) > 0 and m.bytes_after < m.bytes_before
-    duquant_model_regression.check(m, name)
+    check_model_golden(m, name)
 
 
 @pytest.mark.parametrize("rotation", ["svd", "greedy"])
