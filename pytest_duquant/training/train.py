@@ -167,8 +167,7 @@ def train(s: TrainSettings, *, progress: bool = True) -> dict:
     stats = quantile_norm_stats(arrays.state, per_step, source=f"demos:{s.demos}")
     tok_path = write_prompt_tokenizer(arrays.prompts, out / "tokenizer.model", vocab_size=config.vocab_size)
     tokenizer = PaligemmaTokenizer(tok_path, config.max_token_len)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces > the model's vocab {config.vocab_size}")
+    config = config.replace(vocab_size=tokenizer.vocab_size)  # the embedding has exactly the tokenizer's rows
     tokens, masks = prompt_tokens(arrays, stats, tokenizer)
     actions = normalize_actions(arrays.chunks, stats, config.action_dim)
     n = len(arrays)
