@@ -211,10 +211,22 @@ def main(argv=None) -> int:
             for job in jobs:
                 consume(_run_chunk(job))
         else:
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(args.workers, maxtasksperchild=None) as pool:
-                for batch in pool.imap_unordered(_run_chunk, jobs):
-                    consume(batch)
+            # ProcessPoolExecutor, not Pool: a worker that dies (killed, out of memory) raises
+            # BrokenProcessPool instead of hanging; the episodes done so far are kept (rerun resumes)
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures.process import BrokenProcessPool
+
+            with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_run_chunk, job) for job in jobs]
+                try:
+                    for fut in as_completed(futures):
+                        consume(fut.result())
+                except BrokenProcessPool as exc:
+                    print(f"a worker died ({exc}); {len(records)}/{total} episodes recorded, rerun to resume",
+                          file=sys.stderr)
+                    if fh:
+                        fh.close()
+                    return 3
     if fh:
         fh.close()
 
