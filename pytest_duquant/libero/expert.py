@@ -18,8 +18,9 @@ phases; ``a[3:6] = clip(3 axis_angle(R_des R_grip^T), -1, 1)`` (world frame: the
 the delta); ``R_des = Rz(yaw) R_down`` (gripper down; at yaw 0 the fingers close along world y, as in
 LIBERO's home pose); ``a[6]`` = -1 open, +1 close.
 
-Phases: approach -> descend -> grasp -> lift -> transport -> lower -> release -> retreat, with
-``recover`` (object lost: open, back off, re-approach) and ``regrasp`` (released off target).
+Phases: approach -> descend -> grasp -> [slide] -> lift -> transport -> lower -> release -> retreat,
+with ``recover`` (object lost: open, back off, re-approach; released off target: approach again) and
+``idle`` (out of tries). ``slide`` drags the object out from under an overhang before lifting.
 
 This module needs numpy and a LIBERO env only (no torch, no renderer).
 """
