@@ -365,7 +365,7 @@ class ScriptedExpert:
         if n == 0 or not self.target_geom_set:
             return False
         g1, g2 = d.contact.geom1[:n], d.contact.geom2[:n]
-        for a, b in zip(g1, g2):
+        for a, b in zip(g1, g2, strict=True):
             a, b = int(a), int(b)
             if (a in self.obj_geom_set and b in self.target_geom_set) or (
                 b in self.obj_geom_set and a in self.target_geom_set
@@ -379,8 +379,9 @@ class ScriptedExpert:
     # ---- planning --------------------------------------------------------------------------------------
     def _others(self, exclude=()):
         """World boxes of every other task object's collision geoms: (centres, rotations, halves)."""
-        ids = [g for name, geoms in self.obj_geoms.items() if name != self.obj_name and name not in exclude
-               for g in geoms]
+        ids = [
+            g for name, geoms in self.obj_geoms.items() if name != self.obj_name and name not in exclude for g in geoms
+        ]
         if not ids:
             return np.zeros((0, 3)), np.zeros((0, 3, 3)), np.zeros((0, 3))
         ids = np.asarray(ids)
@@ -401,7 +402,8 @@ class ScriptedExpert:
         if len(C) == 0:
             return -np.inf
         lo, hi = self._box_extents(C, R, H)
-        inside = np.all((pts[None, :, :] >= lo[:, None, :2] - grow) & (pts[None, :, :] <= hi[:, None, :2] + grow), axis=2)
+        lo2, hi2 = lo[:, None, :2] - grow, hi[:, None, :2] + grow
+        inside = np.all((pts[None, :, :] >= lo2) & (pts[None, :, :] <= hi2), axis=2)
         hit = np.any(inside, axis=1)
         return float(hi[hit, 2].max()) if np.any(hit) else -np.inf
 
