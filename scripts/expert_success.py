@@ -100,8 +100,15 @@ def summarize(records: list[dict], suite: str) -> dict:
     for r in sorted(records, key=lambda r: (r["task_id"], r["trial"])):
         d = per_task.setdefault(
             str(r["task_id"]),
-            {"successes": 0, "episodes": 0, "mean_steps": None, "instruction": r.get("instruction"),
-             "failures": [], "_steps": [], "_wall": []},
+            {
+                "successes": 0,
+                "episodes": 0,
+                "mean_steps": None,
+                "instruction": r.get("instruction"),
+                "failures": [],
+                "_steps": [],
+                "_wall": [],
+            },
         )
         d["episodes"] += 1
         d["_wall"].append(r["wall_s"])
@@ -135,11 +142,15 @@ def print_table(summary: dict) -> None:
     print(f"\n{'task':>4} {'success':>9} {'rate':>7} {'steps':>7}  instruction")
     for tid, d in summary["per_task"].items():
         steps = "-" if d["mean_steps"] is None else f"{d['mean_steps']:.1f}"
-        print(f"{tid:>4} {d['successes']:>4}/{d['episodes']:<4} {100 * d['success_rate']:>6.1f}% {steps:>7}  "
-              f"{d['instruction']}" + (f"  failed: {d['failures']}" if d["failures"] else ""))
+        print(
+            f"{tid:>4} {d['successes']:>4}/{d['episodes']:<4} {100 * d['success_rate']:>6.1f}% {steps:>7}  "
+            f"{d['instruction']}" + (f"  failed: {d['failures']}" if d["failures"] else "")
+        )
     o = summary["overall"]
-    print(f"{'all':>4} {o['successes']:>4}/{o['episodes']:<4} {100 * (o['success_rate'] or 0):>6.1f}% "
-          f"{o['mean_steps'] or '-':>7}  ({o['mean_wall_s_per_episode']} s/episode unrendered, per worker)")
+    print(
+        f"{'all':>4} {o['successes']:>4}/{o['episodes']:<4} {100 * (o['success_rate'] or 0):>6.1f}% "
+        f"{o['mean_steps'] or '-':>7}  ({o['mean_wall_s_per_episode']} s/episode unrendered, per worker)"
+    )
 
 
 def main(argv=None) -> int:
@@ -152,8 +163,12 @@ def main(argv=None) -> int:
     ap.add_argument("--noise-seed", type=int, default=0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--chunk", type=int, default=10, help="episodes of one task per worker job")
-    ap.add_argument("--env", choices=("control", "libero"), default="control",
-                    help="control: LIBERO ControlEnv without renderer; libero: the project's LiberoEnv")
+    ap.add_argument(
+        "--env",
+        choices=("control", "libero"),
+        default="control",
+        help="control: LIBERO ControlEnv without renderer; libero: the project's LiberoEnv",
+    )
     ap.add_argument("--out", default=None, help="summary JSON (episodes go to <out>.episodes.jsonl)")
     args = ap.parse_args(argv)
 
@@ -185,8 +200,17 @@ def main(argv=None) -> int:
     for tid in tasks:
         todo = [tr for tr in trials if (tid, tr) not in done_keys]
         for i in range(0, len(todo), args.chunk):
-            jobs.append({"suite": suite, "task_id": tid, "trials": todo[i : i + args.chunk], "seed": args.seed,
-                         "noise": float(args.noise), "noise_seed": args.noise_seed, "env": args.env})
+            jobs.append(
+                {
+                    "suite": suite,
+                    "task_id": tid,
+                    "trials": todo[i : i + args.chunk],
+                    "seed": args.seed,
+                    "noise": float(args.noise),
+                    "noise_seed": args.noise_seed,
+                    "env": args.env,
+                }
+            )
     total = len(tasks) * len(trials)
     t0 = time.time()
     if ep_path:
@@ -201,20 +225,40 @@ def main(argv=None) -> int:
                 fh.write(json.dumps(r) + "\n")
                 fh.flush()
             mark = "OK  " if r["success"] else "FAIL"
-            extra = "" if r["success"] else f" phase={r['phase']} tries={r['tries']}" + (
-                f" error={r['error']}" if r["error"] else "")
-            print(f"[{len(records):>4}/{total}] task {r['task_id']} trial {r['trial']:>2}: {mark} "
-                  f"{r['steps']:>3} steps {r['wall_s']:5.2f}s{extra}", flush=True)
+            extra = (
+                ""
+                if r["success"]
+                else f" phase={r['phase']} tries={r['tries']}" + (f" error={r['error']}" if r["error"] else "")
+            )
+            print(
+                f"[{len(records):>4}/{total}] task {r['task_id']} trial {r['trial']:>2}: {mark} "
+                f"{r['steps']:>3} steps {r['wall_s']:5.2f}s{extra}",
+                flush=True,
+            )
 
     if jobs:
         if args.workers <= 1:
             for job in jobs:
                 consume(_run_chunk(job))
         else:
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(args.workers, maxtasksperchild=None) as pool:
-                for batch in pool.imap_unordered(_run_chunk, jobs):
-                    consume(batch)
+            # ProcessPoolExecutor, not Pool: a worker that dies (killed, out of memory) raises
+            # BrokenProcessPool instead of hanging; the episodes done so far are kept (rerun resumes)
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures.process import BrokenProcessPool
+
+            with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_run_chunk, job) for job in jobs]
+                try:
+                    for fut in as_completed(futures):
+                        consume(fut.result())
+                except BrokenProcessPool as exc:
+                    print(
+                        f"a worker died ({exc}); {len(records)}/{total} episodes recorded, rerun to resume",
+                        file=sys.stderr,
+                    )
+                    if fh:
+                        fh.close()
+                    return 3
     if fh:
         fh.close()
 

@@ -18,8 +18,9 @@ phases; ``a[3:6] = clip(3 axis_angle(R_des R_grip^T), -1, 1)`` (world frame: the
 the delta); ``R_des = Rz(yaw) R_down`` (gripper down; at yaw 0 the fingers close along world y, as in
 LIBERO's home pose); ``a[6]`` = -1 open, +1 close.
 
-Phases: approach -> descend -> grasp -> lift -> transport -> lower -> release -> retreat, with
-``recover`` (object lost: open, back off, re-approach) and ``regrasp`` (released off target).
+Phases: approach -> descend -> grasp -> [slide] -> lift -> transport -> lower -> release -> retreat,
+with ``recover`` (object lost: open, back off, re-approach; released off target: approach again) and
+``idle`` (out of tries). ``slide`` drags the object out from under an overhang before lifting.
 
 This module needs numpy and a LIBERO env only (no torch, no renderer).
 """
@@ -364,7 +365,7 @@ class ScriptedExpert:
         if n == 0 or not self.target_geom_set:
             return False
         g1, g2 = d.contact.geom1[:n], d.contact.geom2[:n]
-        for a, b in zip(g1, g2, strict=False):
+        for a, b in zip(g1, g2, strict=True):
             a, b = int(a), int(b)
             if (a in self.obj_geom_set and b in self.target_geom_set) or (
                 b in self.obj_geom_set and a in self.target_geom_set
@@ -378,8 +379,9 @@ class ScriptedExpert:
     # ---- planning --------------------------------------------------------------------------------------
     def _others(self, exclude=()):
         """World boxes of every other task object's collision geoms: (centres, rotations, halves)."""
-        ids = [g for name, geoms in self.obj_geoms.items() if name != self.obj_name and name not in exclude
-               for g in geoms]
+        ids = [
+            g for name, geoms in self.obj_geoms.items() if name != self.obj_name and name not in exclude for g in geoms
+        ]
         if not ids:
             return np.zeros((0, 3)), np.zeros((0, 3, 3)), np.zeros((0, 3))
         ids = np.asarray(ids)
@@ -400,8 +402,8 @@ class ScriptedExpert:
         if len(C) == 0:
             return -np.inf
         lo, hi = self._box_extents(C, R, H)
-        p = pts[None, :, :]
-        inside = np.all((p >= lo[:, None, :2] - grow) & (p <= hi[:, None, :2] + grow), axis=2)
+        lo2, hi2 = lo[:, None, :2] - grow, hi[:, None, :2] + grow
+        inside = np.all((pts[None, :, :] >= lo2) & (pts[None, :, :] <= hi2), axis=2)
         hit = np.any(inside, axis=1)
         return float(hi[hit, 2].max()) if np.any(hit) else -np.inf
 

@@ -156,7 +156,11 @@ def test_noisy_episode_labels_clean_actions_and_is_reproducible(object_env):
     def run(seed):
         rows = []
         X.run_expert_episode(
-            env, init_states[0], max_steps=40, action_noise=0.2, noise_seed=seed,
+            env,
+            init_states[0],
+            max_steps=40,
+            action_noise=0.2,
+            noise_seed=seed,
             on_step=lambda o, a, e, t: rows.append((a.copy(), e.copy())),
         )
         return rows
@@ -203,8 +207,13 @@ def test_expert_drives_the_projects_libero_env():
         ex = X.ScriptedExpert(env.env)
         assert ex.task_env is env.env.env
         seen = []
-        r = X.run_expert_episode(env, env.init_states[0], max_steps=4, expert=ex,
-                                 on_step=lambda o, a, e, t: seen.append(o["agentview_image"].shape))
+        r = X.run_expert_episode(
+            env,
+            env.init_states[0],
+            max_steps=4,
+            expert=ex,
+            on_step=lambda o, a, e, t: seen.append(o["agentview_image"].shape),
+        )
         assert r["error"] is None, r["traceback"]
         assert r["steps"] == 14 and len(seen) == 4 and ex.phase == "approach"
         assert ex.task_env.sim is env.env.env.sim  # re-bound after LiberoEnv's hard reset
