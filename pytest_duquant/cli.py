@@ -29,15 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        with progress.reporting_to(progress.to_stderr):  # a line for every phase that lasts (stderr)
-            return int(args.func(args) or 0)
-    except DuQuantConfigError as exc:
-        print(f"duquant: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("duquant: interrupted", file=sys.stderr)
-        return 130
+
+    def func(a):
+        try:
+            with progress.reporting_to(progress.to_stderr):  # a line for every phase that lasts (stderr)
+                return args.func(a)
+        except DuQuantConfigError as exc:
+            print(f"duquant: configuration error: {exc}", file=sys.stderr)
+            return 2
+
+    return _commands.run_command(func, args, f"duquant {args.command}")
 
 
 if __name__ == "__main__":

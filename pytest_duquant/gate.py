@@ -98,9 +98,13 @@ class GateInputError(ValueError):
 class GateDecision:
     """What the gate decided and every number behind it.
 
-    ``drop``/``ci``/``mdd``/``allowed_drop`` are in success-rate units (0.05 = 5 points).
-    ``ci`` is the exact interval of the true drop, each side one-sided at ``alpha``
-    (so ``ci_level`` = 1 - 2 alpha); regression <=> ``ci[0] > allowed_drop`` up to bisection tolerance.
+    ``drop``/``ci``/``mdd``/``allowed_drop`` are in success-rate units (0.05 = 5 points). ``ci`` = (L, U):
+    L is the exact one-sided (1 - alpha) lower bound of the true drop, U the one-sided (1 - pass_alpha)
+    upper bound, both monotone (see _lower_bound). The verdict is read off them: REGRESSION when
+    L > allowed_drop, PASS when U < allowed_drop, INCONCLUSIVE otherwise (then ``extra_pairs`` estimates
+    how many more paired episodes would likely decide it). ``p_value``/``p_pass`` are the nominal exact
+    p-values of "drop <= allowed" and "drop >= allowed" at this allowed drop: not monotone in it (their
+    rejection regions are discrete), so the verdict follows the interval, not them.
     """
 
     verdict: str
@@ -122,10 +126,11 @@ class GateDecision:
     drop: float
     b: int | None = None
     c: int | None = None
-    ignored_reference: int = 0
-    ignored_candidate: int = 0
     explanation: str = ""
     sequential: dict[str, Any] | None = field(default=None)
+    pass_alpha: float | None = None
+    p_pass: float | None = None
+    extra_pairs: int | None = None
 
     @property
     def threshold(self) -> float:
@@ -443,35 +448,64 @@ def _bisect_increasing(f: Callable[[float], float], lo: float, hi: float, tol: f
     return hi
 
 
+WINDOW = 24  # grid points below a bound checked for a non-rejection
+
+
+def grid_step(n: int) -> float:
+    """The resolution of the monotone bounds: 1/40 of the largest standard error of a rate at n, >= 5e-4;
+    WINDOW steps cover 0.6 of it, where the exact p-value crosses alpha."""
+    return max(0.5 / math.sqrt(max(n, 1)) / 40.0, 5e-4)
+
+
 def _lower_bound(
-    pfun: Callable[[float], float], alpha: float, est: float, se: float, tol: float = 5e-4
+    pfun: Callable[[float], float], alpha: float, est: float, se: float, step: float, tol: float = 2e-4
 ) -> float:
-    """sup{d : pfun(d) <= alpha}: the exact one-sided (1 - alpha) lower confidence bound of the drop."""
+    """The exact one-sided (1 - alpha) lower confidence bound of the drop, made monotone:
+    L = inf{d : pfun(d) > alpha}, so that every d below L is rejected.
+
+    Then "L > delta" implies "the test at delta rejects" for *every* delta (a valid bound, and a verdict
+    read off L is monotone in delta), although the exact p-value is not monotone in d (its rejection
+    region is discrete). Found by bisection, then checked downwards on WINDOW grid points of `step`
+    (grid_step(n)); a non-rejected grid point lowers L below it and the search repeats.
+    """
     eps = 1e-6
     lo = max(-1.0 + eps, est - 4.0 * se - 0.01)
-    hi = min(1.0 - eps, est)
     if pfun(lo) > alpha:
         lo = -1.0 + eps
         if pfun(lo) > alpha:
             return -1.0
+    hi = min(1.0 - eps, est + 0.5 * se)
     if pfun(hi) <= alpha:
         hi = 1.0 - eps
         if pfun(hi) <= alpha:
             return 1.0
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        if pfun(mid) <= alpha:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    while True:
+        while hi - lo > tol:  # pfun(lo) <= alpha < pfun(hi)
+            mid = 0.5 * (lo + hi)
+            if pfun(mid) <= alpha:
+                lo = mid
+            else:
+                hi = mid
+        bad = next((d for d in (lo - k * step for k in range(1, WINDOW + 1)) if d > -1.0 and pfun(d) > alpha), None)
+        if bad is None:
+            return lo
+        hi, lo = bad, bad - step
+        while lo > -1.0 + eps and pfun(lo) > alpha:
+            hi, lo = lo, lo - step
+        if lo <= -1.0 + eps:
+            return -1.0
 
 
-def _paired_ci(b: int, c: int, n: int, alpha: float) -> tuple[float, float]:
+def _paired_se(b: int, c: int, n: int) -> float:
     est = (b - c) / n
-    se = math.sqrt(max((b + c) / n - est * est, 1.0 / n) / n)
-    lower = _lower_bound(lambda d: paired_pvalue(b, c, n, d), alpha, est, se)
-    upper = -_lower_bound(lambda d: paired_pvalue(c, b, n, d), alpha, -est, se)
+    return math.sqrt(max((b + c) / n - est * est, 1.0 / n) / n)
+
+
+def _paired_ci(b: int, c: int, n: int, alpha: float, pass_alpha: float | None = None) -> tuple[float, float]:
+    """(L, U): the monotone one-sided bounds of the drop at alpha (lower) and pass_alpha (upper, default alpha)."""
+    est, se, step = (b - c) / n, _paired_se(b, c, n), grid_step(n)
+    lower = _lower_bound(lambda d: paired_pvalue(b, c, n, d), alpha, est, se, step)
+    upper = -_lower_bound(lambda d: paired_pvalue(c, b, n, d), pass_alpha or alpha, -est, se, step)
     return lower, upper
 
 
@@ -583,12 +617,18 @@ def _unpaired_mdd(n1: int, n2: int, delta: float, alpha: float, p_ref: float, po
     return _bisect_increasing(lambda d: _unpaired_tail(cnt, n1, n2, p_ref, p_ref - d) - power, delta, p_ref)
 
 
-def _unpaired_ci(x1: int, n1: int, x2: int, n2: int, alpha: float) -> tuple[float, float]:
-    est = x1 / n1 - x2 / n2
+def _unpaired_se(x1: int, n1: int, x2: int, n2: int) -> float:
     p1, p2 = x1 / n1, x2 / n2
-    se = math.sqrt(max(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2, 1.0 / (n1 + n2)))
-    lower = _lower_bound(lambda d: unpaired_pvalue(x1, n1, x2, n2, d), alpha, est, se)
-    upper = -_lower_bound(lambda d: unpaired_pvalue(x2, n2, x1, n1, d), alpha, -est, se)
+    return math.sqrt(max(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2, 1.0 / (n1 + n2)))
+
+
+def _unpaired_ci(
+    x1: int, n1: int, x2: int, n2: int, alpha: float, pass_alpha: float | None = None
+) -> tuple[float, float]:
+    """(L, U) as _paired_ci, for two independent samples."""
+    est, se, step = x1 / n1 - x2 / n2, _unpaired_se(x1, n1, x2, n2), grid_step(n1 + n2)
+    lower = _lower_bound(lambda d: unpaired_pvalue(x1, n1, x2, n2, d), alpha, est, se, step)
+    upper = -_lower_bound(lambda d: unpaired_pvalue(x2, n2, x1, n1, d), pass_alpha or alpha, -est, se, step)
     return lower, upper
 
 
@@ -615,25 +655,48 @@ def _pct(x: float) -> str:
     return f"{100.0 * x:.1f}"
 
 
+def verdict_of(ci: tuple[float, float], delta: float) -> str:
+    """The three-way verdict read off the interval: REGRESSION if L > delta, PASS if U < delta."""
+    if ci[0] > delta:
+        return REGRESSION
+    if ci[1] < delta:
+        return PASS
+    return INCONCLUSIVE
+
+
+def extra_pairs_needed(
+    b: int, c: int, n: int, delta: float, alpha: float, power: float = 0.8, paired: bool = True
+) -> int:
+    """About how many more paired episodes would decide an inconclusive run with probability `power` if the
+    observed discordance rates hold (normal approximation; rates shrunk by +1/2 so 0/0 is not certainty)."""
+    pb, pc = (b + 0.5) / (n + 1), (c + 0.5) / (n + 1)
+    var = pb + pc - (pb - pc) ** 2 if paired else pb * (1 - pb) + pc * (1 - pc)
+    gap = abs((b - c) / n - delta)
+    nd = NormalDist()
+    z = nd.inv_cdf(1 - alpha) + nd.inv_cdf(power)
+    need = math.ceil((z * math.sqrt(var) / max(gap, 1e-3)) ** 2)
+    return max(1, need - n)
+
+
 def gate(
     reference_outcomes: Mapping[Hashable, Any],
     candidate_outcomes: Mapping[Hashable, Any],
     *,
     allowed_drop: float,
     alpha: float = 0.05,
-    mode: str = "auto",
+    pass_alpha: float | None = None,
+    mode: str = "paired",
     power: float = 0.8,
-    confidence_interval: bool = True,
     max_mdd: float | None = None,
 ) -> GateDecision:
-    """Judge a candidate run against a reference run.
+    """Judge a candidate run against a reference run: PASS, REGRESSION or INCONCLUSIVE.
 
     reference_outcomes / candidate_outcomes: mappings episode key -> success; keys are
     (suite, task_id, trial, seed) tuples for LIBERO but any hashable works.
-    mode: "paired" (shared keys only), "unpaired" (all episodes of both, independent samples), or
-    "auto" (paired when at least half of the candidate's episodes are in the reference).
-    max_mdd: if given, a non-rejection whose minimum detectable drop exceeds it (or is undefined)
-    is reported as INCONCLUSIVE instead of PASS (the run was too small to tell).
+    mode: "paired" (both runs hold exactly the same episodes; anything else is a GateInputError: an
+    incomplete run is never judged) or "unpaired" (independent samples).
+    alpha: level of the regression side (the lower bound); pass_alpha (default alpha): of the pass side.
+    max_mdd: a PASS whose minimum detectable drop (at `power`) exceeds it is reported INCONCLUSIVE.
     """
     ref = _as_outcomes(reference_outcomes, "reference_outcomes")
     cand = _as_outcomes(candidate_outcomes, "candidate_outcomes")
@@ -641,168 +704,164 @@ def gate(
     if delta < 0:
         raise GateInputError(f"allowed_drop={delta}: must be >= 0")
     alpha = _check_alpha(alpha)
+    pass_alpha = alpha if pass_alpha is None else _check_alpha(pass_alpha, "pass_alpha")
     if not 0.0 < power < 1.0:
         raise GateInputError(f"power={power}: must be in (0, 1)")
-    if mode not in ("auto", "paired", "unpaired"):
-        raise GateInputError(f"mode={mode!r}: allowed are 'auto', 'paired', 'unpaired'")
+    if mode not in ("paired", "unpaired"):
+        raise GateInputError(f"mode={mode!r}: allowed are 'paired', 'unpaired'")
     if not ref:
         raise GateInputError("reference_outcomes is empty: nothing to compare against")
     if not cand:
         raise GateInputError("candidate_outcomes is empty: no episodes to judge")
-    shared = [k for k in cand if k in ref]
-    if mode == "auto":
-        mode = "paired" if len(shared) >= max(1, math.ceil(0.5 * len(cand))) else "unpaired"
     if mode == "paired":
-        if not shared:
+        missing = [k for k in ref if k not in cand]
+        extra = [k for k in cand if k not in ref]
+        if missing or extra:
             raise GateInputError(
-                "paired mode: the runs share no episode keys (suite, task_id, trial, seed); "
-                "use mode='unpaired' or rerun the reference's episodes"
+                f"paired mode needs the same episodes in both runs: {len(missing)} reference episode(s) "
+                f"missing from the candidate{f' (e.g. {missing[0]!r})' if missing else ''}, {len(extra)} "
+                f"candidate episode(s) not in the reference{f' (e.g. {extra[0]!r})' if extra else ''}"
             )
-        d = _gate_paired(ref, cand, shared, delta, alpha, power, confidence_interval)
+        keys = list(ref)
+        n = len(keys)
+        b = sum(1 for k in keys if ref[k] and not cand[k])
+        c = sum(1 for k in keys if cand[k] and not ref[k])
+        rs, cs = sum(ref.values()), sum(cand.values())
+        ci = _paired_ci(b, c, n, alpha, pass_alpha)
+        p, p_pass = paired_pvalue(b, c, n, delta), paired_pvalue(c, b, n, -delta)
+        mdd = _paired_mdd(n, delta, alpha, c / n, power)
+        counts = {"n": n, "n_reference": n, "n_candidate": n, "b": b, "c": c}
+        test = "paired exact unconditional test (Tango score, worst case over the nuisance)"
+        extra_txt = f"{b} reference-only successes, {c} candidate-only successes"
     else:
-        d = _gate_unpaired(ref, cand, delta, alpha, power, confidence_interval)
-    if d.verdict == PASS and max_mdd is not None and (d.mdd is None or d.mdd > max_mdd):
-        mdd_txt = "no drop" if d.mdd is None else f"only drops >= {_pct(d.mdd)} points"
-        d = _replace(
-            d,
-            verdict=INCONCLUSIVE,
-            explanation=f"INCONCLUSIVE: not rejected, but this run detects {mdd_txt} with "
-            f"{power:.0%} power (> max_mdd {_pct(max_mdd)} points). " + d.explanation,
-        )
-    return d
-
-
-def _replace(d: GateDecision, **kw: Any) -> GateDecision:
-    import dataclasses
-
-    return dataclasses.replace(d, **kw)
-
-
-def _gate_paired(ref, cand, shared, delta, alpha, power, want_ci) -> GateDecision:
-    n = len(shared)
-    b = sum(1 for k in shared if ref[k] and not cand[k])
-    c = sum(1 for k in shared if cand[k] and not ref[k])
-    rs = sum(1 for k in shared if ref[k])
-    cs = sum(1 for k in shared if cand[k])
-    p = paired_pvalue(b, c, n, delta)
-    ci = _paired_ci(b, c, n, alpha) if want_ci else None
-    mdd = _paired_mdd(n, delta, alpha, c / n, power)
-    verdict = REGRESSION if p <= alpha else PASS
-    text = _explain(
-        verdict,
-        "paired exact unconditional test (Tango score, worst case over the nuisance)",
-        n,
-        rs,
-        cs,
-        rs,
-        cs,
-        n,
-        n,
+        n1, n2 = len(ref), len(cand)
+        rs, cs = sum(ref.values()), sum(cand.values())
+        ci = _unpaired_ci(rs, n1, cs, n2, alpha, pass_alpha)
+        p, p_pass = unpaired_pvalue(rs, n1, cs, n2, delta), unpaired_pvalue(cs, n2, rs, n1, -delta)
+        mdd = _unpaired_mdd(n1, n2, delta, alpha, rs / n1, power)
+        b = c = None
+        counts = {"n": n1 + n2, "n_reference": n1, "n_candidate": n2}
+        test = "unpaired exact unconditional test (Farrington-Manning score, worst case over the nuisance)"
+        extra_txt = "independent samples"
+    return _decision(
+        mode,
         delta,
         alpha,
-        p,
+        pass_alpha,
         ci,
+        p,
+        p_pass,
         mdd,
         power,
-        extra=f"{b} reference-only successes, {c} candidate-only successes",
-    )
-    return GateDecision(
-        verdict=verdict,
-        mode="paired",
-        alpha=alpha,
-        allowed_drop=delta,
-        p_value=p,
-        ci=ci,
-        ci_level=(1 - 2 * alpha) if want_ci else None,
-        mdd=mdd,
-        power=power,
-        n=n,
-        n_reference=n,
-        n_candidate=n,
-        reference_successes=rs,
-        candidate_successes=cs,
-        reference_rate=rs / n,
-        candidate_rate=cs / n,
-        drop=(b - c) / n,
-        b=b,
-        c=c,
-        ignored_reference=len(ref) - n,
-        ignored_candidate=len(cand) - n,
-        explanation=text,
+        max_mdd,
+        rs,
+        cs,
+        counts,
+        f"{test}; {extra_txt}",
     )
 
 
-def _gate_unpaired(ref, cand, delta, alpha, power, want_ci) -> GateDecision:
-    n1, n2 = len(ref), len(cand)
-    x1 = sum(ref.values())
-    x2 = sum(cand.values())
-    p = unpaired_pvalue(x1, n1, x2, n2, delta)
-    ci = _unpaired_ci(x1, n1, x2, n2, alpha) if want_ci else None
-    mdd = _unpaired_mdd(n1, n2, delta, alpha, x1 / n1, power)
-    verdict = REGRESSION if p <= alpha else PASS
-    text = _explain(
-        verdict,
-        "unpaired exact unconditional test (Farrington-Manning score, worst case over the nuisance)",
-        n1 + n2,
-        x1,
-        x2,
-        x1,
-        x2,
-        n1,
-        n2,
-        delta,
-        alpha,
-        p,
-        ci,
-        mdd,
-        power,
-        extra="independent samples",
-    )
-    return GateDecision(
-        verdict=verdict,
-        mode="unpaired",
-        alpha=alpha,
-        allowed_drop=delta,
-        p_value=p,
-        ci=ci,
-        ci_level=(1 - 2 * alpha) if want_ci else None,
-        mdd=mdd,
-        power=power,
-        n=n1 + n2,
-        n_reference=n1,
-        n_candidate=n2,
-        reference_successes=x1,
-        candidate_successes=x2,
-        reference_rate=x1 / n1,
-        candidate_rate=x2 / n2,
-        drop=x1 / n1 - x2 / n2,
-        explanation=text,
-    )
-
-
-def _explain(verdict, test, n, rs, cs, _rs, _cs, n1, n2, delta, alpha, p, ci, mdd, power, extra) -> str:
-    r1, r2 = rs / n1, cs / n2
+def _decision(
+    mode, delta, alpha, pass_alpha, ci, p, p_pass, mdd, power, max_mdd, rs, cs, counts, method
+) -> GateDecision:
+    """The one place a fixed-sample GateDecision is assembled (verdict from the interval, explanation)."""
+    n1, n2 = counts["n_reference"], counts["n_candidate"]
+    verdict = verdict_of(ci, delta)
+    b, c = counts.get("b"), counts.get("c")
+    extra_pairs = None
     head = (
-        f"candidate {cs}/{n2} ({_pct(r2)}%) vs reference {rs}/{n1} ({_pct(r1)}%): observed drop "
-        f"{_pct(r1 - r2)} points, allowed {_pct(delta)}"
+        f"candidate {cs}/{n2} ({_pct(cs / n2)}%) vs reference {rs}/{n1} ({_pct(rs / n1)}%): observed drop "
+        f"{_pct(rs / n1 - cs / n2)} points, allowed {_pct(delta)}; exact interval of the drop "
+        f"[{_pct(ci[0])}, {_pct(ci[1])}] points (lower bound one-sided {1 - alpha:.0%}, upper "
+        f"{1 - pass_alpha:.0%})"
     )
-    ci_txt = ""
-    if ci is not None:
-        ci_txt = f"; {100 * (1 - 2 * alpha):.0f}% CI of the drop [{_pct(ci[0])}, {_pct(ci[1])}] points"
     mdd_txt = (
-        f"; this run detects a drop of {_pct(mdd)} points with {power:.0%} power"
+        f"this run detects a drop of {_pct(mdd)} points with {power:.0%} power"
         if mdd is not None
-        else f"; this run is too small to detect any drop with {power:.0%} power"
+        else f"this run is too small to detect any drop with {power:.0%} power"
     )
     if verdict == REGRESSION:
+        lead = f"REGRESSION: the drop is shown above the allowed {_pct(delta)} points (lower bound {_pct(ci[0])})"
+    elif verdict == PASS and max_mdd is not None and (mdd is None or mdd > max_mdd):
+        verdict = INCONCLUSIVE
         lead = (
-            f"REGRESSION: the drop exceeds the allowed {_pct(delta)} points (p = {p:.3g} <= alpha {alpha:g})"
+            f"INCONCLUSIVE: the drop is shown below {_pct(delta)} points, but {mdd_txt}, more than "
+            f"--max-mdd {_pct(max_mdd)}"
         )
+    elif verdict == PASS:
+        lead = f"PASS: the drop is shown below the allowed {_pct(delta)} points (upper bound {_pct(ci[1])})"
     else:
+        if b is not None:
+            extra_pairs = extra_pairs_needed(b, c, counts["n"], delta, min(alpha, pass_alpha), power)
+        else:
+            nn = min(n1, n2)
+            extra_pairs = extra_pairs_needed(
+                round((1 - cs / n2) * nn), round((1 - rs / n1) * nn), nn, delta, min(alpha, pass_alpha), power, False
+            )
         lead = (
-            f"PASS: no evidence that the drop exceeds {_pct(delta)} points (p = {p:.3g} > alpha = {alpha:g})"
+            f"INCONCLUSIVE: the interval contains the allowed drop of {_pct(delta)} points; about "
+            f"{extra_pairs} more {'paired ' if b is not None else ''}episodes would likely decide it "
+            f"({power:.0%} power if the observed rates hold)"
         )
-    return f"{lead}. {head}{ci_txt}{mdd_txt}. {test}; {extra}."
+    return GateDecision(
+        verdict=verdict,
+        mode=mode,
+        alpha=alpha,
+        allowed_drop=delta,
+        p_value=p,
+        ci=ci,
+        ci_level=1 - alpha - pass_alpha,
+        mdd=mdd,
+        power=power,
+        n=counts["n"],
+        n_reference=n1,
+        n_candidate=n2,
+        reference_successes=rs,
+        candidate_successes=cs,
+        reference_rate=rs / n1,
+        candidate_rate=cs / n2,
+        drop=rs / n1 - cs / n2,
+        b=b,
+        c=c,
+        explanation=f"{lead}. {head}; {mdd_txt}. {method}.",
+        pass_alpha=pass_alpha,
+        p_pass=p_pass,
+        extra_pairs=extra_pairs,
+    )
+
+
+def verdict_table(n: int, delta: float, alpha: float, pass_alpha: float | None = None) -> np.ndarray:
+    """The paired verdict for every (b, c) among n pairs at once: int8 array [b, c] with 1 = REGRESSION,
+    0 = PASS, -1 = INCONCLUSIVE, -2 = infeasible (b + c > n). For simulations: the same rule as gate(), on
+    same grid (REGRESSION when every allowed drop delta - k * grid_step(n), k = 0..WINDOW, is rejected; PASS
+    likewise upwards with the reverse test). gate() bisects between grid points too, so the two agree
+    except where the p-value crosses alpha twice within one grid step."""
+    delta = _check_delta(delta)
+    alpha = _check_alpha(alpha)
+    pass_alpha = alpha if pass_alpha is None else _check_alpha(pass_alpha, "pass_alpha")
+    step = grid_step(n)
+    b = np.arange(n + 1)[:, None]
+    c = np.arange(n + 1)[None, :]
+    feasible = (b + c) <= n
+    reg = np.ones((n + 1, n + 1), dtype=bool)
+    for k in range(WINDOW + 1):
+        d = delta - k * step
+        if d <= -1.0:
+            break
+        crit = paired_critical_value(n, d, alpha)
+        reg &= _paired_zstar(n, d) >= crit
+    ok = np.ones((n + 1, n + 1), dtype=bool)
+    for k in range(WINDOW + 1):
+        d = delta + k * step
+        if d >= 1.0:
+            break
+        crit = paired_critical_value(n, -d, pass_alpha)
+        ok &= _paired_zstar(n, -d).T >= crit  # the reverse test: roles of b and c swapped
+    out = np.full((n + 1, n + 1), -1, dtype=np.int8)
+    out[reg] = 1
+    out[ok & ~reg] = 0
+    out[~feasible] = -2
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -834,10 +893,10 @@ class SequentialDesign:
     """Planned looks (cumulative numbers of pairs) and exact critical values of the paired statistic.
 
     ``regression_bounds[k]``: declare a regression at look k when Z*(b, c; allowed_drop) >= it.
-    ``pass_bounds[k]`` (looks before the last): stop with a pass when the reverse statistic
+    ``pass_bounds[k]`` (every look, the last included): declare a pass when the reverse statistic
     Z*(c, b; -pass_drop) >= it, i.e. "drop >= pass_drop" is rejected. ``inf`` = no stop possible.
-    ``regression_spent[k]``: exact worst-case probability (over the null's nuisance grid) of a false
-    regression by look k; never above spending(t_k).
+    At the last look neither = INCONCLUSIVE. ``*_spent[k]``: exact worst-case probability (over the
+    null's nuisance grid) of a false regression / false pass by look k; never above spending(t_k).
     """
 
     looks: tuple[int, ...]
@@ -846,8 +905,8 @@ class SequentialDesign:
     spending: str
     regression_bounds: tuple[float, ...]
     regression_spent: tuple[float, ...]
-    pass_drop: float | None
-    pass_alpha: float | None
+    pass_drop: float
+    pass_alpha: float
     pass_bounds: tuple[float, ...]
     pass_spent: tuple[float, ...]
 
@@ -857,6 +916,10 @@ class SequentialDesign:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SequentialDesign:
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
 def _trinomial_grid(m: int, pb: float, pc: float) -> np.ndarray:
@@ -877,73 +940,85 @@ def _conv2(x: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, None)
 
 
+def _window(n: int, p: float) -> tuple[int, int]:
+    """Counts of a Binomial(n, p) margin outside [lo, hi] carry less than 1e-18 of the mass."""
+    sd = math.sqrt(n * p * (1 - p))
+    return max(0, int(n * p - _WINDOW_SD * sd - 4)), min(n, int(math.ceil(n * p + _WINDOW_SD * sd + 4)))
+
+
+def _trinomial_window(m: int, pb: float, pc: float) -> tuple[int, int, np.ndarray]:
+    """P(B = b0 + i, C = c0 + j) of m trinomial pairs on the window where the mass is."""
+    b0, b1 = _window(m, pb)
+    c0, c1 = _window(m, pc)
+    lf = _logfact(m)
+    b = np.arange(b0, b1 + 1)[:, None]
+    c = np.arange(c0, c1 + 1)[None, :]
+    a = m - b - c
+    ac = np.maximum(a, 0)
+    logp = lf[m] - lf[b] - lf[c] - lf[ac] + _klogp(b, pb) + _klogp(c, pc) + _klogp(ac, max(1.0 - pb - pc, 0.0))
+    return b0, c0, np.where(a >= 0, np.exp(logp), 0.0)
+
+
+def _advance(state: tuple[int, int, np.ndarray], m: int, n: int, pb: float, pc: float):
+    """The not-yet-stopped mass after m more pairs (n in all), cropped to the window of n pairs."""
+    b0, c0, arr = state
+    kb, kc, kern = _trinomial_window(m, pb, pc)
+    out = _conv2(arr, kern)
+    nb0, nc0 = b0 + kb, c0 + kc
+    wb0, wb1 = _window(n, pb)
+    wc0, wc1 = _window(n, pc)
+    lo_b, hi_b = max(nb0, wb0), min(nb0 + out.shape[0] - 1, wb1, n)
+    lo_c, hi_c = max(nc0, wc0), min(nc0 + out.shape[1] - 1, wc1, n)
+    return lo_b, lo_c, out[lo_b - nb0 : hi_b - nb0 + 1, lo_c - nc0 : hi_c - nc0 + 1]
+
+
 def _gs_bounds(
     looks: Sequence[int], n_max: int, delta: float, alpha: float, spending: str, grid: int
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Exact alpha-spending critical values of the monotone paired statistic at each look."""
+    """Exact alpha-spending critical values of the monotone paired statistic at each look.
+
+    A dynamic program carries, for each nuisance value on a Chebyshev grid of the boundary
+    p_b = p_c + delta, the exact distribution of (b, c) over paths not yet stopped, on the window where
+    its mass lies (FFT convolution of trinomial increments): O(window) instead of O(n^2) per look.
+    """
     lo, hi = _paired_nuisance_range(delta)
-    xs = _cheb_grid(lo, hi, grid)
-    states = [np.ones((1, 1)) for _ in xs]
+    xs = [float(x) for x in _cheb_grid(lo, hi, grid)]
+    states = [(0, 0, np.ones((1, 1))) for _ in xs]
     cum = np.zeros(len(xs))
     bounds, spent = [], []
     prev = 0
     for nk in looks:
-        m = nk - prev
+        states = [_advance(st, nk - prev, nk, x + delta, x) for st, x in zip(states, xs, strict=True)]
         prev = nk
-        states = [_conv2(s, _trinomial_grid(m, x + delta, x)) for s, x in zip(states, xs, strict=True)]
         zs = _paired_zstar(nk, delta)
-        b = np.arange(nk + 1)[:, None]
-        c = np.arange(nk + 1)[None, :]
-        feas = (b + c) <= nk
-        zf = zs[feas]
-        order = np.argsort(-zf, kind="stable")
-        zsorted = zf[order]
-        cs = np.stack([np.cumsum(s[feas][order]) for s in states])  # (grid, cells)
-        tot = (cum[:, None] + cs).max(axis=0)
-        # valid cut positions: last index of each run of equal values
-        last_of_tie = np.r_[zsorted[1:] != zsorted[:-1], True]
+        cells = [zs[b0 : b0 + a.shape[0], c0 : c0 + a.shape[1]] for b0, c0, a in states]
+        values = np.unique(np.concatenate([z[np.isfinite(z)].ravel() for z in cells]))[::-1]  # descending
+        tot = np.zeros(len(values))
+        for z, (_, _, a), cx in zip(cells, states, cum, strict=True):
+            order = np.argsort(-z, axis=None, kind="stable")
+            zsorted = z.ravel()[order]
+            mass = np.cumsum(a.ravel()[order])
+            # mass of cells with Z* >= v, for each candidate v (descending): the prefix up to the last z >= v
+            idx = np.searchsorted(-zsorted, -values, side="right")
+            tot = np.maximum(tot, cx + np.where(idx > 0, mass[np.maximum(idx - 1, 0)], 0.0))
         target = spending_function(spending, alpha, nk / n_max)
-        ok = np.nonzero(last_of_tie & (tot <= target + 1e-15))[0]
-        if len(ok) == 0 or not np.isfinite(zsorted[ok[-1]]):
+        ok = np.nonzero(tot <= target + 1e-15)[0]
+        if len(ok) == 0:
             bounds.append(math.inf)
         else:
-            j = int(ok[-1])
-            u = float(zsorted[j])
+            u = float(values[ok[-1]])
             bounds.append(u)
-            cum = cum + cs[:, j]
-            rej = zs >= u
-            states = [np.where(rej, 0.0, s) for s in states]
+            new_states = []
+            for (b0, c0, a), z, j in zip(states, cells, range(len(xs)), strict=True):
+                rej = z >= u
+                cum[j] += float(a[rej].sum())
+                new_states.append((b0, c0, np.where(rej, 0.0, a)))
+            states = new_states
         spent.append(float(cum.max()))
     return tuple(bounds), tuple(spent)
 
 
-def design_sequential(
-    n_max: int,
-    *,
-    allowed_drop: float,
-    alpha: float = 0.05,
-    looks: int | Sequence[int] = 4,
-    spending: str = "obrien-fleming",
-    early_pass: bool = True,
-    pass_drop: float | None = None,
-    pass_alpha: float | None = None,
-    grid: int = 33,
-) -> SequentialDesign:
-    """Group-sequential design for the paired gate with up to n_max pairs.
-
-    looks: number of equally spaced looks, or the cumulative pair counts (increasing, last = n_max).
-    early_pass: also stop early with a pass once "drop >= pass_drop" (default: allowed_drop) is
-    rejected at the spent level of pass_alpha (default: alpha). Non-binding: ignoring it never
-    raises the false-fail rate, which is controlled by the regression bounds alone.
-    """
-    if int(n_max) < 1:
-        raise GateInputError(f"n_max={n_max}: must be >= 1")
-    n_max = int(n_max)
-    delta = _check_delta(allowed_drop)
-    if delta < 0:
-        raise GateInputError(f"allowed_drop={delta}: must be >= 0")
-    alpha = _check_alpha(alpha)
-    spending_function(spending, alpha, 1.0)
+def _look_counts(n_max: int, looks: int | Sequence[int], min_first: int) -> list[int]:
     if isinstance(looks, (int, np.integer)):
         if looks < 1:
             raise GateInputError(f"looks={looks}: must be >= 1")
@@ -959,17 +1034,52 @@ def design_sequential(
             raise GateInputError(
                 f"looks={list(looks)}: must be increasing positive pair counts ending at n_max={n_max}"
             )
+    early = [k for k in counts if k < min_first]
+    if not early:
+        return counts
+    return [k for k in counts if k >= min_first] or [n_max]
+
+
+def design_sequential(
+    n_max: int,
+    *,
+    allowed_drop: float,
+    alpha: float = 0.05,
+    looks: int | Sequence[int] = 4,
+    spending: str = "obrien-fleming",
+    pass_drop: float | None = None,
+    pass_alpha: float | None = None,
+    min_first: int = 1,
+    grid: int = 33,
+) -> SequentialDesign:
+    """Group-sequential design for the paired gate with up to n_max pairs (memoized per arguments).
+
+    looks: number of equally spaced looks, or the cumulative pair counts (increasing, last = n_max); looks
+    before `min_first` pairs (the smallest number of episodes worth judging) are dropped. Both verdicts
+    spend their level over the looks: a regression when "drop <= allowed_drop" is rejected (alpha), a pass
+    when "drop >= pass_drop" (default allowed_drop) is rejected (pass_alpha, default alpha). Each side is
+    non-binding for the other: stopping on one can only lower the other's error rate.
+    """
+    if int(n_max) < 1:
+        raise GateInputError(f"n_max={n_max}: must be >= 1")
+    delta = _check_delta(allowed_drop)
+    if delta < 0:
+        raise GateInputError(f"allowed_drop={delta}: must be >= 0")
+    alpha = _check_alpha(alpha)
+    spending_function(spending, alpha, 1.0)
+    counts = tuple(_look_counts(int(n_max), looks, int(min_first)))
+    pd = delta if pass_drop is None else _check_delta(pass_drop, "pass_drop")
+    if pd < 0:
+        raise GateInputError(f"pass_drop={pd}: must be >= 0")
+    pa = alpha if pass_alpha is None else _check_alpha(pass_alpha, "pass_alpha")
+    return _design(int(n_max), counts, delta, alpha, spending, pd, pa, int(grid))
+
+
+@functools.lru_cache(maxsize=32)
+def _design(n_max, counts, delta, alpha, spending, pd, pa, grid) -> SequentialDesign:
     reg_b, reg_s = _gs_bounds(counts, n_max, delta, alpha, spending, grid)
-    pd = pa = None
-    pass_b: tuple[float, ...] = ()
-    pass_s: tuple[float, ...] = ()
-    if early_pass and len(counts) > 1:
-        pd = delta if pass_drop is None else _check_delta(pass_drop, "pass_drop")
-        if pd < 0:
-            raise GateInputError(f"pass_drop={pd}: must be >= 0")
-        pa = alpha if pass_alpha is None else _check_alpha(pass_alpha, "pass_alpha")
-        pass_b, pass_s = _gs_bounds(counts[:-1], n_max, -pd, pa, spending, grid)
-    return SequentialDesign(tuple(counts), delta, alpha, spending, reg_b, reg_s, pd, pa, pass_b, pass_s)
+    pass_b, pass_s = _gs_bounds(counts, n_max, -pd, pa, spending, grid)
+    return SequentialDesign(counts, delta, alpha, spending, reg_b, reg_s, pd, pa, pass_b, pass_s)
 
 
 def sequential_operating_characteristics(
@@ -977,43 +1087,54 @@ def sequential_operating_characteristics(
 ) -> dict[str, float]:
     """Exact probabilities of the design's outcomes at true drop `drop` and P(ref fail, cand success) = p_c.
 
-    Returns reject (P(regression declared)), early_pass, expected_pairs (E[pairs used]) and
-    reject_without_early_pass (the bound that the non-binding design guarantees <= alpha at drop = allowed).
+    Returns regression, pass (early or final), inconclusive (final look, neither), expected_pairs
+    (E[pairs used]) and regression_without_pass_stops (the bound the regression side guarantees <= alpha
+    at drop = allowed).
     """
     pb, pc = p_c + drop, p_c
     if pc < 0 or pb < 0 or pb + pc > 1:
         raise GateInputError(f"drop={drop}, p_c={p_c}: need p_c >= 0, p_c + drop >= 0, 2 p_c + drop <= 1")
-    state = np.ones((1, 1))
-    free = np.ones((1, 1))  # same process with the early-pass stops ignored
-    reject = reject_free = early = expected = 0.0
+    state = (0, 0, np.ones((1, 1)))
+    free = (0, 0, np.ones((1, 1)))  # the same process with the pass stops ignored
+    reject = reject_free = passed = expected = 0.0
     prev = 0
     for k, nk in enumerate(design.looks):
-        kern = _trinomial_grid(nk - prev, pb, pc)
+        state = _advance(state, nk - prev, nk, pb, pc)
+        free = _advance(free, nk - prev, nk, pb, pc)
         prev = nk
-        state = _conv2(state, kern)
-        free = _conv2(free, kern)
-        rej = _paired_zstar(nk, design.allowed_drop) >= design.regression_bounds[k]
-        r = float(state[rej].sum())
+        zs = _paired_zstar(nk, design.allowed_drop)
+        zp = _paired_zstar(nk, -design.pass_drop).T
+        b0, c0, a = state
+        rej = zs[b0 : b0 + a.shape[0], c0 : c0 + a.shape[1]] >= design.regression_bounds[k]
+        r = float(a[rej].sum())
+        a = np.where(rej, 0.0, a)
+        ok = zp[b0 : b0 + a.shape[0], c0 : c0 + a.shape[1]] >= design.pass_bounds[k]
+        e = float(a[ok].sum())
+        a = np.where(ok, 0.0, a)
+        state = (b0, c0, a)
+        fb0, fc0, fa = free
+        frej = zs[fb0 : fb0 + fa.shape[0], fc0 : fc0 + fa.shape[1]] >= design.regression_bounds[k]
+        reject_free += float(fa[frej].sum())
+        free = (fb0, fc0, np.where(frej, 0.0, fa))
         reject += r
-        reject_free += float(free[rej].sum())
-        state = np.where(rej, 0.0, state)
-        free = np.where(rej, 0.0, free)
-        stopped = r
-        if k < len(design.pass_bounds) and k < len(design.looks) - 1:
-            ps = _paired_zstar(nk, -design.pass_drop).T >= design.pass_bounds[k]
-            e = float(state[ps].sum())
-            early += e
-            stopped += e
-            state = np.where(ps, 0.0, state)
-        if k == len(design.looks) - 1:
-            stopped += float(state.sum())
+        passed += e
+        stopped = r + e + (float(a.sum()) if k == len(design.looks) - 1 else 0.0)
         expected += nk * stopped
     return {
-        "reject": reject,
-        "early_pass": early,
+        "regression": reject,
+        "pass": passed,
+        "inconclusive": max(0.0, 1.0 - reject - passed),
         "expected_pairs": expected,
-        "reject_without_early_pass": reject_free,
+        "regression_without_pass_stops": reject_free,
     }
+
+
+def _powered(n: int, delta: float, alpha: float, p_c: float, power: float, max_mdd: float | None) -> bool:
+    """No max_mdd, or this many pairs detect a drop of max_mdd with `power`."""
+    if max_mdd is None:
+        return True
+    mdd = _paired_mdd(n, delta, alpha, p_c, power)
+    return mdd is not None and mdd <= max_mdd
 
 
 def schedule_order(keys: Sequence[Hashable]) -> list[Hashable]:
@@ -1039,12 +1160,19 @@ def sequential_monitor(
     *,
     design: SequentialDesign,
     order: Sequence[Hashable] | None = None,
+    in_flight: int = 8,
+    max_mdd: float | None = None,
+    power: float = 0.8,
 ) -> GateDecision:
-    """Replay the design's looks on the episodes finished so far and say pass / regression / continue.
+    """Replay the design's looks on the episodes finished so far: PASS, REGRESSION, CONTINUE, or (after the
+    last look) INCONCLUSIVE.
 
     Look k uses exactly the first design.looks[k] keys of `order` (default: schedule_order of the
-    reference keys) and is taken only once all of them are in the candidate. Stateless: call it
-    after every finished episode; the answer changes only when a look completes.
+    reference keys) and is taken only once all of them are in the candidate. Stateless: call it after
+    every finished episode. Unusable (GateInputError), never "continue": a candidate episode that is not in
+    the reference (another seed, suite or trial set), or a scheduled episode still absent while more than
+    `in_flight` episodes after it are done (it was skipped: rerun it). max_mdd: a pass is taken only when
+    the minimum detectable drop at that look (`power`) is at most max_mdd.
     """
     ref = _as_outcomes(reference_outcomes, "reference_outcomes")
     cand = _as_outcomes(candidate_outcomes, "candidate_outcomes")
@@ -1056,28 +1184,44 @@ def sequential_monitor(
         raise GateInputError(
             f"sequential design needs {design.n_max} planned episodes, the order has {len(order)}"
         )
+    stray = [k for k in cand if k not in ref]
+    if stray:
+        raise GateInputError(
+            f"{len(stray)} candidate episode(s) are not episodes of the reference, e.g. {stray[0]!r} "
+            "(another seed, suite or trial set): the run does not pair with the golden"
+        )
+    plan = order[: design.n_max]
+    done_at = [i for i, k in enumerate(plan) if k in cand]
+    for i, k in enumerate(plan):
+        if k in cand:
+            continue
+        later = sum(1 for j in done_at if j > i)
+        if later > in_flight:
+            raise GateInputError(
+                f"scheduled episode {k!r} is missing while {later} episodes after it are done (more than "
+                f"{in_flight} in flight): the run skipped it; rerun it (results resume)"
+            )
+        break
     delta = design.allowed_drop
-    verdict, look, nk, b, c = CONTINUE, -1, 0, 0, 0
+    verdict, look = CONTINUE, -1
     for k, n_k in enumerate(design.looks):
-        keys = order[:n_k]
+        keys = plan[:n_k]
         if not all(key in cand for key in keys):
             break
-        look, nk = k, n_k
+        look = k
         b = sum(1 for key in keys if ref[key] and not cand[key])
         c = sum(1 for key in keys if cand[key] and not ref[key])
         if _paired_zstar(n_k, delta)[b, c] >= design.regression_bounds[k]:
             verdict = REGRESSION
             break
-        if k == len(design.looks) - 1:
-            verdict = PASS
-            break
-        if (
-            k < len(design.pass_bounds)
-            and _paired_zstar(n_k, -design.pass_drop)[c, b] >= design.pass_bounds[k]
+        if _paired_zstar(n_k, -design.pass_drop)[c, b] >= design.pass_bounds[k] and _powered(
+            n_k, delta, design.alpha, c / n_k, power, max_mdd
         ):
             verdict = PASS
             break
-    done = sum(1 for key in order[: design.n_max] if key in cand)
+        if k == len(design.looks) - 1:
+            verdict = INCONCLUSIVE
+    done = len(done_at)
     info = {
         "look": look + 1,
         "looks": list(design.looks),
@@ -1085,55 +1229,42 @@ def sequential_monitor(
         "episodes_done": done,
         "design": design.to_dict(),
     }
-    if look < 0:
-        rs = cs = 0
-        text = (
-            f"CONTINUE: the first look needs the first {design.looks[0]} scheduled episodes; "
-            f"{done} of them are done."
-        )
-        return GateDecision(
-            CONTINUE,
-            "sequential",
-            design.alpha,
-            delta,
-            None,
-            None,
-            None,
-            None,
-            0.8,
-            0,
-            len(ref),
-            len(cand),
-            0,
-            0,
-            math.nan,
-            math.nan,
-            math.nan,
-            0,
-            0,
-            explanation=text,
-            sequential=info,
-        )
-    keys = order[:nk]
+    nk = design.looks[look] if look >= 0 else 0
+    keys = plan[:nk]
     rs = sum(1 for key in keys if ref[key])
     cs = sum(1 for key in keys if cand[key])
-    p = paired_pvalue(b, c, nk, delta)
-    head = (
-        f"look {look + 1}/{len(design.looks)} at {nk} of {design.n_max} pairs: candidate {cs}/{nk} "
-        f"({_pct(cs / nk)}%) vs reference {rs}/{nk} ({_pct(rs / nk)}%), drop {_pct((b - c) / nk)} points, "
-        f"allowed {_pct(delta)}; b={b}, c={c}; nominal p = {p:.3g}"
-    )
-    if verdict == REGRESSION:
-        text = f"REGRESSION (sequential, overall alpha {design.alpha:g}, {design.spending} spending): {head}."
-    elif verdict == PASS and look < len(design.looks) - 1:
+    b = sum(1 for key in keys if ref[key] and not cand[key])
+    c = sum(1 for key in keys if cand[key] and not ref[key])
+    if look < 0:
         text = (
-            f"PASS early: the drop is shown below {_pct(design.pass_drop)} points "
-            f"(pass alpha {design.pass_alpha:g}): {head}; {design.n_max - nk} episodes saved."
+            f"CONTINUE: the first look needs the first {design.looks[0]} scheduled episodes; "
+            f"{sum(1 for key in plan[: design.looks[0]] if key in cand)} of them are done."
         )
-    elif verdict == PASS:
-        text = f"PASS (final look, no evidence of a drop above {_pct(delta)} points): {head}."
+        p = None
     else:
-        text = f"CONTINUE: {head}; next look at {design.looks[look + 1]} pairs."
+        p = paired_pvalue(b, c, nk, delta)
+        head = (
+            f"look {look + 1}/{len(design.looks)} at {nk} of {design.n_max} pairs: candidate {cs}/{nk} "
+            f"({_pct(cs / nk)}%) vs reference {rs}/{nk} ({_pct(rs / nk)}%), drop {_pct((b - c) / nk)} points, "
+            f"allowed {_pct(delta)}; b={b}, c={c}; nominal p = {p:.3g}"
+        )
+        if verdict == REGRESSION:
+            text = f"REGRESSION (sequential, overall alpha {design.alpha:g}, {design.spending} spending): {head}."
+        elif verdict == PASS:
+            saved = f"; {design.n_max - nk} episodes saved" if nk < design.n_max else ""
+            text = (
+                f"PASS: the drop is shown below {_pct(design.pass_drop)} points "
+                f"(sequential, pass alpha {design.pass_alpha:g}): {head}{saved}."
+            )
+        elif verdict == INCONCLUSIVE:
+            text = (
+                f"INCONCLUSIVE: the last look decided neither way: {head}; about "
+                f"{extra_pairs_needed(b, c, nk, delta, design.alpha, power)} more paired episodes would "
+                "likely decide it (a larger golden)."
+            )
+        else:
+            text = f"CONTINUE: {head}; next look at {design.looks[look + 1]} pairs."
+    n = max(nk, 1)
     return GateDecision(
         verdict=verdict,
         mode="sequential",
@@ -1143,19 +1274,18 @@ def sequential_monitor(
         ci=None,
         ci_level=None,
         mdd=None,
-        power=0.8,
+        power=power,
         n=nk,
         n_reference=nk,
         n_candidate=nk,
         reference_successes=rs,
         candidate_successes=cs,
-        reference_rate=rs / nk,
-        candidate_rate=cs / nk,
-        drop=(b - c) / nk,
+        reference_rate=rs / n if nk else math.nan,
+        candidate_rate=cs / n if nk else math.nan,
+        drop=(b - c) / n if nk else math.nan,
         b=b,
         c=c,
-        ignored_reference=len(ref) - nk,
-        ignored_candidate=len(cand) - nk,
         explanation=text,
         sequential=info,
+        pass_alpha=design.pass_alpha,
     )

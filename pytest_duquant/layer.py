@@ -20,6 +20,8 @@ from pytest_duquant.packs import LayerPack
 class DuQuantLinear(nn.Module):
     """A quantized stand-in for nn.Linear. Build with `from_pack`; `quantize_model` does it for you."""
 
+    quantized_linear = True  # selection sees it as an already-quantized linear
+
     def __init__(self, in_features: int, out_features: int, *, name: str, wbits: int, abits: int,
                  block: int, block_out: int, row_rot: str, act_pct: float, calib_steps: int,
                  act_dynamic: bool = False, backend: str = "reference"):

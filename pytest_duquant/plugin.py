@@ -12,7 +12,7 @@ from pytest_duquant.config import PRESET_NAMES, DuQuantConfig, DuQuantConfigErro
 
 _CONFIG_KEY = pytest.StashKey[DuQuantConfig]()
 MARKERS = {
-    "libero": "golden LIBERO rollouts of the quantized policy (select with -m libero; need --ckpt)",
+    "libero": "golden LIBERO rollouts of the quantized policy (-m libero; --ckpt, else the reference policy)",
     "gpu": "needs a CUDA GPU (kernels, benchmarks); skipped with the reason elsewhere",
     "slow": "takes more than a few seconds",
 }
@@ -28,6 +28,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--tokenizer", default=None, metavar="PATH", help="PaliGemma SentencePiece tokenizer model")
     group.addoption("--duquant-update-golden", action="store_true", default=False,
                     help="rewrite golden files from this run (explicit; prints what changed)")
+    group.addoption("--duquant-allowed-drop", default=None, type=float, metavar="DROP",
+                    help="LIBERO gate: allowed success-rate drop (0.05 = 5 points), instead of the golden's "
+                         "value for the preset")
+    group.addoption("--duquant-same-machine", action="store_true", default=False,
+                    help="LIBERO gate: also roll out the FP policy on the same episodes and judge against it "
+                         "(the golden then checks the FP arm for drift)")
     group.addoption("--duquant-golden-presets", default=None, metavar="all|P1,P2",
                     help="check the model goldens under each of these presets (`all`: A, B, precision, speed) "
                     "instead of only the session's preset; the rest of the run keeps --duquant-preset")
@@ -115,7 +121,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     cuda = _cuda_reason()
     for item in items:
         if item.get_closest_marker("libero") and "libero" not in markexpr:
-            reason = "LIBERO golden rollouts run only when selected: -m libero --ckpt DIR"
+            reason = "LIBERO golden rollouts run only when selected: -m libero [--ckpt DIR]"
             item.add_marker(pytest.mark.skip(reason=reason))
         if item.get_closest_marker("gpu") and cuda:
             item.add_marker(pytest.mark.skip(reason=cuda))
@@ -132,27 +138,45 @@ def _cuda_reason() -> str | None:
 
 
 _REPORT_KEY = pytest.StashKey[dict]()
+_MEASURED_KEY = pytest.StashKey[list]()
+_GOLDEN_CHECKS_KEY = pytest.StashKey[list]()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
-    """--duquant-report DIR: write the model report (PNG + JSON) and, with rollout results, the success one."""
+    """--duquant-report DIR: draw what the session measured (else measure the session preset) and, with
+    rollout results under --libero-results, the success figure."""
     config = session.config
     out = config.getoption("--duquant-report") or config.getini("duquant_report")
     if not out or hasattr(config, "workerinput"):
         return
-    from pytest_duquant.reporting.model import write_session_report
-
-    results_dir = Path(config.getoption("--libero-results") or "libero_results")
-    results = sorted(results_dir.glob("*.jsonl")) if results_dir.is_dir() else []
     try:
-        paths = write_session_report(
-            session_config(config), out, ckpt=_ckpt_option(config), tokenizer=config.getoption("--tokenizer"),
-            backend=config.getoption("--policy-backend"), results=results,
-            libero_goldens=Path(config.rootpath) / "golden" / "libero",
-        )
-        config.stash[_REPORT_KEY] = {"paths": {k: str(v) for k, v in paths.items()}}
+        config.stash[_REPORT_KEY] = {"paths": {k: str(v) for k, v in _write_report(config, Path(out)).items()}}
     except Exception as exc:  # noqa: BLE001 - the run's outcome stands; say why the report is missing
         config.stash[_REPORT_KEY] = {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _write_report(config: pytest.Config, out: Path) -> dict[str, Path]:
+    from pytest_duquant.golden.common import default_root
+    from pytest_duquant.golden.episodes import goldens_for
+    from pytest_duquant.metrics.probe import measure_policy, preset_configs
+    from pytest_duquant.policies.session import policy_factory
+    from pytest_duquant.reporting.model import write_model_report
+    from pytest_duquant.reporting.success import write_success_report
+    from pytest_duquant.results import read_results
+
+    cfg = session_config(config)
+    metrics = [m for measured in config.stash.get(_MEASURED_KEY, []) for m in measured.all()]
+    if not metrics and cfg.enabled:
+        make = policy_factory(_ckpt_option(config), tokenizer=config.getoption("--tokenizer"),
+                              backend=config.getoption("--policy-backend"))
+        metrics = measure_policy(make, preset_configs([cfg.preset], base=cfg))
+    paths = dict(write_model_report(metrics, out, focus=cfg.preset)) if metrics else {}
+    results_dir = Path(config.getoption("--libero-results") or "libero_results")
+    files = sorted(results_dir.rglob("*.jsonl")) if results_dir.is_dir() else []
+    records = [r for f in files for r in read_results(f)]
+    succ = write_success_report(records, goldens_for(records, default_root(config.rootpath)), out)
+    paths.update({f"success_{k}": v for k, v in (succ or {}).items()})
+    return paths
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -179,6 +203,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         tr.write_line(f"  {env:<20} = {value:<40} [{origin}]")
     ckpt = _ckpt_option(config)
     tr.write_line(f"checkpoint: {ckpt if ckpt else 'built-in dummy pi0.5 (random init)'}")
+    updates = [m for check in config.stash.get(_GOLDEN_CHECKS_KEY, []) for m in check.messages]
+    if updates:
+        tr.section("DuQuant goldens written (--duquant-update-golden)")
+        for message in updates:
+            tr.write_line(message)
     report = config.stash.get(_REPORT_KEY, None)
     if report is not None:
         if "error" in report:
@@ -207,6 +236,68 @@ def duquant_ckpt(request: pytest.FixtureRequest) -> Path | None:
 @pytest.fixture(scope="session")
 def duquant_update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--duquant-update-golden"))
+
+
+@pytest.fixture(scope="session")
+def duquant_golden_root(request: pytest.FixtureRequest) -> Path:
+    """The project's golden/ folder (the nearest one above the rootdir holding model/ or libero/)."""
+    from pytest_duquant.golden.common import default_root
+
+    return default_root(request.config.rootpath)
+
+
+@pytest.fixture(scope="session")
+def duquant_model_regression(request: pytest.FixtureRequest, duquant_golden_root, duquant_update_golden):
+    """ModelRegression: check(metrics, name) against golden/model/<fingerprint>/<name>.json (or rewrite it)."""
+    from pytest_duquant.golden.model import ModelRegression
+
+    command = " ".join(["pytest", *request.config.invocation_params.args])
+    return _remember(request, _GOLDEN_CHECKS_KEY,
+                     ModelRegression(duquant_golden_root, update=duquant_update_golden, command=command))
+
+
+@pytest.fixture(scope="session")
+def duquant_success_regression(request: pytest.FixtureRequest, duquant_golden_root, duquant_update_golden):
+    """SuccessRegression: check(records, suite, ...) judged by pytest_duquant.judge (the `duquant gate` call)."""
+    from functools import partial
+
+    from pytest_duquant.golden.episodes import SuccessRegression
+    from pytest_duquant.judge import judge
+
+    drop = request.config.getoption("--duquant-allowed-drop")
+    return _remember(request, _GOLDEN_CHECKS_KEY, SuccessRegression(
+        duquant_golden_root, update=duquant_update_golden, judge=partial(judge, allowed_drop=drop)))
+
+
+@pytest.fixture(scope="session")
+def duquant_measure_with(request: pytest.FixtureRequest):
+    """Factory: probe -> Measurements (cached per settings; what it measures goes into --duquant-report)."""
+    from pytest_duquant.metrics.probe import Measurements
+
+    return lambda probe: _remember(request, _MEASURED_KEY, Measurements(probe))
+
+
+@pytest.fixture(scope="session")
+def duquant_measurements(duquant_policy_factory, duquant_measure_with):
+    """Measurements of the session policy (PolicyProbe): measure(config, rtn=..., label=...) -> ModelMetrics."""
+    import torch
+
+    from pytest_duquant.metrics.probe import PolicyProbe
+
+    policy = duquant_policy_factory()
+    # A small checkpoint (the dummy) is measured in float64: its goldens then reproduce on any CPU (in float32
+    # the action error's max abs moved by up to 13% with the CPU's float order). A full-size pi05 (26 GB in
+    # float64) is measured in the precision it is served in; the golden records which (protocol "dtype").
+    small = getattr(getattr(policy, "config", None), "variant", "") == "dummy"
+    probe = PolicyProbe(policy, fingerprint=duquant_policy_factory.fingerprint,
+                        dtype=torch.float64 if small else None)
+    yield duquant_measure_with(probe)
+    probe.close()
+
+
+def _remember(request: pytest.FixtureRequest, key, obj):
+    request.config.stash.setdefault(key, []).append(obj)
+    return obj
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""quantize_model(model, config): select, pack (cached), replace, report. Also explicit calibration."""
+"""quantize_model(model, config): select, replace, report — one entry, a handler per method (as torchao's
+``quantize_(model, config)``): a DuQuantConfig quantizes with DuQuant (packs cached by content), an
+RTNConfig with plain round-to-nearest (baselines/rtn.py). Also explicit calibration of either."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from pytest_duquant import progress as _progress
+from pytest_duquant.baselines.rtn import RTNConfig, rtn_layer
 from pytest_duquant.config import DuQuantConfig, from_env
 from pytest_duquant.layer import DuQuantLinear
 from pytest_duquant.packs import PackCache, build_pack, pack_key
@@ -39,6 +42,7 @@ class LayerRecord:
     bytes_after: int
     seconds: float
     cached: bool
+    method: str = "duquant"
 
 
 @dataclass
@@ -102,36 +106,44 @@ class QuantReport:
         }
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` of `model` (replacing what is there)."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, module)
 
 
-def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dryrun: bool | None = None,
-                   progress: bool = False) -> QuantReport:
-    """Replace the layers `config` selects with DuQuantLinear, in place. Returns a QuantReport.
+QuantConfig = DuQuantConfig | RTNConfig
 
-    `config` defaults to the environment (`from_env()`). With DRYRUN (or dryrun=True) the plan is returned
-    and the model is left untouched. A selected layer that is already quantized raises DuQuantError before
-    anything changes.
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, dryrun: bool | None = None,
+                   progress: bool = False) -> QuantReport:
+    """Replace the layers `config` selects, in place, by the method the config names. Returns a QuantReport.
+
+    `config`: a DuQuantConfig (default: from the environment, `from_env()`) -> DuQuantLinear; an
+    RTNConfig(base) -> RTNLinear on the layers, bits and activation scheme of `base`. With DRYRUN (or
+    dryrun=True) the plan is returned and the model is left untouched. A selected layer that is already
+    quantized raises DuQuantError before anything changes.
     """
     config = from_env() if config is None else config
-    if config.debug:
+    if not isinstance(config, (DuQuantConfig, RTNConfig)):
+        raise TypeError(f"quantize_model: config must be a DuQuantConfig or an RTNConfig, got {type(config).__name__}")
+    selection = config.base if isinstance(config, RTNConfig) else config
+    if selection.debug:
         enable_debug_logging()
-    dry = config.dryrun if dryrun is None else dryrun
+    dry = selection.dryrun if dryrun is None else dryrun
     start = time.perf_counter()
-    plan = linear_choices(model, config)
+    plan = linear_choices(model, selection)
     report = QuantReport(preset=config.preset, dryrun=dry, config=config.describe(), plan=plan)
     if not config.enabled:
         log.info("DuQuant: preset fp, nothing quantized")
         return report
-    for missing in unmatched_layer_names(plan, config):
+    for missing in unmatched_layer_names(plan, selection):
         log.warning("DuQuant: %r (from LAYERS/WBITS) names no nn.Linear of this model", missing)
     again = [c.name for c in plan if c.selected and c.quantized]
     if again:
         raise DuQuantError(
-            f"{len(again)} selected layer(s) are already DuQuant-quantized (e.g. {again[0]}); quantizing twice "
+            f"{len(again)} selected layer(s) are already quantized (e.g. {again[0]}); quantizing twice "
             "would stack transforms. Quantize a fresh copy of the FP model instead."
         )
     selected = [c for c in plan if c.selected]
@@ -141,53 +153,50 @@ def quantize_model(model: nn.Module, config: DuQuantConfig | None = None, *, dry
             log.info("[dry run] would quantize %s [%d, %d] to W%d", c.name, c.out_features, c.in_features, c.wbits)
         report.seconds = time.perf_counter() - start
         return report
-
-    cache = PackCache(config.packdir)
-    block_out = config.effective_block_out
-    packs = _load_or_build_packs(model, selected, config, cache)
-    iterator = _progress.steps(selected, f"DuQuant {config.preset}: quantizing", unit="linears")
+    handler = _RTN(config) if isinstance(config, RTNConfig) else _DuQuant(config)
+    iterator = _progress.steps(selected, f"{'RTN' if isinstance(config, RTNConfig) else 'DuQuant'} {config.preset}: "
+                               "quantizing", unit="linears")
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(selected, desc="DuQuant", unit="layer")
+    handler.start(model, selected)
     try:
-        for choice in iterator:
-            t0 = time.perf_counter()
-            linear = model.get_submodule(choice.name)
-            pack, cached, build_seconds = next(packs)
-            layer = DuQuantLinear.from_pack(
-                linear, pack, name=choice.name, wbits=choice.wbits, abits=config.abits, block=config.block,
-                block_out=block_out, row_rot=config.row_rot, act_pct=config.act_pct, calib_steps=config.calib_steps,
-                act_dynamic=config.act_dynamic, backend=config.backend,
-            )
-            _set_submodule(model, choice.name, layer)
-            before = linear.weight.numel() * linear.weight.element_size()
-            if linear.bias is not None:
-                before += linear.bias.numel() * linear.bias.element_size()
-            record = LayerRecord(
-                name=choice.name, out_features=choice.out_features, in_features=choice.in_features, wbits=choice.wbits,
-                abits=config.abits if layer.act_quant_enabled else 16, block=config.block, block_out=block_out,
-                permute=config.permute, row_rot=config.row_rot, bytes_before=before, bytes_after=layer.packed_bytes(),
-                seconds=build_seconds + time.perf_counter() - t0, cached=cached,
-            )
-            report.layers.append(record)
-            log.info("Quantizing layer: %s", choice.name)
-            log.info("Weight shape: [%d, %d]", choice.out_features, choice.in_features)
-            log.info("Quantized to W%dA%d, block=%d%s", record.wbits, record.abits, record.block,
-                     " (pack from cache)" if cached else "")
-            log.info("Memory saved: %.1f MB", (record.bytes_before - record.bytes_after) / 1e6)
-            if layer.w_scales is not None:
-                log.debug("  weight scales: min %.3g median %.3g max %.3g; %.3f s", float(layer.w_scales.min()),
-                          float(layer.w_scales.median()), float(layer.w_scales.max()), record.seconds)
+        _replace_all(model, iterator, handler, selection, report)
     finally:
-        packs.close()  # the pack threads stop and torch gets its thread count back, even on an error
-    if config.backend == "triton":  # q/k/v and gate/up share one activation + one GEMM launch on the GPU
-        from pytest_duquant.kernels.grouping import group_siblings
-
+        handler.finish()  # pack threads stop and torch gets its thread count back, also on an error
+    if isinstance(config, DuQuantConfig) and config.backend == "triton":  # q/k/v and gate/up: one launch pair
         log.info("Grouped %d sets of sibling linears for the GPU kernels", group_siblings(model))
     report.seconds = time.perf_counter() - start
     log.info("%s", report.summary())
     return report
+
+
+def _replace_all(model: nn.Module, iterator, handler, selection: DuQuantConfig, report: QuantReport) -> None:
+    for choice in iterator:
+        t0 = time.perf_counter()
+        linear = model.get_submodule(choice.name)
+        layer, cached = handler.layer(linear, choice)
+        set_submodule(model, choice.name, layer)
+        before = linear.weight.numel() * linear.weight.element_size()
+        if linear.bias is not None:
+            before += linear.bias.numel() * linear.bias.element_size()
+        record = LayerRecord(
+            name=choice.name, out_features=choice.out_features, in_features=choice.in_features, wbits=choice.wbits,
+            abits=selection.abits if layer.act_quant_enabled else 16, bytes_before=before,
+            bytes_after=layer.packed_bytes(), seconds=time.perf_counter() - t0, cached=cached, **handler.settings,
+        )
+        report.layers.append(record)
+        log.info("Quantizing layer: %s", choice.name)
+        log.info("Weight shape: [%d, %d]", choice.out_features, choice.in_features)
+        log.info("Quantized to W%dA%d, %s%s", record.wbits, record.abits,
+                 f"block={record.block}" if record.method == "duquant" else "plain RTN",
+                 " (pack from cache)" if cached else "")
+        log.info("Memory saved: %.1f MB", (record.bytes_before - record.bytes_after) / 1e6)
+        scales = getattr(layer, "w_scales", None)
+        if scales is not None:
+            log.debug("  weight scales: min %.3g median %.3g max %.3g; %.3f s", float(scales.min()),
+                      float(scales.median()), float(scales.max()), record.seconds)
 
 
 def pack_workers() -> int:
@@ -200,45 +209,87 @@ def pack_workers() -> int:
     return max(1, min(8, torch.get_num_threads()))
 
 
-def _load_or_build_packs(model: nn.Module, selected: list[LinearChoice], config: DuQuantConfig,
-                         cache: PackCache) -> Iterator[tuple]:
-    """Yield (pack, cached, seconds) for `selected`, in order: from the cache, else built (and saved) by
-    `pack_workers()` threads, a few layers ahead of the consumer."""
-    settings = config.pack_settings()
-    block_out = config.effective_block_out
+class _DuQuant:
+    """DuQuant's handler: build (or load from the content-keyed cache) each layer's pack, wrap the linear."""
 
-    def one(choice: LinearChoice):
-        t0 = time.perf_counter()
+    def __init__(self, config: DuQuantConfig):
+        self.config = config
+        self.cache = PackCache(config.packdir)
+        self.pack_settings = config.pack_settings()
+        block_out = config.effective_block_out
+        self.settings = {"block": config.block, "block_out": block_out, "permute": config.permute,
+                         "row_rot": config.row_rot, "method": "duquant"}
+
+    def start(self, model: nn.Module, selected: list[LinearChoice]) -> None:
+        """Load or build the packs of `selected`, in order, by `pack_workers()` threads a few layers ahead."""
+        self._packs = self._load_or_build(model, selected)
+
+    def finish(self) -> None:
+        packs, self._packs = getattr(self, "_packs", None), None
+        if packs is not None:
+            packs.close()
+
+    def _one(self, model: nn.Module, choice: LinearChoice):
+        c = self.config
         weight = model.get_submodule(choice.name).weight
-        key = pack_key(choice.name, weight, {**settings, "wbits": choice.wbits})
-        pack = cache.load(choice.name, key)
+        key = pack_key(choice.name, weight, {**self.pack_settings, "wbits": choice.wbits})
+        pack = self.cache.load(choice.name, key)
         cached = pack is not None
         if pack is None:
-            pack = build_pack(weight, wbits=choice.wbits, block=config.block, block_out=block_out, ls=config.ls,
-                              permute=config.permute, row_rot=config.row_rot, rotation=config.rotation)
-            cache.save(choice.name, key, pack)
-        return pack, cached, time.perf_counter() - t0
+            pack = build_pack(weight, wbits=choice.wbits, block=c.block, block_out=c.effective_block_out,
+                              ls=c.ls, permute=c.permute, row_rot=c.row_rot, rotation=c.rotation)
+            self.cache.save(choice.name, key, pack)
+        return pack, cached
 
-    workers = pack_workers()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if workers == 1:
-            for choice in selected:
-                yield one(choice)
-            return
-        from concurrent.futures import ThreadPoolExecutor
+    def _load_or_build(self, model: nn.Module, selected: list[LinearChoice]) -> Iterator[tuple]:
+        workers = pack_workers()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if workers == 1:
+                for choice in selected:
+                    yield self._one(model, choice)
+                return
+            from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="duquant-pack") as pool:
-            ahead = 2 * workers
-            futures = [pool.submit(one, c) for c in selected[:ahead]]
-            for i in range(len(selected)):
-                if i + ahead < len(selected):
-                    futures.append(pool.submit(one, selected[i + ahead]))
-                yield futures[i].result()
-                futures[i] = None  # let the pack go once the layer holds it
-    finally:
-        torch.set_num_threads(threads)
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="duquant-pack") as pool:
+                ahead = 2 * workers
+                futures = [pool.submit(self._one, model, c) for c in selected[:ahead]]
+                for i in range(len(selected)):
+                    if i + ahead < len(selected):
+                        futures.append(pool.submit(self._one, model, selected[i + ahead]))
+                    yield futures[i].result()
+                    futures[i] = None  # let the pack go once the layer holds it
+        finally:
+            torch.set_num_threads(threads)
+
+    def layer(self, linear: nn.Linear, choice: LinearChoice) -> tuple[nn.Module, bool]:
+        c = self.config
+        pack, cached = next(self._packs)
+        layer = DuQuantLinear.from_pack(
+            linear, pack, name=choice.name, wbits=choice.wbits, abits=c.abits, block=c.block,
+            block_out=c.effective_block_out, row_rot=c.row_rot, act_pct=c.act_pct, calib_steps=c.calib_steps,
+            act_dynamic=c.act_dynamic, backend=c.backend,
+        )
+        return layer, cached
+
+
+class _RTN:
+    """Plain RTN's handler: no transform, nothing cached."""
+
+    settings = {"block": 0, "block_out": 0, "permute": False, "row_rot": "0", "method": "rtn"}
+
+    def __init__(self, config: RTNConfig):
+        self.config = config
+
+    def start(self, model: nn.Module, selected: list[LinearChoice]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def layer(self, linear: nn.Linear, choice: LinearChoice) -> tuple[nn.Module, bool]:
+        return rtn_layer(linear, choice.name, choice.wbits, self.config), False
 
 
 def enable_debug_logging() -> None:
@@ -255,14 +306,20 @@ def duquant_layers(model: nn.Module) -> list[DuQuantLinear]:
     return [m for m in model.modules() if isinstance(m, DuQuantLinear)]
 
 
+def calibrated_layers(model: nn.Module) -> list[nn.Module]:
+    """The quantized layers of any method that calibrate activation scales (``calibrating`` + ``freeze()``)."""
+    return [m for m in model.modules() if hasattr(m, "calibrating") and callable(getattr(m, "freeze", None))]
+
+
 @contextlib.contextmanager
-def calibration(model: nn.Module) -> Iterator[list[DuQuantLinear]]:
-    """Observe every forward call of every DuQuantLinear inside the block; freeze all scales on exit.
+def calibration(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Observe every forward call of every quantized layer (DuQuant or RTN) inside the block; freeze all
+    scales on exit.
 
     Use for calibration on real observations: every denoising step of every policy call is observed, and
     no layer freezes early (CALIB_STEPS then counts the policy calls the caller makes).
     """
-    layers = duquant_layers(model)
+    layers = calibrated_layers(model)
     for layer in layers:
         layer.calibrating = True
     try:
@@ -272,3 +329,20 @@ def calibration(model: nn.Module) -> Iterator[list[DuQuantLinear]]:
         for layer in layers:
             layer.calibrating = False
             layer.freeze()
+
+
+def group_siblings(model: torch.nn.Module) -> int:
+    """Attach a SiblingGroup to every set of DuQuantLinear siblings (SIBLING_NAMES under one parent with the
+    same in_features); returns how many groups were formed."""
+    from pytest_duquant.kernels.grouping import SIBLING_NAMES, SiblingGroup
+
+    count = 0
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            layers = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, DuQuantLinear) for m in layers) and len({m.in_features for m in layers}) == 1:
+                group = SiblingGroup(layers)
+                for m in layers:
+                    m.kernel_group = group
+                count += 1
+    return count

@@ -22,7 +22,7 @@ class LinearChoice:
     selected: bool
     reason: str
     wbits: int
-    quantized: bool = False  # already a DuQuantLinear
+    quantized: bool = False  # already a quantized layer (DuQuantLinear, RTNLinear, ...)
 
     def to_dict(self) -> dict:
         return {
@@ -66,12 +66,11 @@ def choose(name: str, config: DuQuantConfig) -> tuple[bool, str]:
 
 
 def linear_choices(model: nn.Module, config: DuQuantConfig) -> list[LinearChoice]:
-    """Every nn.Linear (or already-wrapped layer) of `model`, in module order, with the config's decision."""
-    from pytest_duquant.layer import DuQuantLinear
-
+    """Every nn.Linear (or already-quantized layer: one that says ``quantized_linear = True``) of `model`, in
+    module order, with the config's decision."""
     out = []
     for name, module in model.named_modules():
-        wrapped = isinstance(module, DuQuantLinear)
+        wrapped = getattr(module, "quantized_linear", False) is True
         if not (isinstance(module, nn.Linear) or wrapped):
             continue
         selected, reason = choose(name, config) if config.enabled else (False, "preset fp")

@@ -59,11 +59,11 @@ def worker(args) -> None:
     from pytest_duquant.config import from_env, replace
 
     if args.model == "minilm":
-        from pytest_duquant.model_metrics import MiniLMProbe
+        from pytest_duquant.metrics.probe import MiniLMProbe
 
         probe = MiniLMProbe(dtype=getattr(torch, args.dtype), threads=args.threads)
     else:
-        from pytest_duquant.model_metrics import PolicyProbe
+        from pytest_duquant.metrics.probe import PolicyProbe
         from pytest_duquant.policies.session import policy_factory
 
         factory = policy_factory(args.ckpt)

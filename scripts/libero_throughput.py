@@ -35,7 +35,7 @@ def _policy_factory(args):
 
     ckpt = args.ckpt
     if ckpt is None:
-        from pytest_duquant.commands.init_checkpoint import init_checkpoint
+        from pytest_duquant.policies.session import init_checkpoint
 
         ckpt = Path(tempfile.mkdtemp(prefix="duquant-pi05-random-"))
         t0 = time.perf_counter()

@@ -45,13 +45,8 @@ def main(argv=None) -> int:
     import torch
 
     from pytest_duquant.config import canonical_preset
-    from pytest_duquant.model_metrics import EVAL_OBS_SEED, MiniLMProbe, PolicyProbe
-    from pytest_duquant.reporting.model import (
-        collect_metrics,
-        markdown_table,
-        preset_configs,
-        write_model_report,
-    )
+    from pytest_duquant.metrics.probe import EVAL_OBS_SEED, MiniLMProbe, PolicyProbe, collect_metrics, preset_configs
+    from pytest_duquant.reporting.model import markdown_table, write_model_report
 
     presets = [canonical_preset(p) for p in args.presets.split(",") if p.strip()]
     configs = preset_configs(presets, [r.strip() for r in args.rotations.split(",") if r.strip()])

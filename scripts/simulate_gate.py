@@ -229,7 +229,7 @@ def main(argv=None) -> int:
                 "p_c": pc,
                 "reject_sequential": rs,
                 "se": se(rs, sims),
-                "reject_sequential_exact": oc["reject"],
+                "reject_sequential_exact": oc["regression"],
                 "reject_fixed_exact": fixed,
                 "expected_episodes": en,
                 "expected_episodes_exact": oc["expected_pairs"],

@@ -31,22 +31,9 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def init_checkpoint(out_dir, variant: str = "dummy", seed: int = 0, dtype: str | None = None) -> Path:
-    from pytest_duquant.policies.pi05.checkpoint import random_norm_stats, save_checkpoint
-    from pytest_duquant.policies.pi05.configuration import variant_config
-    from pytest_duquant.policies.pi05.modeling import random_model
-    from pytest_duquant.policies.pi05.tokenizer import CKPT_TOKENIZER_NAME, tiny_tokenizer_proto
-
-    config = variant_config(variant)
-    precision = dtype or config.precision
-    config = config.replace(precision=precision, extras={"random_init_seed": int(seed)})
-    model = random_model(config, seed, precision)
-    out = save_checkpoint(model, random_norm_stats(seed), out_dir, precision=precision)
-    (out / CKPT_TOKENIZER_NAME).write_bytes(tiny_tokenizer_proto())
-    return out
-
-
 def run(args) -> int:
+    from pytest_duquant.policies.session import init_checkpoint
+
     out = Path(args.dir)
     if out.exists() and any(out.iterdir()) and not args.force:
         print(f"duquant init-checkpoint: {out} is not empty (use --force to overwrite)", file=sys.stderr)

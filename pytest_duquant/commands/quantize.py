@@ -1,8 +1,10 @@
 """`duquant quantize`: the main job. Quantize a pi0.5 policy under a preset and report per-layer error.
 
-Without --ckpt it uses the embedded default: the built-in pi0.5 `dummy` (random-init checkpoint, seed 0).
-Prints the plan, the per-layer table (SQNR of DuQuant vs plain RTN on real calibration inputs), the
-action error vs the FP policy and the bytes; writes the report JSON (and PNG when matplotlib is there).
+Without --ckpt it uses the embedded default: the reference policy shipped with the package (a small
+pi0.5-family policy trained here on LIBERO demonstrations; docs/reference.md), calibrated on its own
+calibration.npz (real LIBERO frames). Prints the plan, the per-layer table (SQNR of DuQuant vs plain RTN
+on real calibration inputs), the action error vs the FP policy and the bytes; writes the report JSON (and
+PNG when matplotlib is there).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="quantize a pi0.5 policy under a preset and report the error",
                               description=__doc__)
     p.add_argument("--preset", default=None, help="A, B, precision, speed, fp (OPENPI_DUQUANT_* variables beat it)")
-    p.add_argument("--ckpt", default=None, help="pi0.5 checkpoint dir (default: the built-in dummy, seed 0)")
+    p.add_argument("--ckpt", default=None,
+                   help="pi0.5 checkpoint dir (default: the shipped reference policy, docs/reference.md)")
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model (real checkpoints)")
-    p.add_argument("--calib", default="synthetic", metavar="SOURCE",
-                   help="calibration observations: synthetic (default), libero:<suite> (real resets) or FILE.npz")
+    p.add_argument("--calib", default=None, metavar="SOURCE",
+                   help="calibration observations: synthetic, libero:<suite> (real resets) or FILE.npz "
+                        "(default: the checkpoint's calibration.npz when it has one, else synthetic)")
     p.add_argument("--out", default="duquant_report", help="folder for report.json / report.png")
     p.add_argument("--no-rtn", action="store_true", help="skip the plain-RTN comparison (faster)")
     p.add_argument("--dry-run", action="store_true", help="print the plan only; change nothing")
@@ -34,16 +38,21 @@ def run(args) -> int:
     config = from_env(os.environ, preset=args.preset)
     enable_debug_logging() if config.debug else None
     print(f"duquant: {config.describe()}")
+    from pytest_duquant.libero.policy import CKPT_CALIBRATION
     from pytest_duquant.policies.pi05.errors import CheckpointError
+    from pytest_duquant.policies.reference import reference_checkpoint
     from pytest_duquant.policies.session import SessionPolicyError, policy_factory
 
     try:
-        make = policy_factory(args.ckpt, tokenizer=args.tokenizer)
+        ckpt = Path(args.ckpt) if args.ckpt else reference_checkpoint()
+        make = policy_factory(ckpt, tokenizer=args.tokenizer)
         policy = make()
-    except (CheckpointError, SessionPolicyError) as exc:
+    except (CheckpointError, SessionPolicyError, FileNotFoundError) as exc:
         print(f"duquant: {exc}", file=sys.stderr)
         return 2
-    source = args.ckpt or f"built-in pi0.5 dummy (random init, seed 0) at {make.ckpt_dir}"
+    if args.calib is None:
+        args.calib = str(ckpt / CKPT_CALIBRATION) if (ckpt / CKPT_CALIBRATION).is_file() else "synthetic"
+    source = args.ckpt or f"the shipped reference policy (trained on LIBERO demonstrations) at {ckpt}"
     print(f"policy: {source}; fingerprint {make.fingerprint}")
     if args.dry_run or config.dryrun or not config.enabled:
         report = quantize_model(policy.model, replace(config, dryrun=True) if config.enabled else config)
@@ -52,7 +61,7 @@ def run(args) -> int:
         return 0
 
     from pytest_duquant.libero.calibration import CalibrationSourceError, calibration_observations
-    from pytest_duquant.model_metrics import PolicyProbe
+    from pytest_duquant.metrics.probe import PolicyProbe
 
     try:
         calib = calibration_observations(args.calib)

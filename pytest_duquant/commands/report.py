@@ -55,13 +55,8 @@ def _presets(text: str) -> list[str]:
 
 def run(args) -> int:
     from pytest_duquant.config import ROTATIONS
-    from pytest_duquant.reporting.model import (
-        collect_metrics,
-        markdown_table,
-        preset_configs,
-        write_model_report,
-        write_success_report,
-    )
+    from pytest_duquant.metrics.probe import collect_metrics, preset_configs
+    from pytest_duquant.reporting.model import markdown_table, write_model_report
 
     presets = _presets(args.presets)
     rotations = [r.strip() for r in args.rotations.split(",") if r.strip()]
@@ -82,7 +77,7 @@ def run(args) -> int:
 
     metrics = []
     if not args.no_policy:
-        from pytest_duquant.model_metrics import PolicyProbe
+        from pytest_duquant.metrics.probe import PolicyProbe
         from pytest_duquant.policies.session import policy_factory
 
         if args.ckpt is None and (args.variant == "pi05" or args.seed != 0):
@@ -99,7 +94,7 @@ def run(args) -> int:
 
             kw["calib_obs"] = default_calibration_observations(args.calib_obs)
         if args.eval_obs:
-            from pytest_duquant.model_metrics import EVAL_OBS_SEED
+            from pytest_duquant.metrics.probe import EVAL_OBS_SEED
             from pytest_duquant.policies.pi05.processing import synthetic_observations
 
             kw["eval_obs"] = synthetic_observations(args.eval_obs, EVAL_OBS_SEED)
@@ -109,7 +104,7 @@ def run(args) -> int:
         finally:
             probe.close()
     if args.minilm:
-        from pytest_duquant.model_metrics import MiniLMProbe
+        from pytest_duquant.metrics.probe import MiniLMProbe
         from pytest_duquant.policies.minilm import MiniLMError
 
         try:
@@ -127,13 +122,19 @@ def run(args) -> int:
         written.update(write_model_report(metrics, out, focus=presets[0] if presets else None))
         print(markdown_table(metrics))
     if args.results:
-        succ = write_success_report(args.results, out, args.libero_goldens)
+        from pytest_duquant.golden.episodes import goldens_for
+        from pytest_duquant.reporting.success import write_success_report
+        from pytest_duquant.results import ResultsError, read_results
+
+        try:
+            records = [r for path in args.results for r in read_results(path)]
+        except ResultsError as exc:
+            print(f"duquant report: --results: {exc}", file=sys.stderr)
+            return 2
+        goldens = goldens_for(records, args.libero_goldens) if args.libero_goldens else None
+        succ = write_success_report(records, goldens, out)
         if succ is None:
-            print(
-                "duquant report: --results given but no success figure written (no records, or the "
-                "reporting.success module is unavailable)",
-                file=sys.stderr,
-            )
+            print("duquant report: --results given but they hold no episodes", file=sys.stderr)
         else:
             written.update({f"success_{k}": v for k, v in succ.items()})
     if not written:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from pytest_duquant.libero.harness import RolloutError, run_rollouts
     from pytest_duquant.libero.policy import PolicyUnavailableError, pi05_policy_factory
     from pytest_duquant.libero.protocol import SUITE_TASKS, ProtocolSettings, check_suite, parse_ids
-    from pytest_duquant.libero.results import ResultsFileError
+    from pytest_duquant.results import ResultsError
 
     try:
         suites = [check_suite(s.strip()) for s in args.suite.split(",") if s.strip()]
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                 max_batch=args.max_batch,
                 ray_address=args.ray_address,
             )
-        except (RolloutError, ResultsFileError) as exc:
+        except (RolloutError, ResultsError) as exc:
             print(f"duquant rollouts: {suite}: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, RolloutError) else 2
         stats = summary.stats()

@@ -1,7 +1,7 @@
 """Sibling linears that read the same input (q/k/v of an attention block, gate/up of a GeGLU MLP) run as one
 W4A8Group on the GPU: one activation launch and one GEMM launch for all of them instead of two per layer.
 
-    n = group_siblings(model)     # quantize_model calls this when the backend is "triton"
+    n = quantize.group_siblings(model)   # quantize_model calls it when the backend is "triton"
 
 Each DuQuantLinear keeps its own transforms and numerics; only the launches are shared. When any member is
 called with an input x (few tokens, every member on the integer W4A8 path), all members' outputs are
@@ -69,20 +69,3 @@ class SiblingGroup:
         self._input, self._version = x, x._version
         self._pending = {m: p for m, p in zip(self.layers, parts, strict=True) if m is not layer}
         return parts[self.layers.index(layer)]
-
-
-def group_siblings(model: torch.nn.Module) -> int:
-    """Attach a SiblingGroup to every set of DuQuantLinear siblings (SIBLING_NAMES under one parent with the
-    same in_features); returns how many groups were formed."""
-    from pytest_duquant.layer import DuQuantLinear
-
-    count = 0
-    for parent in model.modules():
-        for names in SIBLING_NAMES:
-            layers = [getattr(parent, n, None) for n in names]
-            if all(isinstance(m, DuQuantLinear) for m in layers) and len({m.in_features for m in layers}) == 1:
-                group = SiblingGroup(layers)
-                for m in layers:
-                    m.kernel_group = group
-                count += 1
-    return count

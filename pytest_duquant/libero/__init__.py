@@ -20,7 +20,6 @@ from pytest_duquant.libero.protocol import (
     noise_seed,
     parse_ids,
 )
-from pytest_duquant.libero.results import EpisodeKey, ResultsFileError, ResultsWriter, read_results
 
 
 def __getattr__(name):  # the harness pulls in multiprocessing machinery: load it on first use
@@ -42,10 +41,6 @@ __all__ = [
     "Policy",
     "ConstantPolicy",
     "SeededRandomPolicy",
-    "EpisodeKey",
-    "ResultsWriter",
-    "ResultsFileError",
-    "read_results",
     "run_rollouts",
     "RolloutSummary",
     "RolloutError",

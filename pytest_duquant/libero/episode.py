@@ -32,6 +32,10 @@ from pytest_duquant.libero.protocol import (
 )
 
 
+class RolloutError(RuntimeError):
+    """The run could not go on (a worker died, the env could not be built, the policy raised)."""
+
+
 @dataclass(frozen=True)
 class EpisodeSpec:
     suite: str
@@ -41,12 +45,6 @@ class EpisodeSpec:
     preset: str | None = None
     fingerprint: str | None = None
     video_dir: str | None = None  # write an MP4 here when the episode fails
-
-    @property
-    def key(self):
-        from pytest_duquant.libero.results import EpisodeKey
-
-        return EpisodeKey(self.suite, self.task_id, self.trial, self.seed)
 
 
 class LiberoEnv:

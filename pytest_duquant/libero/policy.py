@@ -10,6 +10,7 @@ Optional attributes read by the harness: ``fingerprint`` (checkpoint fingerprint
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -67,6 +68,9 @@ class SeededRandomPolicy:
         return out
 
 
+CKPT_CALIBRATION = "calibration.npz"  # calibration observations a checkpoint may ship (libero/calibration.py)
+
+
 class PolicyUnavailableError(RuntimeError):
     """The pi0.5 policy cannot be loaded (module missing, bad checkpoint)."""
 
@@ -78,7 +82,8 @@ def pi05_policy_factory(
     """A zero-argument factory: the pi0.5 policy of ``ckpt``, quantized and calibrated under ``config``.
 
     ``config`` None or disabled (preset ``fp``) gives the FP policy. ``calibration``: the calibration
-    source (``synthetic`` default, ``libero:<suite>``, or an .npz path; see libero/calibration.py).
+    source (``synthetic``, ``libero:<suite>``, or an .npz path; see libero/calibration.py). Default: the
+    checkpoint's own ``calibration.npz`` when it ships one (the reference policy does), else synthetic.
     Nothing is loaded until the factory is called, so a run with nothing left to do (resume) never
     loads the model. The factory carries
     ``fingerprint`` (the checkpoint's) and ``preset`` so results can be labelled before loading.
@@ -103,6 +108,8 @@ def pi05_policy_factory(
         raise PolicyUnavailableError(f"--ckpt {ckpt}: cannot load the pi0.5 policy: {exc}") from exc
     enabled = config is not None and config.enabled
     preset = config.preset if enabled else "fp"
+    if calibration is None and (Path(ckpt) / CKPT_CALIBRATION).is_file():
+        calibration = str(Path(ckpt) / CKPT_CALIBRATION)
 
     def make():
         policy = base()

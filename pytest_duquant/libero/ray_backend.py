@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from pytest_duquant.libero.episode import EpisodeRunner
+from pytest_duquant.libero.episode import EpisodeRunner, RolloutError
 from pytest_duquant.libero.protocol import ProtocolSettings
 
 
@@ -58,9 +58,6 @@ class RayTransport:
         init_kwargs: dict | None = None,
         lazy_render: bool = True,
     ):
-        from pytest_duquant.libero.harness import RolloutError
-
-        self._RolloutError = RolloutError
         ray = self.ray = _import_ray()
         self.owns_ray = False
         if not ray.is_initialized():
@@ -101,7 +98,7 @@ class RayTransport:
             try:
                 msg = self.ray.get(fut)
             except Exception as exc:  # noqa: BLE001 - RayActorError and friends
-                raise self._RolloutError(
+                raise RolloutError(
                     f"Ray LIBERO worker {w} failed: {type(exc).__name__}: {exc}"
                 ) from None
             out.append((w, msg))

@@ -75,7 +75,7 @@ def tokenizer_digest(policy) -> str | None:
 
 
 _GENERATOR_SOURCES = (
-    "commands/init_checkpoint.py",
+    "policies/session.py",
     "policies/pi05/checkpoint.py",
     "policies/pi05/configuration.py",
     "policies/pi05/modeling.py",
@@ -115,8 +115,6 @@ def builtin_checkpoint_dir(variant: str = BUILTIN_VARIANT, seed: int = BUILTIN_S
     stem = f"{variant}-seed{int(seed)}-"
     d = root / f"{stem}{_generator_digest()}"
     if not (d / WEIGHTS_NAME).is_file() or not (d / CONFIG_NAME).is_file():
-        from pytest_duquant.commands.init_checkpoint import init_checkpoint
-
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{stem}", dir=root))
         try:
@@ -306,21 +304,39 @@ def reuse_prefix(policy, max_entries: int = 64) -> Iterator[None]:
         memo.clear()
 
 
+def _random_model(variant: str, seed: int, dtype: str | None, device: str = "cpu"):
+    """(config, precision, model) of a random-init pi0.5 variant: the same weights for the same seed anywhere."""
+    from pytest_duquant.policies.pi05.configuration import variant_config
+    from pytest_duquant.policies.pi05.modeling import random_model
+
+    config = variant_config(variant)
+    precision = dtype or config.precision
+    config = config.replace(precision=precision, extras={"random_init_seed": int(seed)})
+    return config, precision, random_model(config, seed, precision, device=device)
+
+
+def init_checkpoint(out_dir, variant: str = "dummy", seed: int = 0, dtype: str | None = None) -> Path:
+    """Write a random-init checkpoint in openpi's PyTorch layout (model.safetensors, config.json, LIBERO-like
+    norm stats, a tiny SentencePiece tokenizer): `duquant init-checkpoint` and the built-in default."""
+    from pytest_duquant.policies.pi05.checkpoint import random_norm_stats, save_checkpoint
+    from pytest_duquant.policies.pi05.tokenizer import CKPT_TOKENIZER_NAME, tiny_tokenizer_proto
+
+    _, precision, model = _random_model(variant, seed, dtype)
+    out = save_checkpoint(model, random_norm_stats(seed), out_dir, precision=precision)
+    (out / CKPT_TOKENIZER_NAME).write_bytes(tiny_tokenizer_proto())
+    return out
+
+
 def random_policy(variant: str = "pi05", seed: int = 0, dtype: str | None = None, device: str = "cpu"):
     """A random-init policy built in memory (no checkpoint written; the full-size one needs ~7 GB in bf16).
 
     Same weights as `duquant init-checkpoint --variant V --seed N`; its fingerprint is the label
     `random-<variant>-seed<N>-<dtype>` (no file to hash)."""
     from pytest_duquant.policies.pi05.checkpoint import random_norm_stats
-    from pytest_duquant.policies.pi05.configuration import variant_config
-    from pytest_duquant.policies.pi05.modeling import random_model
     from pytest_duquant.policies.pi05.policy import Pi05Policy
     from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer, tiny_tokenizer_proto
 
-    config = variant_config(variant)
-    precision = dtype or config.precision
-    config = config.replace(precision=precision, extras={"random_init_seed": int(seed)})
-    model = random_model(config, seed, precision, device=device)
+    config, precision, model = _random_model(variant, seed, dtype, device)
     tok = PaligemmaTokenizer(None, config.max_token_len, model_proto=tiny_tokenizer_proto())
     policy = Pi05Policy(
         model, random_norm_stats(seed), tok, device=device, source=f"random:{variant}:seed={seed}"

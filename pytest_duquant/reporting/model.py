@@ -1,12 +1,10 @@
 """Model report: per-layer SQNR (DuQuant vs plain RTN, by layer index and projection type) and output error
 per preset, as a PNG (matplotlib, Agg, no pyplot) and a JSON of the same numbers.
 
-    metrics = collect_metrics(policy_factory(None), presets=["A", "B"])    # or ModelMetrics from the suites
+    metrics = collect_metrics(probe, preset_configs(["A", "B"]))           # metrics.probe; or the suites' own
     write_model_report(metrics, "report/")                                  # model.png + model.json
 
-`write_session_report(config, out_dir, ...)` is what the pytest plugin calls at the end of a run with
-`--duquant-report=DIR`: it reuses the metrics the model suite measured in this session (`remember`), or
-measures the session preset when the suite did not run.
+Drawing only: the measuring is metrics.probe's (collect_metrics), the loading the callers'.
 """
 
 from __future__ import annotations
@@ -17,10 +15,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_duquant.config import DuQuantConfig, from_env, replace
-from pytest_duquant.model_metrics import ModelMetrics, Probe
+from pytest_duquant.metrics.records import ModelMetrics
 
-SESSION_METRICS: list[ModelMetrics] = []
 KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
 KIND_MARKERS = {
     "q_proj": "o",
@@ -35,71 +31,9 @@ KIND_MARKERS = {
 }
 
 
-def remember(metrics: ModelMetrics) -> ModelMetrics:
-    """Keep metrics measured during this process for the end-of-session report (one per model+label)."""
-    for i, m in enumerate(SESSION_METRICS):
-        if m.model == metrics.model and m.preset == metrics.preset and m.settings == metrics.settings:
-            SESSION_METRICS[i] = metrics
-            return metrics
-    SESSION_METRICS.append(metrics)
-    return metrics
-
-
 def label_of(m: ModelMetrics) -> str:
     rot = m.settings.get("rotation", "svd")
     return m.preset if rot == "svd" or m.preset.endswith(rot) else f"{m.preset}-{rot}"
-
-
-# ---- measuring -------------------------------------------------------------------------------------
-def preset_configs(
-    presets: Sequence[str], rotations: Sequence[str] = ("svd", "greedy"), base: DuQuantConfig | None = None
-) -> list[tuple[str, DuQuantConfig]]:
-    """(label, config) for each preset x rotation; label is the preset, plus '-greedy' for greedy."""
-    out = []
-    for p in presets:
-        cfg = from_env({}, preset=p) if base is None or base.preset.lower() != p.lower() else base
-        if not cfg.enabled:
-            continue
-        for rot in rotations:
-            c = cfg if cfg.rotation == rot else replace(cfg, rotation=rot)
-            out.append((cfg.preset if rot == "svd" else f"{cfg.preset}-{rot}", c))
-    return out
-
-
-def collect_metrics(
-    probe: Probe, configs: Sequence[tuple[str, DuQuantConfig]], *, progress=None
-) -> list[ModelMetrics]:
-    """Measure each config; RTN only once per RTN-relevant setting group (rotation does not change RTN)."""
-    out = []
-    rtn_done: dict[str, ModelMetrics] = {}
-    for label, cfg in configs:
-        if progress:
-            progress(f"{probe.model_name}: {label}")
-        key = json.dumps(
-            {
-                k: v
-                for k, v in _settings(probe, cfg).items()
-                if k not in ("rotation", "block", "block_out", "ls", "permute", "row_rot")
-            },
-            sort_keys=True,
-        )
-        m = probe.measure(cfg, rtn=key not in rtn_done, label=label)
-        if key in rtn_done:
-            base = rtn_done[key]
-            m.output_rtn = base.output_rtn
-            rtn = {la.name: la.rtn_sqnr_db for la in base.layers}
-            for la in m.layers:
-                la.rtn_sqnr_db = rtn.get(la.name)
-        else:
-            rtn_done[key] = m
-        out.append(m)
-    return out
-
-
-def _settings(probe: Probe, cfg: DuQuantConfig) -> dict:
-    from pytest_duquant.model_metrics import numeric_settings
-
-    return numeric_settings(probe.scoped(cfg))
 
 
 # ---- JSON ------------------------------------------------------------------------------------------
@@ -325,70 +259,3 @@ def write_model_report(
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown_table(metrics) + "\n")
     return {"png": png, "json": out / f"{stem}.json", "md": out / f"{stem}.md"}
-
-
-def write_success_report(
-    results: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    libero_goldens: str | os.PathLike | None = None,
-) -> dict[str, Path] | None:
-    """The LIBERO success figure (reporting.success) from results JSONL files, when that module exists."""
-    try:
-        from pytest_duquant.reporting.success import plot_success, success_table
-        from pytest_duquant.results_io import read_results
-    except ImportError:
-        return None
-    records = [r for path in results for r in read_results(path)]
-    if not records:
-        return None
-    goldens = None
-    if libero_goldens is not None:
-        from pytest_duquant.golden_libero import GoldenError, find_golden, read_golden
-
-        goldens = {}
-        for suite, fp in sorted({(r.suite, r.fingerprint) for r in records if r.fingerprint}):
-            try:
-                goldens[suite] = read_golden(find_golden(libero_goldens, fp, suite))
-            except (GoldenError, OSError):
-                continue
-    out = Path(out_dir)
-    plot_success(success_table(records, goldens), out / "success.png", out / "success.json")
-    return {"png": out / "success.png", "json": out / "success.json"}
-
-
-def write_session_report(
-    config: DuQuantConfig,
-    out_dir: str | os.PathLike,
-    *,
-    ckpt: str | os.PathLike | None = None,
-    tokenizer=None,
-    backend: str = "builtin",
-    results: Sequence[str | os.PathLike] = (),
-    libero_goldens: str | os.PathLike | None = None,
-    metrics: Sequence[ModelMetrics] | None = None,
-) -> dict[str, Path]:
-    """End-of-run report for `pytest --duquant-report=DIR` (called from the plugin's sessionfinish).
-
-    Uses `metrics`, else what the model suite measured in this process (SESSION_METRICS), else measures
-    the session config (its rotation and greedy) on the session policy. Adds the LIBERO success figure
-    when results JSONL files are given. Returns the written paths.
-    """
-    ms = list(metrics) if metrics is not None else list(SESSION_METRICS)
-    if not ms and config.enabled:
-        from pytest_duquant.model_metrics import PolicyProbe
-        from pytest_duquant.policies.session import policy_factory
-
-        make = policy_factory(ckpt, tokenizer=tokenizer, backend=backend)
-        probe = PolicyProbe(make(), fingerprint=make.fingerprint)
-        try:
-            ms = collect_metrics(probe, preset_configs([config.preset], base=config))
-        finally:
-            probe.close()
-    paths: dict[str, Path] = {}
-    if ms:
-        paths.update(write_model_report(ms, out_dir, focus=config.preset))
-    if results:
-        succ = write_success_report(results, out_dir, libero_goldens)
-        if succ:
-            paths.update({f"success_{k}": v for k, v in succ.items()})
-    return paths

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..gate import clopper_pearson
-from ..golden_libero import LiberoGolden
-from ..results_io import EpisodeResult, outcomes
+from pytest_duquant.gate import clopper_pearson
+from pytest_duquant.golden.episodes import LiberoGolden
+from pytest_duquant.results import EpisodeResult, outcomes
 
-__all__ = ["SuccessCell", "plot_success", "success_table"]
+__all__ = ["SuccessCell", "plot_success", "success_table", "write_success_report"]
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,7 @@ def success_table(
             if allowed_drop and preset in allowed_drop:
                 drop = float(allowed_drop[preset])
             elif preset.lower() != "fp":
-                try:
-                    drop = g.allowed_drop_for(preset)
-                except Exception:
-                    drop = None
+                drop = next((float(v) for k, v in g.allowed_drop.items() if k.lower() == preset.lower()), None)
             thr = None if drop is None else ref - drop
         cells.append(SuccessCell(suite, preset, k, n, k / n, lo, hi, confidence, ref, drop, thr))
     return cells
@@ -173,3 +170,15 @@ def plot_success(
         jp.parent.mkdir(parents=True, exist_ok=True)
         jp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return data
+
+
+def write_success_report(
+    records: Iterable[EpisodeResult], goldens: Mapping[str, LiberoGolden] | None, out_dir: str | Path
+) -> dict[str, Path] | None:
+    """``success.png`` + ``success.json`` of the given records (and goldens) in out_dir; None without records."""
+    records = list(records)
+    if not records:
+        return None
+    out = Path(out_dir)
+    plot_success(success_table(records, goldens), out / "success.png", out / "success.json")
+    return {"png": out / "success.png", "json": out / "success.json"}

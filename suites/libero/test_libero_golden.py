@@ -1,12 +1,17 @@
 """Golden LIBERO rollouts: does the quantized pi0.5 keep its success rate?
 
+    pytest -m libero --duquant-preset=B                              # the shipped reference policy, libero_object
     pytest -m libero --ckpt $CKPT --duquant-preset=B                 # judge preset B against the golden
     pytest -m libero --ckpt $CKPT --duquant-update-golden            # write the golden from an FP run
+    pytest -m libero --ckpt $CKPT --duquant-preset=B --libero-tasks 0-9 --libero-trials 2 \
+        --duquant-allowed-drop 0.2                                    # a 20-episode smoke gate
+    pytest -m libero ... --duquant-same-machine                      # FP arm in the same job, golden = drift check
 
-The quantized policy runs the suite's episodes under openpi's protocol (resumable results JSONL in
---libero-results); the gate (pytest_duquant.gate) compares them, paired episode by episode, with the FP
-reference run stored in golden/libero/<fingerprint>/<suite>.json. The test fails only when the gate
-declares a regression (the drop exceeds the golden's allowed drop for the preset at level alpha).
+The quantized policy runs the planned episodes (--libero-tasks x --libero-trials) under openpi's protocol
+(resumable results JSONL in --libero-results); the plugin's duquant_success_regression judges them with
+pytest_duquant.judge, the same call as `duquant gate`, paired episode by episode with the FP reference in
+golden/libero/<fingerprint>/<suite>.json. The test passes only on a PASS (the drop shown below the allowed
+drop); REGRESSION, INCONCLUSIVE (with how many more episodes would decide) and an incomplete run fail.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ def _policy_factory(duquant_ckpt, config, opts):
 
     try:
         return pi05_policy_factory(
-            duquant_ckpt, config, tokenizer=opts.tokenizer, backend=opts.policy_backend,
+            duquant_ckpt,
+            config,
+            tokenizer=opts.tokenizer,
+            backend=opts.policy_backend,
             calibration=opts.calibration,
         )
     except PolicyUnavailableError as exc:
@@ -41,13 +49,12 @@ def _require_simulator(suite):
         sim_setup.libero_package_root()
         sim_setup.check_suite_assets(suite)
     except sim_setup.LiberoSetupError as exc:  # selected explicitly with -m libero: a failure, not a skip
-        pytest.fail(
-            f"LIBERO rollouts were requested but the simulator is not installed: {exc}", pytrace=False
-        )
+        pytest.fail(f"LIBERO rollouts were requested but the simulator is not installed: {exc}", pytrace=False)
 
 
 def _rollouts(factory, suite, opts, label, seed=7):
     from pytest_duquant.libero.harness import run_rollouts
+    from pytest_duquant.results import read_results
 
     out = opts.results_dir / factory.fingerprint / f"{suite}_{label}.jsonl"
     summary = run_rollouts(
@@ -58,36 +65,33 @@ def _rollouts(factory, suite, opts, label, seed=7):
             f"{out}: only {len(summary.records)} of {summary.requested} episodes recorded; rerun to resume",
             pytrace=False,
         )
-    return out, summary
+    return read_results(out), summary
 
 
 def test_libero_success_rate_vs_golden(
-    libero_suite, duquant_ckpt, duquant_config, duquant_update_golden, libero_options, record_property
+    request,
+    libero_suite,
+    libero_ckpt,
+    duquant_config,
+    duquant_update_golden,
+    duquant_success_regression,
+    libero_options,
+    record_property,
 ):
-    if duquant_ckpt is None:
-        pytest.skip("LIBERO golden rollouts need a pi0.5 LIBERO checkpoint: pass --ckpt DIR")
-    from pytest_duquant import gate as gate_mod
-    from pytest_duquant import golden_libero, results_io
-    from pytest_duquant.libero.protocol import PROTOCOL, check_suite
+    from pytest_duquant.libero.protocol import check_suite
 
+    duquant_ckpt = libero_ckpt
     suite = check_suite(libero_suite)
     _require_simulator(suite)
     opts = libero_options
+    plan = {"tasks": _tasks(suite, opts), "trials": list(range(opts.trials))}
 
     if duquant_update_golden:
         factory = _policy_factory(duquant_ckpt, None, opts)  # the FP reference: nothing quantized
-        out, summary = _rollouts(factory, suite, opts, "fp")
-        golden = golden_libero.golden_from_results(
-            results_io.read_results(out),
-            suite=suite,
-            protocol=PROTOCOL,
-            seed=7,
-            config={"preset": "fp", "tasks": _tasks(suite, opts), "trials": opts.trials, "results": str(out)},
-        )
-        path = golden_libero.golden_path(opts.golden_root, factory.fingerprint, suite)
-        result = golden_libero.write_golden(path, golden, overwrite=True)
+        records, summary = _rollouts(factory, suite, opts, "fp")
+        result = duquant_success_regression.check(records, suite, config={"preset": "fp", **plan}, **plan)
         print(f"\n{result.summary()}  (FP success {summary.successes}/{len(summary.records)})")
-        record_property("golden", str(path))
+        record_property("golden", str(result.path))
         return
 
     if not duquant_config.enabled:
@@ -95,20 +99,12 @@ def test_libero_success_rate_vs_golden(
             "preset fp quantizes nothing: choose a preset to judge (--duquant-preset=A|B|precision|speed), "
             "or write the golden with --duquant-update-golden"
         )
-    factory = _policy_factory(duquant_ckpt, duquant_config, opts)
-    try:
-        path = golden_libero.find_golden(opts.golden_root, factory.fingerprint, suite)
-        golden = golden_libero.read_golden(
-            path, fingerprint=factory.fingerprint, protocol=PROTOCOL, suite=suite
-        )
-        allowed = golden.allowed_drop_for(duquant_config.preset)
-    except golden_libero.GoldenError as exc:
-        pytest.fail(f"LIBERO golden unusable: {exc}", pytrace=False)
-    out, summary = _rollouts(factory, suite, opts, duquant_config.preset)
-    candidate = results_io.outcomes(results_io.read_results(out))
-    decision = gate_mod.gate(golden.outcomes(), candidate, allowed_drop=allowed, alpha=golden.alpha)
-    record_property("gate", decision.to_dict())
-    print(f"\n{suite} preset {duquant_config.preset}: {decision.explanation}")
-    assert decision.verdict != gate_mod.REGRESSION, (
-        f"{suite}: preset {duquant_config.preset} regresses against {path}: {decision.explanation}"
+    reference = None
+    if request.config.getoption("--duquant-same-machine"):
+        reference, _ = _rollouts(_policy_factory(duquant_ckpt, None, opts), suite, opts, "fp")
+    records, _ = _rollouts(_policy_factory(duquant_ckpt, duquant_config, opts), suite, opts, duquant_config.preset)
+    judgement = duquant_success_regression.check(
+        records, suite, preset=duquant_config.preset, reference=reference, **plan
     )
+    record_property("judgement", judgement.to_dict())
+    print(f"\n{judgement.text()}")

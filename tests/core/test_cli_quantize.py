@@ -1,4 +1,4 @@
-"""`duquant quantize`, the README's main job, on the embedded dummy pi0.5."""
+"""`duquant quantize`, the README's main job, on the embedded default: the shipped reference policy."""
 
 import json
 
@@ -9,7 +9,8 @@ def test_main_job_prints_plan_table_and_writes_report(tmp_path, capsys, monkeypa
     monkeypatch.setenv("OPENPI_DUQUANT_PACKDIR", str(tmp_path / "packs"))
     assert main(["quantize", "--preset", "B", "--out", str(tmp_path / "r"), "--no-rtn"]) == 0
     out = capsys.readouterr().out
-    assert "preset=B" in out and "built-in pi0.5 dummy" in out
+    assert "preset=B" in out and "the shipped reference policy" in out and "fingerprint 720ce4522d25c55f" in out
+    assert "calibration.npz" in out  # calibrated on the checkpoint's own LIBERO frames
     assert "paligemma_with_expert.gemma_expert.model.layers.3.mlp.down_proj" in out
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["preset"] == "B" and len(report["layers"]) == 4 * 7

@@ -97,7 +97,7 @@ def test_markers_are_registered_and_gpu_tests_skip_with_the_reason(pytester, mon
     )
     result = pytester.runpytest("--strict-markers", "-rs")
     result.assert_outcomes(passed=1, skipped=2)
-    result.stdout.fnmatch_lines(["*needs a CUDA GPU*", "*run only when selected: -m libero --ckpt DIR*"])
+    result.stdout.fnmatch_lines(["*needs a CUDA GPU*", "*run only when selected: -m libero [--ckpt DIR]*"])
 
 
 def test_fp_preset_summary_says_no_quantization(pytester):

@@ -70,7 +70,7 @@ def test_quantizing_twice_is_refused_before_anything_changes(tmp_path):
     model = ExpertShapedPolicy()
     quantize_model(model, cfg(tmp_path))
     snapshot = {n: id(m) for n, m in model.named_modules()}
-    with pytest.raises(DuQuantError, match="already DuQuant-quantized"):
+    with pytest.raises(DuQuantError, match="already quantized"):
         quantize_model(model, cfg(tmp_path))
     assert {n: id(m) for n, m in model.named_modules()} == snapshot
 

@@ -153,14 +153,27 @@ def test_pvalue_is_monotone_in_the_evidence():
     assert p[0] > 0.5 and p[-1] < 0.001
 
 
-@pytest.mark.parametrize("b,c,n", [(12, 1, 80), (8, 3, 80), (20, 2, 150), (5, 5, 40)])
-def test_paired_ci_is_consistent_with_the_test(b, c, n):
+@pytest.mark.parametrize("b,c,n", [(12, 1, 80), (8, 3, 80), (20, 2, 150), (5, 5, 40), (12, 1, 100)])
+def test_paired_lower_bound_is_valid_and_monotone(b, c, n):
+    """Every allowed drop below L is rejected (so a verdict read off L is valid and monotone in delta),
+    although the exact p-value itself is not monotone in delta (audit item 6)."""
     lo, hi = g._paired_ci(b, c, n, 0.05)
     assert lo <= (b - c) / n <= hi
-    for d in (0.0, 0.02, 0.05, 0.1):
-        if abs(lo - d) < 1e-3:
-            continue
-        assert (g.paired_pvalue(b, c, n, d) <= 0.05) == (lo > d), d
+    step = g.grid_step(n)
+    for d in np.arange(lo - 0.05, lo, step / 3):
+        assert g.paired_pvalue(b, c, n, float(d)) <= 0.05, d
+    assert g.paired_pvalue(b, c, n, lo + 3e-4) > 0.05 or g.paired_pvalue(b, c, n, lo + 1e-3) > 0.05
+
+
+def test_the_exact_pvalue_is_not_monotone_in_delta_but_the_verdict_is():
+    """Audit 6: (12, 1) of 100 pairs is rejected at delta 0.05 but not at 0.0475 (the old gate said
+    REGRESSION at the larger allowance and PASS at the smaller); the interval-based verdict is monotone."""
+    assert g.paired_pvalue(12, 1, 100, 0.05) <= 0.05 < g.paired_pvalue(12, 1, 100, 0.0475)
+    lo, hi = g._paired_ci(12, 1, 100, 0.05)
+    verdicts = [g.verdict_of((lo, hi), d) for d in np.arange(0.0, 0.3, 0.0025)]
+    rank = {g.REGRESSION: 0, g.INCONCLUSIVE: 1, g.PASS: 2}
+    assert [rank[v] for v in verdicts] == sorted(rank[v] for v in verdicts)
+    assert g.verdict_of((lo, hi), 0.05) != g.REGRESSION and lo < 0.0475
 
 
 def test_unpaired_ci_is_consistent_with_the_test():
@@ -168,8 +181,22 @@ def test_unpaired_ci_is_consistent_with_the_test():
     lo, hi = g._unpaired_ci(x1, n1, x2, n2, 0.05)
     assert lo <= x1 / n1 - x2 / n2 <= hi
     for d in (0.0, 0.05, 0.1, 0.15):
-        if abs(lo - d) > 1e-3:
-            assert (g.unpaired_pvalue(x1, n1, x2, n2, d) <= 0.05) == (lo > d)
+        if lo > d:
+            assert g.unpaired_pvalue(x1, n1, x2, n2, d) <= 0.05
+
+
+def test_verdict_table_agrees_with_gate():
+    n, delta = 60, 0.1
+    table = g.verdict_table(n, delta, 0.05)
+    code = {g.REGRESSION: 1, g.PASS: 0, g.INCONCLUSIVE: -1}
+    keys = [("s", 0, i, 7) for i in range(n)]
+    for b, c in [(0, 0), (2, 0), (10, 1), (14, 2), (20, 0), (6, 3)]:
+        ref = {k: i >= c for i, k in enumerate(keys)}
+        cand = {k: (i < c) or (i >= c + b and ref[k]) for i, k in enumerate(keys)}
+        d = g.gate(ref, cand, allowed_drop=delta)
+        assert (d.b, d.c) == (b, c)
+        assert table[b, c] == code[d.verdict], (b, c, d.ci)
+    assert table[n, 1] == -2  # infeasible
 
 
 def test_clopper_pearson_closed_forms_and_tail_equations():

@@ -95,11 +95,8 @@ def test_sequential_false_fail_power_and_savings():
             act = verdict < 0
             reg = act & (g._paired_zstar(nk, delta)[b, c] >= design.regression_bounds[k])
             verdict[reg], used[reg] = 1, nk
-            if k == len(design.looks) - 1:
-                verdict[verdict < 0] = 0
-            elif k < len(design.pass_bounds):
-                ps = (verdict < 0) & (g._paired_zstar(nk, -delta)[c, b] >= design.pass_bounds[k])
-                verdict[ps], used[ps] = 0, nk
+            ps = (verdict < 0) & (g._paired_zstar(nk, -delta)[c, b] >= design.pass_bounds[k])
+            verdict[ps], used[ps] = 0, nk
         return float((verdict == 1).mean()), float(used.mean())
 
     ff, _ = run(0.01 + delta, 0.01)
@@ -115,7 +112,8 @@ def test_sequential_exact_operating_characteristics_match_simulation_and_alpha()
     design = g.design_sequential(n, allowed_drop=delta, alpha=ALPHA, looks=4)
     for pc in (0.0, 0.01, 0.05, 0.2):
         oc = g.sequential_operating_characteristics(design, delta, pc)
-        assert oc["reject"] <= oc["reject_without_early_pass"] <= ALPHA + 1e-9
+        assert oc["regression"] <= oc["regression_without_pass_stops"] <= ALPHA + 1e-9
+        assert g.sequential_operating_characteristics(design, delta, pc)["pass"] <= ALPHA + 1e-9
     rng = np.random.default_rng(21)
     sims, pc, drop = 4000, 0.01, 0.12
     oc = g.sequential_operating_characteristics(design, drop, pc)
@@ -134,9 +132,8 @@ def test_sequential_exact_operating_characteristics_match_simulation_and_alpha()
         rej |= r
         used[r] = nk
         done |= r
-        if k < len(design.pass_bounds):
-            p = ~done & (g._paired_zstar(nk, -delta)[c, b] >= design.pass_bounds[k])
-            used[p] = nk
-            done |= p
-    assert abs(rej.mean() - oc["reject"]) <= 4 * math.sqrt(oc["reject"] * (1 - oc["reject"]) / sims)
+        p = ~done & (g._paired_zstar(nk, -delta)[c, b] >= design.pass_bounds[k])
+        used[p] = nk
+        done |= p
+    assert abs(rej.mean() - oc["regression"]) <= 4 * math.sqrt(oc["regression"] * (1 - oc["regression"]) / sims)
     assert abs(used.mean() - oc["expected_pairs"]) <= 4 * used.std() / math.sqrt(sims)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from pytest_duquant.config import DuQuantConfig, replace
-from pytest_duquant.kernels.grouping import SIBLING_NAMES, group_siblings
+from pytest_duquant.kernels.grouping import SIBLING_NAMES
 from pytest_duquant.kernels.packs import make_w4a8_group, make_w4a8_pack
 from pytest_duquant.layer import DuQuantLinear
-from pytest_duquant.quantize import quantize_model
+from pytest_duquant.quantize import group_siblings, quantize_model
 
 
 def _linears(**shapes) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from pytest_duquant.libero import ConstantPolicy, SeededRandomPolicy, run_rollou
 from pytest_duquant.libero.fake_env import FakeLiberoEnv
 from pytest_duquant.libero.harness import RolloutError
 from pytest_duquant.libero.protocol import noise_seed
-from pytest_duquant.libero.results import EpisodeKey, read_results
+from pytest_duquant.results import EpisodeKey, read_results
 
 PUSH = (1, 0, 0, 0, 0, 0, -1)  # moves the fake end effector +x: task t succeeds after 5*(1 + t%3) steps
 

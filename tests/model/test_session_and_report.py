@@ -12,6 +12,8 @@ from pytest_duquant.config import from_env, replace
 from pytest_duquant.layer import DuQuantLinear
 from pytest_duquant.policies import session
 
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(scope="module")
 def make():
@@ -19,7 +21,7 @@ def make():
 
 
 def test_builtin_policy_is_the_init_checkpoint_seed0_with_a_deterministic_fingerprint(make, tmp_path):
-    from pytest_duquant.commands.init_checkpoint import init_checkpoint
+    from pytest_duquant.policies.session import init_checkpoint
 
     init_checkpoint(tmp_path / "ck", "dummy", 0)
     assert session.checkpoint_fingerprint(tmp_path / "ck") == make.fingerprint
@@ -130,7 +132,7 @@ def test_minilm_missing_files_are_a_clear_error(tmp_path):
 
 # ---- report ----------------------------------------------------------------------------------------
 def _fake_metrics():
-    from pytest_duquant.model_metrics import LayerError, ModelMetrics, OutputError, numeric_settings
+    from pytest_duquant.metrics.records import LayerError, ModelMetrics, OutputError, numeric_settings
 
     out = []
     for label, rot, shift in (("B", "svd", -0.3), ("B-greedy", "greedy", 0.8)):
@@ -172,43 +174,38 @@ def test_write_model_report_writes_png_json_and_markdown(tmp_path):
     assert "| pi05:dummy | B-greedy | W4A8 |" in md and "+0.80" in md
 
 
-def test_write_session_report_uses_given_metrics_and_adds_the_success_figure(tmp_path):
-    from pytest_duquant.reporting.model import write_session_report
+def test_the_session_report_draws_what_the_session_measured(pytester_report):
+    """--duquant-report draws the metrics the session's fixtures measured (nothing measured twice) and
+    the success figure of the rollout results under --libero-results."""
+    out = pytester_report
+    data = json.loads((out / "model.json").read_text())
+    assert [v["label"] for v in data["models"]["pi05:dummy"]["variants"]] == ["B"]
+    assert (out / "success.png").is_file() and json.loads((out / "success.json").read_text())["cells"]
 
-    results = tmp_path / "r.jsonl"
+
+@pytest.fixture
+def pytester_report(pytester):
+    results = pytester.path / "libero_results" / "abc"
+    results.mkdir(parents=True)
     rows = [
-        {
-            "suite": "libero_spatial",
-            "task_id": 0,
-            "trial": t,
-            "seed": 7,
-            "success": t % 2 == 0,
-            "steps": 100,
-            "wall_s": 1.0,
-            "preset": "B",
-            "fingerprint": "abc",
-            "protocol": "openpi",
-        }
+        {"suite": "libero_spatial", "task_id": 0, "trial": t, "seed": 7, "success": t % 2 == 0, "steps": 100,
+         "wall_s": 1.0, "preset": "B", "fingerprint": "abc", "protocol": "openpi"}
         for t in range(4)
     ]
-    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    try:
-        from pytest_duquant.reporting import success  # noqa: F401
-        from pytest_duquant.results_io import read_results
+    (results / "libero_spatial_B.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pytester.makepyfile(
+        """
+        from pytest_duquant.config import from_env, replace
 
-        read_results(results)
-        have_success = True
-    except Exception:
-        have_success = False
-    paths = write_session_report(
-        from_env({}, preset="B"),
-        tmp_path / "out",
-        metrics=_fake_metrics(),
-        results=[results] if have_success else [],
+        def test_measure(duquant_measurements):
+            cfg = replace(from_env({}, preset="B"), calib_steps=2)
+            assert duquant_measurements(cfg, rtn=False, label="B").layers
+        """
     )
-    assert paths["png"].is_file() and paths["json"].is_file()
-    if have_success:
-        assert paths["success_png"].is_file()
+    result = pytester.runpytest("--duquant-preset=B", "--duquant-report=report", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*report png:*model.png*", "*report success_png:*success.png*"])
+    return pytester.path / "report"
 
 
 def test_cli_report_on_minilm(tmp_path, capsys):

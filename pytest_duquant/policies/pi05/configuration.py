@@ -14,6 +14,16 @@ Facts (openpi `src/openpi/models/gemma.py` get_config, `models_pytorch/gemma_pyt
 Our `dummy` variant uses openpi's dummy Gemma for both the language model and the expert, and a
 vision tower of our design (openpi has no small SigLIP): width 32, 2 layers, 2 heads, MLP 64,
 patch 14 at 224 px (256 tokens per image, like the full model, so processing is identical).
+
+Our `reference` variant is the small pi0.5-family policy this project trains on LIBERO demonstrations
+(`pytest_duquant.policies.reference`): the same module tree and processing, sized so that it trains in
+minutes on one GPU and runs a LIBERO episode in seconds on a CPU. Language model and expert are Gemma
+stacks of width 256, depth 4, 4 query heads, 1 KV head, head_dim 64 (expert MLP 768, language model MLP
+512); every expert linear has an input width divisible by 128, so every preset's BLOCK applies. Vision:
+width 256, 3 layers, patch 16 at 224 px (196 tokens per image). Two image slots (agent view and wrist;
+openpi's empty third slot is left out), the state in the prompt as 256 bins (openpi's
+discrete_state_input, the pi0.5 default), a SentencePiece vocabulary of its own trained on LIBERO's
+prompts (shipped with the checkpoint), max 64 prompt tokens.
 """
 
 from __future__ import annotations
@@ -60,13 +70,21 @@ GEMMA_VARIANTS: dict[str, GemmaSpec] = {
     "dummy": GemmaSpec(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
     "gemma_300m": GemmaSpec(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
     "gemma_2b": GemmaSpec(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma_ref_lm": GemmaSpec(width=256, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=64),
+    "gemma_ref_expert": GemmaSpec(width=256, depth=4, mlp_dim=768, num_heads=4, num_kv_heads=1, head_dim=64),
 }
 
 SIGLIP_SO400M = VisionSpec(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14, image_size=224)
 DUMMY_VISION = VisionSpec(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=14, image_size=224)
+REFERENCE_VISION = VisionSpec(width=256, depth=3, mlp_dim=768, num_heads=4, patch_size=16, image_size=224)
+REFERENCE_VOCAB_SIZE = 512  # the reference tokenizer's pieces fit in it (policies/reference/tokenizer.py)
 
 # (paligemma_variant, action_expert_variant) of each of our variants, as openpi's config.json names them.
-VARIANT_GEMMAS = {"pi05": ("gemma_2b", "gemma_300m"), "dummy": ("dummy", "dummy")}
+VARIANT_GEMMAS = {
+    "pi05": ("gemma_2b", "gemma_300m"),
+    "dummy": ("dummy", "dummy"),
+    "reference": ("gemma_ref_lm", "gemma_ref_expert"),
+}
 VARIANTS = tuple(VARIANT_GEMMAS)
 
 
@@ -227,7 +245,7 @@ def _variant_of(paligemma_variant: str, action_expert_variant: str, source: str)
 
 
 def variant_config(variant: str = "pi05", **changes) -> Pi05Config:
-    """The config of a named variant ('pi05' full size, 'dummy' tiny), with optional field changes."""
+    """The config of a named variant ('pi05' full size, 'dummy' tiny, 'reference' trained here), with changes."""
     if variant == "pi05":
         cfg = Pi05Config(variant="pi05")
     elif variant == "dummy":
@@ -236,6 +254,19 @@ def variant_config(variant: str = "pi05", **changes) -> Pi05Config:
             paligemma_variant="dummy",
             action_expert_variant="dummy",
             vision=DUMMY_VISION,
+            precision="float32",
+        )
+    elif variant == "reference":
+        cfg = Pi05Config(
+            variant="reference",
+            paligemma_variant="gemma_ref_lm",
+            action_expert_variant="gemma_ref_expert",
+            vision=REFERENCE_VISION,
+            vocab_size=REFERENCE_VOCAB_SIZE,
+            max_token_len=64,
+            image_keys=("base_0_rgb", "left_wrist_0_rgb"),
+            image_present=(True, True),
+            discrete_state_input=True,
             precision="float32",
         )
     else:

@@ -558,6 +558,10 @@ class Pi05Model(nn.Module):
 
         Returns (v_t, prefix_output). Used to check that the cached path and the joint mask agree.
         """
+        return self.joint_forward(images, image_masks, tokens, token_masks, x_t, time)
+
+    def joint_forward(self, images, image_masks, tokens, token_masks, x_t, time):
+        """:meth:`joint_velocity` with gradients (training: pytest_duquant.training.flow)."""
         prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
         suffix, cond = self.embed_suffix(x_t, time)
         b, h = suffix.shape[:2]

@@ -154,16 +154,22 @@ def train_tiny_tokenizer(out_path: str | os.PathLike, vocab_size: int = 300) -> 
 
 def tiny_tokenizer_proto(vocab_size: int = 300) -> bytes:
     """The serialized tiny SentencePiece model (about 110 pieces; ids: pad 0, eos 1, bos 2, unk 3)."""
+    return train_sentencepiece(_TINY_CORPUS * 20, vocab_size, model_type="unigram")
+
+
+def train_sentencepiece(sentences, vocab_size: int, *, model_type: str = "unigram", **options) -> bytes:
+    """A serialized SentencePiece model with PaliGemma's special ids (pad 0, eos 1, bos 2, unk 3) and "\n" as
+    a piece, trained deterministically (one thread, the sentences in the given order)."""
     import io
 
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_TINY_CORPUS * 20),
+        sentence_iterator=iter(sentences),
         model_writer=buf,
         vocab_size=vocab_size,
-        model_type="unigram",
+        model_type=model_type,
         character_coverage=1.0,
         num_threads=1,
         bos_id=2,
@@ -174,5 +180,6 @@ def tiny_tokenizer_proto(vocab_size: int = 300) -> bytes:
         hard_vocab_limit=False,
         remove_extra_whitespaces=False,
         minloglevel=2,
+        **options,
     )
     return buf.getvalue()

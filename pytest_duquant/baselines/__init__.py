@@ -1,0 +1,1 @@
+"""Quantization methods DuQuant is compared with, behind the same quantize_model entry."""

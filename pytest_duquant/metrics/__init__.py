@@ -1,0 +1,1 @@
+"""Model-level measurement: records (what is measured), capture (hooks, memory), probe (measuring)."""
