@@ -7,7 +7,8 @@
 # setup  unpack the GL loaders (.gl/*.deb), MuJoCo's wheel and the LIBERO pack (.devpack/, made by
 #        scripts/pack_libero.py) under $W
 # demos  `duquant demos` on libero_object init states 0-44, 2 episodes each (clean + noisy), DEMO_MIN minutes
-# train  `duquant train` for TRAIN_MIN minutes, held-out init states 45-49; the checkpoint goes to $OUT
+# train  `duquant train` for TRAIN_MIN minutes (TRAIN_RUN_MIN of them in this call; rerun to resume) on every
+#        GPU, held-out init states 45-49; the checkpoint goes to $OUT
 # eval   scripts/reference_eval.py: FP on all 500 episodes, then the quantization matrix (EVAL_MIN)
 # Every stage appends its timing to $OUT/job.log; outputs land in $OUT (8 files at most come back).
 set -uo pipefail
@@ -66,9 +67,12 @@ EOF
 }
 
 stage_train() {
+    # TRAIN_MIN: training time of all calls together (the LR schedule spans them); TRAIN_RUN_MIN: this call's
+    # share (rerun `train` in the next call to resume); GPUS: DistributedDataParallel over that many GPUs
     python3 -m pytest_duquant train --demos "$W/demos" --out "$W/ckpt" --holdout 45-49 \
-        --max-minutes "${TRAIN_MIN:-4.5}" --steps 100000 --batch "${BATCH:-192}" --lr 3e-4 --seed 0 \
-        >>"$OUT/train.log" 2>&1
+        --max-minutes "${TRAIN_MIN:-4.5}" ${TRAIN_RUN_MIN:+--stop-after-minutes "$TRAIN_RUN_MIN"} \
+        --gpus "${GPUS:-$(nvidia-smi -L | wc -l)}" --steps 1000000 --batch "${BATCH:-192}" --lr "${LR:-3e-4}" \
+        --seed 0 >>"$OUT/train.log" 2>&1
     tail -3 "$OUT/train.log"
     cp "$W/ckpt/train_log.json" "$W/ckpt/loss.png" "$OUT/" 2>/dev/null
     tar -cf "$W/ckpt.tar" -C "$W" --exclude train_state.pt ckpt && split -b 15M -d "$W/ckpt.tar" "$OUT/ckpt.tar.part"

@@ -11,7 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pytest_duquant.policies.pi05.modeling import Pi05Model
+from pytest_duquant.policies.pi05.modeling import Pi05Model, attention
+
+
+def fused_attention(q, k, v, mask_add, scaling):
+    """The eager attention's result through ``scaled_dot_product_attention`` (a fused kernel: no float32
+    score tensor of B x heads x T x S in memory). Same math; the float order differs, so training with it
+    and serving with the eager one differ at rounding level only. KV heads are repeated for the kernel."""
+    b, hq, t, d = q.shape
+    if k.shape[1] != hq:
+        k = k.repeat_interleave(hq // k.shape[1], dim=1)
+        v = v.repeat_interleave(hq // v.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_add.to(q.dtype), scale=scaling)
+    return out.transpose(1, 2).reshape(b, t, hq * d)
 
 
 def sample_time(batch: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -20,16 +32,19 @@ def sample_time(batch: int, generator: torch.Generator, device) -> torch.Tensor:
     return u.pow(1.0 / 1.5) * 0.999 + 0.001
 
 
-def velocity(model: Pi05Model, images, image_masks, tokens, token_masks, x_t, time) -> torch.Tensor:
+def velocity(
+    model: Pi05Model, images, image_masks, tokens, token_masks, x_t, time, attn=attention
+) -> torch.Tensor:
     """v_t [B, H, action_dim] (float32) from a joint prefix + suffix pass (differentiable)."""
-    return model.joint_forward(images, image_masks, tokens, token_masks, x_t, time)[0]
+    return model.joint_forward(images, image_masks, tokens, token_masks, x_t, time, attn=attn)[0]
 
 
 def flow_matching_loss(
-    model: Pi05Model, batch: dict[str, torch.Tensor], generator: torch.Generator
+    model: Pi05Model, batch: dict[str, torch.Tensor], generator: torch.Generator, attn=attention
 ) -> torch.Tensor:
     """Mean squared error between predicted and target velocity. batch: images, image_masks, tokens,
-    token_masks, actions (normalized, [B, H, action_dim])."""
+    token_masks, actions (normalized, [B, H, action_dim]). `attn`: the attention function (eager or
+    :func:`fused_attention`)."""
     actions = batch["actions"]
     b = actions.shape[0]
     noise = torch.randn(actions.shape, generator=generator, device=generator.device).to(actions.device)
@@ -37,6 +52,18 @@ def flow_matching_loss(
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
     u_t = noise - actions
     v_t = velocity(
-        model, batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"], x_t, t
+        model, batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"], x_t, t, attn
     )
     return F.mse_loss(v_t, u_t)
+
+
+class FlowMatchingLoss(torch.nn.Module):
+    """The loss as a module's forward, so that DistributedDataParallel sees (and syncs) the whole step."""
+
+    def __init__(self, model: Pi05Model, attn=attention):
+        super().__init__()
+        self.model = model
+        self.attn = attn
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        return flow_matching_loss(self.model, batch, generator, self.attn)

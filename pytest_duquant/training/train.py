@@ -9,6 +9,11 @@ weights, bf16 autocast on CUDA, image augmentation on the device), and writes a 
 ``tokenizer.model``) plus ``train_log.json`` (settings, data provenance, loss curve, device, versions,
 time) and ``loss.png``. A run interrupted by a deadline or a kill resumes from ``train_state.pt``.
 
+Several GPUs: start it under ``torchrun --nproc_per_node N`` (``duquant train --gpus N`` does this
+itself): one process per GPU, DistributedDataParallel, ``batch`` samples per GPU, rank 0 writes.
+A time budget (``max_minutes``) counts training time over all resumed runs, so the LR schedule continues
+where it stopped; ``stop_after_minutes`` ends one run early (state and an interim checkpoint kept).
+
 Seeded: the init, the batch order, the noise and the augmentation draw from generators seeded by
 ``seed``. On a GPU, kernels with atomics make runs close but not bitwise equal.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -26,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pytest_duquant.libero.demos import demo_files, read_manifest
 from pytest_duquant.libero.policy import CKPT_CALIBRATION
 from pytest_duquant.policies.pi05.checkpoint import save_checkpoint
 from pytest_duquant.policies.pi05.configuration import variant_config
-from pytest_duquant.policies.pi05.modeling import random_model
+from pytest_duquant.policies.pi05.modeling import attention, random_model
 from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer
 from pytest_duquant.training.data import (
     load_demo_arrays,
@@ -40,7 +47,7 @@ from pytest_duquant.training.data import (
     prompt_tokens,
     quantile_norm_stats,
 )
-from pytest_duquant.training.flow import flow_matching_loss
+from pytest_duquant.training.flow import FlowMatchingLoss, fused_attention
 from pytest_duquant.training.tokenizer import write_prompt_tokenizer
 
 STATE_FILE = "train_state.pt"
@@ -62,7 +69,9 @@ class TrainSettings:
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cuda"
-    max_minutes: float | None = None  # training time budget (data loading excluded); LR decays over it
+    max_minutes: float | None = None  # training time over all runs (data loading excluded); LR decays over it
+    stop_after_minutes: float | None = None  # end this run after this long, resumable (a device call's limit)
+    fused_attention: bool = True  # scaled_dot_product_attention in training (the served policy runs eager)
     holdout_trials: tuple[int, ...] = ()
     augment: bool = True
     log_every: int = 50
@@ -147,11 +156,26 @@ def _versions() -> dict:
     return out
 
 
+def _distributed(s: TrainSettings) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): from torchrun's variables when they are set (one process per GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device(s.device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.device(s.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
 def train(s: TrainSettings, *, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(s.device)
+    rank, world, device = _distributed(s)
+    progress = progress and rank == 0
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
     if device.type == "cuda":
@@ -165,16 +189,19 @@ def train(s: TrainSettings, *, progress: bool = True) -> dict:
     arrays = load_demo_arrays(files, config.action_horizon, progress=progress)
     per_step = np.concatenate([arrays.chunks[:, 0]])
     stats = quantile_norm_stats(arrays.state, per_step, source=f"demos:{s.demos}")
-    tok_path = write_prompt_tokenizer(arrays.prompts, out / "tokenizer.model", vocab_size=config.vocab_size)
+    tok_dir = out if rank == 0 else out / f".rank{rank}"  # deterministic: every rank trains the same pieces
+    tok_dir.mkdir(exist_ok=True)
+    tok_path = write_prompt_tokenizer(arrays.prompts, tok_dir / "tokenizer.model", vocab_size=config.vocab_size)
     tokenizer = PaligemmaTokenizer(tok_path, config.max_token_len)
     config = config.replace(vocab_size=tokenizer.vocab_size)  # the embedding has exactly the tokenizer's rows
     tokens, masks = prompt_tokens(arrays, stats, tokenizer)
     actions = normalize_actions(arrays.chunks, stats, config.action_dim)
     n = len(arrays)
-    print(f"data: {len(files)} episodes, {n} frames, {len(arrays.prompts)} prompts, "
-          f"prompt tokens <= {int(masks.sum(1).max())}", flush=True)
-
-    write_calibration(arrays, out / CALIB_FILE, seed=s.seed)
+    if progress:
+        print(f"data: {len(files)} episodes, {n} frames, {len(arrays.prompts)} prompts, "
+              f"prompt tokens <= {int(masks.sum(1).max())}; {world} process(es) x batch {s.batch}", flush=True)
+    if rank == 0:
+        write_calibration(arrays, out / CALIB_FILE, seed=s.seed)
     d_base = torch.from_numpy(arrays.image).to(device)
     d_wrist = torch.from_numpy(arrays.wrist_image).to(device)
     d_tokens = torch.from_numpy(tokens).to(device)
@@ -193,9 +220,10 @@ def train(s: TrainSettings, *, progress: bool = True) -> dict:
         lr=s.lr, betas=(0.9, 0.95), eps=1e-8,
     )
     ema = [p.detach().clone() for p in params]
-    gen = torch.Generator(device=device).manual_seed(s.seed)
+    gen = torch.Generator(device=device).manual_seed(s.seed + 1000 * rank)  # each rank its own batches
     history: list[dict] = []
     step = 0
+    trained_s = 0.0  # training time of earlier runs (the time budget spans resumes)
     state_path = out / STATE_FILE
     if state_path.is_file():
         st = torch.load(state_path, map_location=device, weights_only=False)
@@ -203,27 +231,54 @@ def train(s: TrainSettings, *, progress: bool = True) -> dict:
         opt.load_state_dict(st["opt"])
         for e, v in zip(ema, st["ema"], strict=True):
             e.copy_(v)
-        gen.set_state(st["gen"].to(gen.device) if device.type == "cpu" else st["gen"])
-        step, history = st["step"], st["history"]
-        print(f"resumed from {state_path} at step {step}", flush=True)
+        gens = st.get("gens", [st.get("gen")])
+        if rank < len(gens):
+            gen.set_state(gens[rank].cpu())
+        step, history, trained_s = st["step"], st["history"], float(st.get("trained_s", 0.0))
+        if progress:
+            print(f"resumed from {state_path} at step {step} ({trained_s / 60:.1f} min trained)", flush=True)
+    loss_fn = FlowMatchingLoss(model, fused_attention if s.fused_attention else attention)
+    if world > 1:  # the language model's last MLP and final norm feed no loss (only their K/V are read)
+        loss_fn = torch.nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
 
     def save_state():
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "gen": gen.get_state(),
-                    "step": step, "history": history}, state_path)
+        gens = [gen.get_state()]
+        if world > 1:
+            gens = [None] * world
+            dist.all_gather_object(gens, gen.get_state().cpu())
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "gens": gens,
+                        "step": step, "history": history, "trained_s": elapsed()}, state_path)
 
     image_masks = torch.ones(s.batch, 2, dtype=torch.bool, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    t_loop, running, count = time.perf_counter(), 0.0, 0
+    t_loop, running, count = time.perf_counter(), torch.zeros((), device=device), 0
     stopped = "steps"
     t_train = time.perf_counter()  # the time budget counts from here (data loading excluded)
+
+    def elapsed() -> float:
+        return trained_s + time.perf_counter() - t_train
+
     budget = None if s.max_minutes is None else 60 * float(s.max_minutes)
-    lr = s.lr
+    run_limit = None if s.stop_after_minutes is None else 60 * float(s.stop_after_minutes)
+    lr, frac = s.lr, 0.0
     while step < s.steps:
-        frac = 0.0 if budget is None else (time.perf_counter() - t_train) / budget
-        if frac >= 1.0:
-            stopped = "time budget"
-            break
+        if step % 10 == 0:  # clocks read every 10 steps (a read syncs); all ranks follow rank 0's
+            now = [elapsed(), time.perf_counter() - t_train]
+            if world > 1:
+                t = torch.tensor(now, dtype=torch.float64, device=device)
+                dist.broadcast(t, 0)
+                now = t.tolist()
+            frac = 0.0 if budget is None else now[0] / budget
+            if frac >= 1.0:
+                stopped = "time budget"
+                break
+            if run_limit is not None and now[1] >= run_limit:
+                stopped = "run limit"
+                break
         lr = lr_at(step, s, frac)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -236,29 +291,39 @@ def train(s: TrainSettings, *, progress: bool = True) -> dict:
             "actions": d_actions[idx],
         }
         with autocast:
-            loss = flow_matching_loss(model, batch, gen)
+            loss = loss_fn(batch, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - s.ema)
-        running += float(loss.detach())
+        running += loss.detach()  # no host sync per step
         count += 1
         step += 1
         if step % s.log_every == 0 or step == s.steps:
+            mean_loss = running / count
+            if world > 1:
+                dist.all_reduce(mean_loss)
+                mean_loss = mean_loss / world
+            mean_loss = float(mean_loss)
             rate = count / (time.perf_counter() - t_loop)
-            history.append({"step": step, "loss": running / count, "lr": lr,
+            history.append({"step": step, "loss": mean_loss, "lr": lr,
                             "grad_norm": float(gnorm), "steps_per_s": round(rate, 2),
-                            "elapsed_s": round(time.perf_counter() - t_start, 1)})
+                            "samples_per_s": round(rate * s.batch * world, 1),
+                            "elapsed_s": round(time.perf_counter() - t_start, 1),
+                            "trained_min": round(elapsed() / 60, 2)})
             if progress:
-                eta = (s.steps - step) / max(rate, 1e-9)
-                print(f"step {step}/{s.steps} loss {running / count:.4f} lr {lr:.2e} "
-                      f"{rate:.1f} it/s eta {eta / 60:.1f} min", flush=True)
-            t_loop, running, count = time.perf_counter(), 0.0, 0
+                left = "" if budget is None else f"; {(budget - elapsed()) / 60:.1f} min of the budget left"
+                print(f"step {step}/{s.steps} loss {mean_loss:.4f} lr {lr:.2e} {rate:.1f} it/s "
+                      f"({rate * s.batch * world:.0f} samples/s){left}", flush=True)
+            t_loop, running, count = time.perf_counter(), torch.zeros((), device=device), 0
         if s.save_every and step % s.save_every == 0:
             save_state()
     save_state()
+    if rank != 0:
+        dist.destroy_process_group()
+        return {"rank": rank, "steps_done": step, "stopped": stopped}
 
     with torch.no_grad():  # the EMA weights are the policy
         for p, e in zip(params, ema, strict=True):
@@ -269,6 +334,8 @@ def train(s: TrainSettings, *, progress: bool = True) -> dict:
         "settings": dataclasses.asdict(s),
         "stopped": stopped,
         "steps_done": step,
+        "processes": world,
+        "trained_min": round(elapsed() / 60, 2),
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
         "data": {
@@ -289,6 +356,8 @@ def train(s: TrainSettings, *, progress: bool = True) -> dict:
     plot_loss(history, out / "loss.png")
     if stopped in ("steps", "time budget"):
         state_path.unlink(missing_ok=True)  # finished: the checkpoint is the result (resume state ~4x its size)
+    if world > 1:
+        dist.destroy_process_group()
     return log
 
 

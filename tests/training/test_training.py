@@ -88,12 +88,9 @@ def test_training_velocity_is_the_models_joint_velocity_and_trains_the_expert():
     assert abs(ts.mean().item() - (0.6 * 0.999 + 0.001)) < 0.01  # Beta(1.5, 1) has mean 0.6
 
 
-@pytest.mark.slow
-def test_train_writes_a_checkpoint_that_loads_and_acts(tmp_path):
-    """Two training steps on CPU over two synthetic demonstrations; the checkpoint loads with --ckpt."""
+def _write_demos(tmp_path):
+    """Two synthetic 6-frame demonstrations (init states 0 and 1) in `duquant demos`' format."""
     from pytest_duquant.libero.demos import FORMAT, MANIFEST
-    from pytest_duquant.policies.pi05.policy import load_policy
-    from pytest_duquant.training.train import TrainSettings, train
 
     demo_dir = tmp_path / "demos"
     (demo_dir / "libero_object").mkdir(parents=True)
@@ -112,6 +109,16 @@ def test_train_writes_a_checkpoint_that_loads_and_acts(tmp_path):
                  prompt=np.array(prompt), meta=np.array(json.dumps(meta)))
         lines.append(json.dumps(meta))
     (demo_dir / MANIFEST).write_text("\n".join(lines) + "\n")
+    return demo_dir
+
+
+@pytest.mark.slow
+def test_train_writes_a_checkpoint_that_loads_and_acts(tmp_path):
+    """Two training steps on CPU over two synthetic demonstrations; the checkpoint loads with --ckpt."""
+    from pytest_duquant.policies.pi05.policy import load_policy
+    from pytest_duquant.training.train import TrainSettings, train
+
+    demo_dir = _write_demos(tmp_path)
     out = tmp_path / "ckpt"
     log = train(TrainSettings(demos=str(demo_dir), out=str(out), steps=2, batch=2, device="cpu", warmup=1,
                               log_every=1, save_every=0, holdout_trials=(1,)), progress=False)
@@ -127,3 +134,33 @@ def test_train_writes_a_checkpoint_that_loads_and_acts(tmp_path):
                "observation/state": z["state"][0], "prompt": str(z["prompt"][0])}
     actions = policy.infer(obs, noise_seed=3)
     assert actions.shape == (10, 7) and np.all(np.isfinite(actions))
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumes_where_it_stopped_and_two_processes_train_as_one(tmp_path):
+    """--stop-after-minutes ends a run resumably (interim checkpoint + state); the rerun continues from its
+    step and time; `--gpus 2 --device cpu` trains in two processes (gloo) and rank 0 alone writes."""
+    import subprocess
+    import sys
+
+    from pytest_duquant.training.train import TrainSettings, train
+
+    demo_dir = _write_demos(tmp_path)
+    out = tmp_path / "ckpt"
+    common = dict(demos=str(demo_dir), out=str(out), steps=3, batch=2, device="cpu", warmup=1, log_every=1,
+                  save_every=0, max_minutes=60)
+    log = train(TrainSettings(**common, stop_after_minutes=0.0), progress=False)
+    assert log["stopped"] == "run limit" and log["steps_done"] == 0
+    assert (out / "train_state.pt").is_file() and (out / "model.safetensors").is_file()
+    log = train(TrainSettings(**common), progress=False)
+    assert log["stopped"] == "steps" and log["steps_done"] == 3 and len(log["history"]) == 3
+    assert not (out / "train_state.pt").exists()
+
+    out2 = tmp_path / "ckpt2"
+    r = subprocess.run([sys.executable, "-m", "pytest_duquant", "train", "--demos", str(demo_dir), "--out",
+                        str(out2), "--steps", "2", "--batch", "1", "--device", "cpu", "--gpus", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log2 = json.loads((out2 / "train_log.json").read_text())
+    assert log2["processes"] == 2 and log2["steps_done"] == 2
+    assert log2["history"][-1]["samples_per_s"] > 0

@@ -381,8 +381,11 @@ class PaliGemmaWithExpertModel(nn.Module):
         *,
         past_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         store_kv: bool = False,
+        attn_fn=attention,
     ):
         """All layers over the streams [prefix, suffix] (either may be None), jointly attended.
+        `attn_fn(q, k, v, mask_add, scaling)` is the attention function (openpi's eager one by default;
+        training passes a fused one).
 
         Returns (final-normed outputs per stream, list of per-layer (k, v) of these streams if store_kv).
         """
@@ -416,7 +419,7 @@ class PaliGemmaWithExpertModel(nn.Module):
                 k = torch.cat([pk, k], dim=2)
                 v = torch.cat([pv, v], dim=2)
             scaling = models[active[0]].layers[li].self_attn.scaling
-            att = attention(q, k, v, mask_add, scaling)
+            att = attn_fn(q, k, v, mask_add, scaling)
             start = 0
             for j, i in enumerate(active):
                 layer = models[i].layers[li]
@@ -560,8 +563,9 @@ class Pi05Model(nn.Module):
         """
         return self.joint_forward(images, image_masks, tokens, token_masks, x_t, time)
 
-    def joint_forward(self, images, image_masks, tokens, token_masks, x_t, time):
-        """:meth:`joint_velocity` with gradients (training: pytest_duquant.training.flow)."""
+    def joint_forward(self, images, image_masks, tokens, token_masks, x_t, time, attn=attention):
+        """:meth:`joint_velocity` with gradients (training: pytest_duquant.training.flow); `attn` as in
+        :meth:`run_layers`."""
         prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
         suffix, cond = self.embed_suffix(x_t, time)
         b, h = suffix.shape[:2]
@@ -572,7 +576,7 @@ class Pi05Model(nn.Module):
         mask = make_att_2d_masks(pad, ar)
         positions = torch.cumsum(pad.to(torch.int64), dim=1) - 1
         outs, _ = self.paligemma_with_expert.run_layers(
-            [prefix_embs, suffix], [None, cond], additive_mask(mask), positions
+            [prefix_embs, suffix], [None, cond], additive_mask(mask), positions, attn_fn=attn
         )
         v = self.action_out_proj(outs[1][:, -self.config.action_horizon :].to(self.math_dtype))
         return v, outs[0]
