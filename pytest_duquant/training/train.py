@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -189,10 +190,10 @@ def train(s: TrainSettings, *, progress: bool = True) -> dict:
     arrays = load_demo_arrays(files, config.action_horizon, progress=progress)
     per_step = np.concatenate([arrays.chunks[:, 0]])
     stats = quantile_norm_stats(arrays.state, per_step, source=f"demos:{s.demos}")
-    tok_dir = out if rank == 0 else out / f".rank{rank}"  # deterministic: every rank trains the same pieces
-    tok_dir.mkdir(exist_ok=True)
-    tok_path = write_prompt_tokenizer(arrays.prompts, tok_dir / "tokenizer.model", vocab_size=config.vocab_size)
-    tokenizer = PaligemmaTokenizer(tok_path, config.max_token_len)
+    with tempfile.TemporaryDirectory() as tmp:  # deterministic: every rank trains the same pieces, rank 0 keeps them
+        tok_path = write_prompt_tokenizer(arrays.prompts, (out if rank == 0 else Path(tmp)) / "tokenizer.model",
+                                          vocab_size=config.vocab_size)
+        tokenizer = PaligemmaTokenizer(tok_path, config.max_token_len)
     config = config.replace(vocab_size=tokenizer.vocab_size)  # the embedding has exactly the tokenizer's rows
     tokens, masks = prompt_tokens(arrays, stats, tokenizer)
     actions = normalize_actions(arrays.chunks, stats, config.action_dim)

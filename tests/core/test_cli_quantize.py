@@ -3,13 +3,16 @@
 import json
 
 from pytest_duquant.cli import main
+from pytest_duquant.policies.reference import reference_checkpoint
+from pytest_duquant.policies.session import checkpoint_fingerprint
 
 
 def test_main_job_prints_plan_table_and_writes_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENPI_DUQUANT_PACKDIR", str(tmp_path / "packs"))
     assert main(["quantize", "--preset", "B", "--out", str(tmp_path / "r"), "--no-rtn"]) == 0
     out = capsys.readouterr().out
-    assert "preset=B" in out and "the shipped reference policy" in out and "fingerprint 720ce4522d25c55f" in out
+    fingerprint = checkpoint_fingerprint(reference_checkpoint())
+    assert "preset=B" in out and "the shipped reference policy" in out and f"fingerprint {fingerprint}" in out
     assert "calibration.npz" in out  # calibrated on the checkpoint's own LIBERO frames
     assert "paligemma_with_expert.gemma_expert.model.layers.3.mlp.down_proj" in out
     report = json.loads((tmp_path / "r" / "report.json").read_text())
