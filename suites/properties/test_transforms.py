@@ -2,7 +2,7 @@
 
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -47,6 +47,16 @@ def test_zigzag_is_a_bijection_and_its_inverse_restores_order(n, seed, ls):
     assert sorted(perm.tolist()) == list(range(n))
     x = torch.arange(n) * 7 + 3
     assert torch.equal(x[perm][invert_permutation(perm)], x)
+
+
+@given(weights(), st.floats(0, 0.99))
+def test_smoothing_never_changes_the_permutation(w, ls):
+    """e <- (1 - LS) e + LS mean(e) is increasing for LS < 1: the energy order, hence P, is the same
+    (docs/contract.md, "Algorithm" step 1). Energies closer than rounding could swap: excluded."""
+    e = channel_energy(w)
+    gaps = torch.diff(torch.sort(e).values)
+    assume(gaps.numel() == 0 or bool(gaps.min() > 1e-9 * e.abs().max()))
+    assert torch.equal(zigzag_permutation(smooth_energy(e, ls)), zigzag_permutation(e))
 
 
 @given(st.integers(2, 200), seeds())
