@@ -137,20 +137,18 @@ class PackedDuQuantLinear(DuQuantLinear):
         return new
 
     @classmethod
-    def empty(cls, settings: dict, *, has: set[str], shapes: dict[str, tuple], dtype: torch.dtype,
-              device="cpu") -> PackedDuQuantLinear:
-        """A shell with zero buffers of the given shapes (`has`: which optional buffers exist)."""
+    def empty(cls, settings: dict, *, tensors: dict[str, tuple], device="cpu") -> PackedDuQuantLinear:
+        """A shell whose buffers (`tensors`: name -> (shape, dtype); absent names are None) a state dict fills."""
         layer = cls(**settings)
         for name in ("perm", "r_in", "r_in_tail", "r_out", "r_out_tail", "bias_rot", "act_scale", "w_packed",
                      "w_scales", "weight_float"):
-            if name not in has:
-                layer.register_buffer(name, None)
-                continue
-            t_dtype = {"perm": torch.int32, "w_scales": torch.float32,
-                       "w_packed": PACKED_DTYPES.get(layer.code_layout)}.get(name, dtype)
-            layer.register_buffer(name, torch.zeros(shapes[name], dtype=t_dtype, device=device))
-        layer.bias = (nn.Parameter(torch.zeros(shapes["bias"], dtype=dtype, device=device), requires_grad=False)
-                      if "bias" in has else None)
+            spec = tensors.get(name)
+            layer.register_buffer(name, None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=device))
+        spec = tensors.get("bias")
+        layer.bias = None if spec is None else nn.Parameter(torch.zeros(spec[0], dtype=spec[1], device=device),
+                                                            requires_grad=False)
+        if layer.r_in is None:
+            raise ValueError("no r_in tensor")
         return layer
 
     # ---- the weight, rebuilt per call ---------------------------------------------------------------
