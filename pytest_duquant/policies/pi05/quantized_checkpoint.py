@@ -124,7 +124,8 @@ def save_quantized(policy, out_dir: str | os.PathLike, *, config, fp_ckpt: str |
         "describe": config.describe(),
         "duquant": numeric_settings(config),
         "calibration": calibration,
-        "layers": {n: m.settings() for n, m in layers.items()},
+        "layers": {n: {**m.settings(), "tensors": sorted(k for k, _ in m.state_dict().items())}
+                   for n, m in layers.items()},
         "tensors": {"file": TENSORS_NAME, "sha256": _sha256(out / TENSORS_NAME),
                     "bytes": (out / TENSORS_NAME).stat().st_size},
         "resident_bytes": resident_bytes(model).to_dict(),
@@ -252,9 +253,14 @@ def load_quantized(ckpt_dir: str | os.PathLike, tokenizer=None, device: str | to
     model = build_model(config, device="meta", precision=precision)
     model.to_empty(device=device)
     model.set_precision(precision)
+    absent = [f"{name}.{t}" for name, s in manifest["layers"].items() for t in s.get("tensors", ())
+              if f"{name}.{t}" not in shapes]
+    if absent:
+        raise CheckpointError(f"{d / TENSORS_NAME}: {len(absent)} missing tensor(s): {_fmt_keys(absent)}")
     for name, settings in manifest["layers"].items():
         prefix = name + "."
         mine = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        settings = {k: v for k, v in settings.items() if k != "tensors"}
         try:
             model.get_submodule(name)
             layer = PackedDuQuantLinear.empty(settings, tensors={k: (tuple(v["shape"]), _DTYPES[v["dtype"]])
