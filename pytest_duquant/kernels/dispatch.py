@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from pytest_duquant.kernels.packs import make_sim_pack, make_w4a8_pack, rotation_supported
+from pytest_duquant.kernels.packs import make_sim_pack, make_w4a8_pack, rotation_supported, tensor_version
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,8 +87,6 @@ def _bias_for_kernel(layer):
 
 def kernel_pack_key(layer, x_dtype):
     """What a layer's packed form depends on (path, dtype, weights and scales by identity + version, row_rot)."""
-    from pytest_duquant.kernels.grouping import tensor_version
-
     if getattr(layer, "deployed", False):  # packed codes are the stored weight (deploy.py)
         t = layer.w_packed
     else:

@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from pytest_duquant.kernels.packs import SMALL_M
+from pytest_duquant.kernels.packs import SMALL_M, tensor_version
 
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def tensor_version(t: torch.Tensor) -> int | None:
-    """t._version, or None for an inference tensor (torch.inference_mode() tracks no versions: reading one
-    raises "Inference tensors do not track version counter")."""
-    return None if t.is_inference() else t._version
 
 
 class HeldOutputs:

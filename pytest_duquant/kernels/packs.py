@@ -22,6 +22,12 @@ from pytest_duquant.kernels.packing import PACK_GROUP, pack_int4
 CHUNK = 64  # activation columns produced per rotation step in the kernels
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """t._version, or None for an inference tensor (torch.inference_mode() tracks no versions: reading one
+    raises "Inference tensors do not track version counter")."""
+    return None if t.is_inference() else t._version
+
+
 def rotation_supported(in_features: int, block: int) -> tuple[bool, str]:
     """The kernels rotate 64 output columns at a time: b must divide 64 (b >= 16) or be a multiple of 64."""
     if in_features % PACK_GROUP:
