@@ -23,6 +23,7 @@ activation kernel with a launch barrier writing int8 codes (v5): each barrier co
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 import triton
@@ -560,6 +561,7 @@ def _swap_finish(
 # ---- launchers -------------------------------------------------------------------------------------
 
 
+_THIS = sys.modules[__name__]  # the kernel module `stages.linear_stages` calls into
 _COUNTERS: dict = {}
 POISON = False  # tests set this: every buffer a launcher allocates starts as NaN (floats) / 99 (ints)
 
@@ -900,8 +902,6 @@ def _restore_unfused(y_t: torch.Tensor, pack, out: torch.Tensor) -> None:
 def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) -> torch.Tensor:
     """Real W4A8 forward: activation kernel + int8 x int4 GEMM; returns x.dtype [..., N]. The two stages come
     from `stages.linear_stages` (the benchmark times them apart with the same code)."""
-    import sys
-
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pack.in_features)
     if x2.stride(-1) != 1:
@@ -909,7 +909,7 @@ def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) 
     m = x2.shape[0]
     if cfg is None:
         cfg = pick_config(m, pack.out_features, pack.in_features)
-    act, gemm = linear_stages(x2, pack, cfg, sys.modules[__name__])
+    act, gemm = linear_stages(x2, pack, cfg, _THIS)
     y = gemm(act(), pack)
     return y.reshape(*lead, pack.out_features)
 
