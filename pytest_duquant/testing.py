@@ -54,3 +54,15 @@ def write_jsonl(path: str | Path, recs, tail: str = "") -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(dict(r)) + "\n" for r in recs) + tail)
     return path
+
+
+def pytest_plugin_args() -> list[str]:
+    """Arguments that load this plugin into a child `python -m pytest`: none when the installed package's
+    pytest11 entry point already loads it (adding `-p pytest_duquant.plugin` then registers the module a
+    second time: "Plugin already registered under a different name"), else `-p pytest_duquant.plugin` (a
+    checkout on PYTHONPATH, not installed)."""
+    from importlib.metadata import entry_points
+
+    if any(ep.value == "pytest_duquant.plugin" for ep in entry_points(group="pytest11")):
+        return []
+    return ["-p", "pytest_duquant.plugin"]

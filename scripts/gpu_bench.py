@@ -32,6 +32,8 @@ from pytest_duquant.kernels.bench import (  # noqa: E402
     time_denoise,
 )
 from pytest_duquant.kernels.packs import SMALL_M  # noqa: E402
+from pytest_duquant.kernels.stages import linear_stages  # noqa: E402
+from pytest_duquant.testing import pytest_plugin_args  # noqa: E402
 
 MS = (1, 16, 50, 64, 256, 800, 4096)
 OUT = Path(os.environ.get("OUT", "results"))
@@ -104,30 +106,15 @@ def time_layer(k, n, m, preset, sweep: bool):
     ]
     pick = tk.pick_config(m, n, k)
     t_w4 = graph_time_us(lambda i: tk.w4a8_linear(x, packs[i], pick), len(packs))
-    # split: activation kernel alone and GEMM alone (same config)
+    # split: activation kernel alone and GEMM alone (same config), by the stages the model path runs
+    act, gemm = linear_stages(x, lay.w4a8, pick, tk)
+    operands = act()
+    t_act = graph_time_us(lambda i: act(), 1)
+    t_gemm = graph_time_us(lambda i: gemm(operands, packs[i]), len(packs))
     t_prev = None
-    if pick.swap:  # small M: activation side and GEMM apart; path C (codes) for comparison
-        a, sa = tk.act_small(x, lay.w4a8, pick)
-        t_act = graph_time_us(lambda i: tk.act_small(x, lay.w4a8, pick), 1)
-        t_gemm = graph_time_us(lambda i: tk.gemm_small(a, sa, packs[i], pick), len(packs))
+    if pick.swap:  # small M: path C (codes) for comparison
         prev = dataclasses.replace(pick, path="C")
         t_prev = graph_time_us(lambda i: tk.w4a8_linear(x, packs[i], prev), len(packs))
-    elif pick.path == "Q":
-        q, s = tk.act_quant_large(x, lay.w4a8, pick)
-        t_act = graph_time_us(lambda i: tk.act_quant_large(x, lay.w4a8, pick), 1)
-        t_gemm = graph_time_us(
-            lambda i: tk.w4a8_gemm(
-                q, s, packs[i], pick, a_float=False, w_int8=tk.unpack_weight_int8(packs[i])
-            ),
-            len(packs),
-        )
-    else:
-        xt, pm = tk.act_chunks(x, lay.w4a8.perm, lay.w4a8.r_in, lay.w4a8.block, mode=0, bm=pick.act_bm)
-        t_act = graph_time_us(
-            lambda i: tk.act_chunks(x, lay.w4a8.perm, lay.w4a8.r_in, lay.w4a8.block, mode=0, bm=pick.act_bm),
-            1,
-        )
-        t_gemm = graph_time_us(lambda i: tk.w4a8_gemm(xt, pm, packs[i], pick, a_float=True), len(packs))
     best = (t_w4, pick.tag())
     sweep_rows = []
     if sweep:
@@ -234,8 +221,7 @@ def main() -> int:
                 sys.executable,
                 "-m",
                 "pytest",
-                "-p",
-                "pytest_duquant.plugin",
+                *pytest_plugin_args(),
                 "tests/kernels",
                 "-q",
                 "--maxfail=10",
@@ -352,8 +338,7 @@ def main() -> int:
                     sys.executable,
                     "-m",
                     "pytest",
-                    "-p",
-                    "pytest_duquant.plugin",
+                    *pytest_plugin_args(),
                     "suites/bench",
                     "-q",
                     "-p",

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from pytest_duquant.kernels.packs import make_sim_pack, make_w4a8_pack, rotation_supported
+from pytest_duquant.kernels.packs import make_sim_pack, make_w4a8_pack, rotation_supported, tensor_version
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,10 +54,17 @@ def can_use_triton(layer, x: torch.Tensor) -> tuple[bool, str]:
     ok, why = rotation_supported(layer.in_features, int(layer.r_in.shape[-1]))
     if not ok:
         return False, why
+    deployed = getattr(layer, "deployed", False)
     if uses_integer_path(layer):
+        if deployed:
+            if layer.code_layout != "int4-k128":
+                return False, f"deployed codes in layout {layer.code_layout}, not the kernels' int4 layout"
+            return True, "w4a8 integer path"
         if getattr(layer, "w_codes", None) is None:
             return False, "layer has no integer weight codes"
         return True, "w4a8 integer path"
+    if deployed:
+        return False, "a deployed layer keeps no float weight: static activations run the reference path"
     if getattr(layer, "weight_q", None) is None:
         return False, "layer has no dequantized weight"
     act_quant = 0 < layer.abits < 16
@@ -80,14 +87,18 @@ def _bias_for_kernel(layer):
 
 def kernel_pack_key(layer, x_dtype):
     """What a layer's packed form depends on (path, dtype, weights and scales by identity + version, row_rot)."""
-    t = layer.w_codes if uses_integer_path(layer) else layer.weight_q
+    if getattr(layer, "deployed", False):  # packed codes are the stored weight (deploy.py)
+        t = layer.w_packed
+    else:
+        t = layer.w_codes if uses_integer_path(layer) else layer.weight_q
     scale = getattr(layer, "act_scale", None)
+    # versions are None for inference tensors (a model quantized or calibrated under inference_mode)
     return (
         uses_integer_path(layer),
         x_dtype,
         t.data_ptr(),
-        t._version,
-        None if scale is None else (scale.data_ptr(), scale._version),
+        tensor_version(t),
+        None if scale is None else (scale.data_ptr(), tensor_version(scale)),
         layer.row_rot,
     )
 
@@ -101,10 +112,12 @@ def get_pack(layer, x_dtype=torch.bfloat16):
         return hit[1]
     bias = _bias_for_kernel(layer)
     if uses_integer_path(layer):
+        deployed = getattr(layer, "deployed", False)
         pack = make_w4a8_pack(
             perm=layer.perm,
             r_in=layer.r_in,
-            w_codes=layer.w_codes,
+            w_codes=None if deployed else layer.w_codes,
+            w_packed=layer.w_packed if deployed else None,
             w_scales=layer.w_scales,
             bias=None if bias is None else bias.detach(),
             r_out=layer.r_out,

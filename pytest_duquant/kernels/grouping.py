@@ -5,26 +5,52 @@ W4A8Group on the GPU: one activation launch and one GEMM launch for all of them 
 
 Each DuQuantLinear keeps its own transforms and numerics; only the launches are shared. When any member is
 called with an input x (few tokens, every member on the integer W4A8 path), all members' outputs are
-computed at once and the others are held until they are called with the same tensor x (same object, same
-version). Anything else (CPU, many tokens, a member on another path, a different input) runs the layer
-alone. No triton import here: the kernels are imported only on the first CUDA call.
+computed at once and the others are held until they are called with the same tensor x (same object, data
+pointer, shape and version; under torch.inference_mode() x has no version counter, so the version is left
+out, and the held outputs are dropped once every member took its own or another input arrives). Anything
+else (CPU, many tokens, a member on another path, a different input) runs the layer alone. No triton import
+here: the kernels are imported only on the first CUDA call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pytest_duquant.kernels.packs import SMALL_M
+from pytest_duquant.kernels.packs import SMALL_M, tensor_version
 
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class HeldOutputs:
+    """Outputs computed for every member on one input, handed out once each while that input is unchanged."""
+
+    def __init__(self):
+        self._input = None
+        self._key = None
+        self._pending: dict = {}
+
+    @staticmethod
+    def _key_of(x: torch.Tensor) -> tuple:
+        return (x.data_ptr(), tuple(x.shape), x.dtype, tensor_version(x))
+
+    def hold(self, x: torch.Tensor, outputs: dict) -> None:
+        self._input, self._key, self._pending = x, self._key_of(x), dict(outputs)
+
+    def take(self, layer, x: torch.Tensor):
+        """The held output of `layer` for x, or None (another input, a changed input, or already taken)."""
+        if x is not self._input or layer not in self._pending or self._key_of(x) != self._key:
+            self._pending.clear()
+            return None
+        out = self._pending.pop(layer)
+        if not self._pending:
+            self._input = None
+        return out
 
 
 class SiblingGroup:
     def __init__(self, layers):
         self.layers = tuple(layers)
-        self._input = None
-        self._version = -1
-        self._pending: dict = {}
+        self._held = HeldOutputs()
         self._pack = None  # (key, W4A8Group)
 
     def __repr__(self) -> str:
@@ -42,14 +68,19 @@ class SiblingGroup:
             group = None if group_mismatch(packs) else make_w4a8_group(packs)
             if group is not None:
                 for layer, member in zip(self.layers, group.packs, strict=True):
-                    layer.kernel_cache["triton"] = (layer.kernel_cache["triton"][0], member)
+                    if getattr(layer, "deployed", False):  # one copy of the codes: the buffers become views
+                        layer.w_packed = member.w_packed
+                        layer.w_scales = member.w_scales
+                    layer.kernel_cache["triton"] = (kernel_pack_key(layer, x_dtype), member)
+                key = tuple(kernel_pack_key(layer, x_dtype) for layer in self.layers)
             self._pack = (key, group)
         return self._pack[1]
 
     def forward(self, layer, x: torch.Tensor):
         """The output of `layer` on x through the group, or None when the group does not apply."""
-        if x is self._input and x._version == self._version and layer in self._pending:
-            return self._pending.pop(layer)
+        held = self._held.take(layer, x)
+        if held is not None:
+            return held
         from pytest_duquant.kernels.dispatch import can_use_triton, uses_integer_path
 
         lead = x.shape[:-1]
@@ -66,6 +97,5 @@ class SiblingGroup:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         parts = [p.reshape(*lead, p.shape[-1]) for p in group.split(tk.w4a8_small(x2, group))]
-        self._input, self._version = x, x._version
-        self._pending = {m: p for m, p in zip(self.layers, parts, strict=True) if m is not layer}
+        self._held.hold(x, {m: p for m, p in zip(self.layers, parts, strict=True) if m is not layer})
         return parts[self.layers.index(layer)]

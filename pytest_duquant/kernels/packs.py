@@ -22,6 +22,12 @@ from pytest_duquant.kernels.packing import PACK_GROUP, pack_int4
 CHUNK = 64  # activation columns produced per rotation step in the kernels
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """t._version, or None for an inference tensor (torch.inference_mode() tracks no versions: reading one
+    raises "Inference tensors do not track version counter")."""
+    return None if t.is_inference() else t._version
+
+
 def rotation_supported(in_features: int, block: int) -> tuple[bool, str]:
     """The kernels rotate 64 output columns at a time: b must divide 64 (b >= 16) or be a multiple of 64."""
     if in_features % PACK_GROUP:
@@ -85,11 +91,17 @@ def _perm32(perm: torch.Tensor | None, device) -> torch.Tensor | None:
 
 
 def make_w4a8_pack(
-    *, perm, r_in, w_codes, w_scales, bias=None, r_out=None, row_rot="0", abits=8, rot_dtype=torch.bfloat16
+    *, perm, r_in, w_codes, w_scales, bias=None, r_out=None, row_rot="0", abits=8, rot_dtype=torch.bfloat16,
+    w_packed=None,
 ) -> W4A8Pack:
     """Build the packed form. `bias` must already be in the output basis the kernel adds it in
-    (original basis for restore/0, rotated for propagate). `r_out` is used only when row_rot == "restore"."""
-    n, k = w_codes.shape
+    (original basis for restore/0, rotated for propagate). `r_out` is used only when row_rot == "restore".
+    `w_packed`: codes already packed by pack_int4 (used as is, no copy) instead of `w_codes`."""
+    if w_packed is not None:
+        n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+        w_codes = w_packed
+    else:
+        n, k = w_codes.shape
     nb, b, b2 = r_in.shape
     if b != b2 or nb * b != k:
         raise ValueError(f"r_in shape {tuple(r_in.shape)} does not match in_features={k}")
@@ -112,7 +124,7 @@ def make_w4a8_pack(
         block=b,
         perm=_perm32(perm, dev),
         r_in=r_in.to(device=dev, dtype=rot_dtype).contiguous(),
-        w_packed=pack_int4(w_codes),
+        w_packed=w_packed if w_packed is not None else pack_int4(w_codes),
         w_scales=w_scales.to(device=dev, dtype=torch.float32).contiguous(),
         bias=None if bias is None else bias.to(device=dev, dtype=torch.float32).contiguous(),
         r_out=ro,

@@ -23,7 +23,7 @@ activation kernel with a launch barrier writing int8 codes (v5): each barrier co
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import sys
 
 import torch
 import triton
@@ -31,7 +31,14 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from pytest_duquant.kernels.packing import PACK_GROUP
-from pytest_duquant.kernels.packs import CHUNK, GROUP_TILE, SMALL_M, SimPack, W4A8Group, W4A8Pack
+from pytest_duquant.kernels.packs import CHUNK, GROUP_TILE, SimPack, W4A8Group, W4A8Pack
+from pytest_duquant.kernels.stages import (  # noqa: F401 - GemmConfig and the pickers are used as tk.*
+    GemmConfig,
+    _divisor_at_most,
+    linear_stages,
+    pick_config,
+    small_config,
+)
 
 
 @triton.jit
@@ -554,82 +561,7 @@ def _swap_finish(
 # ---- launchers -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GemmConfig:
-    # small M (swap=True: weights are the MMA's M side, bm tokens its N side; runs W4A8Groups too):
-    #   "S": chunk kernel -> fp32 x_t + partial max, quantized in the GEMM's loop
-    #   "C": two chunk passes -> int8 codes + scales, GEMM on the codes
-    # token-major (swap=False):
-    #   "S": fp32 x_t quantized in the GEMM's loop (64 < M <= 256)
-    #   "Q": two chunk passes -> int8 codes, weight unpacked to int8 once, int8 x int8 GEMM (large M)
-    #   "L": one two-pass kernel per row tile -> int8 codes (reference variant; slow: little parallelism)
-    path: str = "L"
-    bm: int = 64
-    bn: int = 128
-    split_k: int = 1
-    warps: int = 4
-    stages: int = 3
-    act_bm: int = 16
-    act_warps: int = 4
-    group_m: int = 8
-    swap: bool = False
-
-    def tag(self) -> str:
-        if self.swap:
-            return f"{'X' if self.path == 'S' else 'XC'}/bt{self.bm}/sk{self.split_k}/w{self.warps}/s{self.stages}"
-        return (
-            f"{self.path}/bm{self.bm}/bn{self.bn}/sk{self.split_k}/w{self.warps}"
-            f"/s{self.stages}/abm{self.act_bm}" + (f"/aw{self.act_warps}" if self.act_warps != 4 else "")
-        )
-
-
-def _divisor_at_most(n: int, cap: int) -> int:
-    for s in range(max(1, min(cap, n)), 0, -1):
-        if n % s == 0:
-            return s
-    return 1
-
-
-def small_config(
-    m: int,
-    n: int,
-    k: int,
-    *,
-    bt: int | None = None,
-    split: int | None = None,
-    codes: bool = False,
-    warps: int = 4,
-    stages: int = 4,
-) -> GemmConfig:
-    """Small-M (swap-AB) config: bt tokens per tile (16 up to 16 tokens, else 32: the v4 sweep's best at 50),
-    64 weight rows per tile, split-K so that row tiles x token tiles x split is about 256 programs
-    (n = all members' outputs together for a W4A8Group)."""
-    if bt is None:
-        bt = 16 if m <= 16 else 32
-    if split is None:
-        tiles = -(-n // GROUP_TILE) * -(-m // bt)
-        split = _divisor_at_most(k // PACK_GROUP, max(1, 256 // tiles))
-    return GemmConfig(
-        path="C" if codes else "S", bm=bt, bn=GROUP_TILE, split_k=split, warps=warps, stages=stages, swap=True
-    )
-
-
-def pick_config(m: int, n: int, k: int) -> GemmConfig:
-    """Heuristic configuration (from the H100 sweeps of scripts/gpu_bench.py --sweep; docs/gpu-notes.md).
-
-    M <= SMALL_M (64): the swap-AB small-M path (`small_config`). M <= 256: the token-major GEMM on fp32 x_t. Larger M:
-    path "Q" (int8 codes, weight unpacked once per call)."""
-    n_kt = k // PACK_GROUP
-    if m <= SMALL_M:
-        return small_config(m, n, k)
-    if m <= 256:
-        bm, bn = 64, 64
-        tiles = -(-m // bm) * -(-n // bn)
-        split = _divisor_at_most(n_kt, max(1, 132 // tiles))
-        return GemmConfig(path="S", bm=bm, bn=bn, split_k=split, warps=4, stages=3, act_bm=32)
-    return GemmConfig(path="Q", bm=128, bn=128, split_k=1, warps=8, stages=3, act_bm=64)
-
-
+_THIS = sys.modules[__name__]  # the kernel module `stages.linear_stages` calls into
 _COUNTERS: dict = {}
 POISON = False  # tests set this: every buffer a launcher allocates starts as NaN (floats) / 99 (ints)
 
@@ -968,7 +900,8 @@ def _restore_unfused(y_t: torch.Tensor, pack, out: torch.Tensor) -> None:
 
 
 def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) -> torch.Tensor:
-    """Real W4A8 forward: activation kernel + int8 x int4 GEMM; returns x.dtype [..., N]."""
+    """Real W4A8 forward: activation kernel + int8 x int4 GEMM; returns x.dtype [..., N]. The two stages come
+    from `stages.linear_stages` (the benchmark times them apart with the same code)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pack.in_features)
     if x2.stride(-1) != 1:
@@ -976,17 +909,8 @@ def w4a8_linear(x: torch.Tensor, pack: W4A8Pack, cfg: GemmConfig | None = None) 
     m = x2.shape[0]
     if cfg is None:
         cfg = pick_config(m, pack.out_features, pack.in_features)
-    if cfg.swap:
-        y = w4a8_small(x2, pack, cfg, out_dtype=x.dtype)
-    elif cfg.path == "L":
-        q, s = act_quant(x2, pack, bm=cfg.act_bm, warps=cfg.act_warps)
-        y = w4a8_gemm(q, s, pack, cfg, a_float=False, out_dtype=x.dtype)
-    elif cfg.path == "Q":
-        q, s = act_quant_large(x2, pack, cfg)
-        y = w4a8_gemm(q, s, pack, cfg, a_float=False, out_dtype=x.dtype, w_int8=unpack_weight_int8(pack))
-    else:
-        xt, pm = act_chunks(x2, pack.perm, pack.r_in, pack.block, mode=0, bm=cfg.act_bm, warps=cfg.act_warps)
-        y = w4a8_gemm(xt[0], pm[0], pack, cfg, a_float=True, out_dtype=x.dtype)
+    act, gemm = linear_stages(x2, pack, cfg, _THIS)
+    y = gemm(act(), pack)
     return y.reshape(*lead, pack.out_features)
 
 

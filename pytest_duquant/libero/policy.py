@@ -108,6 +108,16 @@ def pi05_policy_factory(
         raise PolicyUnavailableError(f"--ckpt {ckpt}: cannot load the pi0.5 policy: {exc}") from exc
     enabled = config is not None and config.enabled
     preset = config.preset if enabled else "fp"
+    manifest = getattr(base, "quantized_manifest", None)
+    if manifest is not None:  # a quantized checkpoint: its own preset; other settings are refused here
+        if enabled:
+            try:
+                from pytest_duquant.policies.pi05.quantized_checkpoint import check_config
+
+                check_config(manifest, config, where=f"--ckpt {ckpt}")
+            except Exception as exc:  # noqa: BLE001 - one line naming the checkpoint
+                raise PolicyUnavailableError(str(exc)) from None
+        preset = manifest["preset"]
     if calibration is None and (Path(ckpt) / CKPT_CALIBRATION).is_file():
         calibration = str(Path(ckpt) / CKPT_CALIBRATION)
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from pytest_duquant import progress
 from pytest_duquant.config import DuQuantConfig
-from pytest_duquant.quantize import calibration, quantize_model
+from pytest_duquant.quantize import QuantReport, calibration, quantize_model
+from pytest_duquant.selection import linear_choices
 
 BUILTIN_VARIANT = "dummy"
 BUILTIN_SEED = 0
@@ -173,10 +174,20 @@ def policy_factory(
         )
     else:
         ckpt = builtin_checkpoint_dir()
-    weights = ckpt / WEIGHTS_NAME
+    from pytest_duquant.policies.pi05 import quantized_checkpoint as qc
+
+    manifest = None
+    if qc.is_quantized_checkpoint(ckpt):  # labelled with its FP checkpoint's fingerprint (the goldens' key)
+        if backend != "builtin":
+            raise SessionPolicyError(f"--ckpt {ckpt}: a quantized checkpoint loads with the builtin backend only")
+        try:
+            manifest = qc.read_manifest(ckpt)
+        except qc.CheckpointError as exc:
+            raise SessionPolicyError(str(exc)) from None
+    weights = ckpt / (WEIGHTS_NAME if manifest is None else qc.TENSORS_NAME)
     big = weights.is_file() and weights.stat().st_size > 1 << 30
     with progress.phase(f"fingerprint of {weights}", announce=big):
-        fingerprint = checkpoint_fingerprint(ckpt)
+        fingerprint = checkpoint_fingerprint(ckpt) if manifest is None else manifest["fp_fingerprint"]
 
     def make():
         with progress.phase(f"loading pi0.5 from {ckpt}", announce=big):
@@ -193,10 +204,11 @@ def policy_factory(
             policy = load_policy(ckpt, tokenizer=tokenizer, device=device, dtype=dtype)
         policy.fingerprint = fingerprint
         policy.ckpt_dir = ckpt if ckpt_dir is not None else None
-        policy.preset = "fp"
+        policy.preset = "fp" if manifest is None else manifest["preset"]
         return policy
 
     make.fingerprint = fingerprint
+    make.quantized_manifest = manifest
     make.ckpt_dir = ckpt
     make.builtin = ckpt_dir is None
     return make
@@ -224,6 +236,17 @@ def quantize_and_calibrate(policy, config: DuQuantConfig, observations: Sequence
     caller has them). Returns (policy, QuantReport); the policy is changed in place.
     """
     model = policy_module(policy)
+    manifest = getattr(policy, "quantized_manifest", None)
+    if manifest is not None:  # a quantized checkpoint: used as saved when the settings match, never re-quantized
+        from pytest_duquant.policies.pi05 import quantized_checkpoint as qc
+
+        try:
+            qc.check_config(manifest, config, where=f"--ckpt {policy.ckpt_dir}")
+        except qc.CheckpointError as exc:
+            raise SessionPolicyError(str(exc)) from None
+        qc.replace_backend(model, config.backend)
+        return policy, QuantReport(preset=config.preset, dryrun=False, config=config.describe(),
+                                   plan=linear_choices(model, config))
     report = quantize_model(model, config)
     if config.enabled and not report.dryrun and report.layers:
         obs = list(observations) if observations is not None else default_calibration_observations()

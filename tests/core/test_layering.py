@@ -19,7 +19,7 @@ RANKS = [  # (module prefix, rank); the longest matching prefix wins
     ("config", 0), ("results", 0), ("testing", 0), ("strategies", 0), ("__init__", 0), ("progress", 0),
     ("selection", 1),
     ("numerics", 2),
-    ("packs", 3), ("kernels", 3), ("layer", 3), ("baselines", 3),  # a layer and its kernels: one room
+    ("packs", 3), ("kernels", 3), ("layer", 3), ("baselines", 3), ("deploy", 3),  # a layer and its kernels: one room
     ("quantize", 4),
     ("policies", 5), ("metrics.records", 5), ("metrics.capture", 5), ("metrics", 5.5),
     ("libero", 6), ("training", 6.5),

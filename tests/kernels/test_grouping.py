@@ -71,3 +71,55 @@ def test_group_pack_members_are_views_and_mismatches_are_named():
                          w_scales=torch.rand(96))
     with pytest.raises(ValueError, match="out_features=96 is not a multiple of 64"):
         make_w4a8_group([packs[0], odd])
+
+
+def test_held_outputs_work_on_inference_tensors_and_expire():
+    """torch.inference_mode(): no version counter to read (x._version raised); the held outputs are served
+    once per member for the same input and dropped for any other."""
+    from pytest_duquant.kernels.grouping import HeldOutputs, tensor_version
+
+    q, k, v = object(), object(), object()
+    with torch.inference_mode():
+        x = torch.randn(3, 8)
+        assert x.is_inference() and tensor_version(x) is None
+        held = HeldOutputs()
+        held.hold(x, {k: "k-out", v: "v-out"})
+        assert held.take(k, x) == "k-out"
+        assert held.take(k, x) is None  # taken once
+        held.hold(x, {k: "k-out", v: "v-out"})
+        assert held.take(v, torch.randn(3, 8)) is None and held.take(k, x) is None  # another input: dropped
+    y = torch.randn(3, 8)
+    held.hold(y, {q: "q-out"})
+    y.add_(1)  # a normal tensor changed in place: its version moved, the held output is stale
+    assert held.take(q, y) is None
+
+
+def test_kernel_pack_key_of_a_model_quantized_under_inference_mode(tmp_path):
+    from pytest_duquant.kernels.dispatch import kernel_pack_key
+
+    model = _quantized("triton", tmp_path)
+    layer = model[0].self_attn.q_proj
+    with torch.inference_mode():  # e.g. scales loaded or codes rebuilt inside inference_mode
+        layer.w_codes = layer.w_codes.clone()
+        layer.act_scale = torch.ones(layer.in_features)
+        assert layer.w_codes.is_inference()
+        key = kernel_pack_key(layer, torch.bfloat16)
+        assert key == kernel_pack_key(layer, torch.bfloat16) and key[3] is None and key[4][1] is None
+
+
+def test_a_deployed_group_keeps_one_copy_of_the_codes(tmp_path):
+    """Grouping deployed siblings (CPU: the packs are pure torch) repoints their code buffers into the group's
+    concatenated tensor instead of keeping both, and a second call reuses the group."""
+    from pytest_duquant.deploy import deploy_model, resident_bytes
+
+    model = _quantized("triton", tmp_path)
+    deploy_model(model)
+    attn = model[0].self_attn
+    before = resident_bytes(attn)
+    group = attn.q_proj.kernel_group._group_pack(torch.bfloat16)
+    assert group is not None and attn.q_proj.kernel_group._group_pack(torch.bfloat16) is group
+    assert attn.k_proj.w_packed.untyped_storage().data_ptr() == group.w_packed.untyped_storage().data_ptr()
+    after = resident_bytes(attn)
+    codes = sum(m.w_packed.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    assert after.by_kind["packed weight codes"] == codes
+    assert after.total - before.total < codes  # the group adds its bf16 rotations, not another copy of the codes

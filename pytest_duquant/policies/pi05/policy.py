@@ -188,7 +188,8 @@ def load_policy(
     asset_id: str | None = None,
     discrete_state_input: bool | None = None,
 ) -> Pi05Policy:
-    """Load an openpi or lerobot pi0.5 checkpoint directory (layout detected from its files).
+    """Load an openpi or lerobot pi0.5 checkpoint directory (layout detected from its files), or a quantized
+    checkpoint written by `duquant quantize --save` (policies/pi05/quantized_checkpoint.py).
 
     dtype None = bfloat16 for the full pi05 variant (as openpi serves it, whatever config.json records),
     the variant's own precision for tiny ones (dummy: float32); "float32" (or $DUQUANT_POLICY_DTYPE) asks.
@@ -203,6 +204,11 @@ def load_policy(
     )
 
     d = Path(ckpt_dir)
+    from pytest_duquant.policies.pi05 import quantized_checkpoint as qc
+
+    if qc.is_quantized_checkpoint(d):  # docs/quantized-checkpoints.md: loaded as saved, nothing re-quantized
+        model, stats, tok, layout, manifest = qc.load_quantized(d, tokenizer, device, dtype)
+        return qc.label(Pi05Policy(model, stats, tok, device=device, source=str(d), layout=layout), manifest, d)
     layout = detect_layout(d)
     config = read_config(d, layout)
     read_norm_stats(d, layout, asset_id)  # fail early
