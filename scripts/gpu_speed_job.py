@@ -511,6 +511,19 @@ def stage_policy_calls(args, device, state) -> dict:
     return out
 
 
+def stage_gpu_tests(args, device, state) -> dict:
+    """The GPU-only tests of the fast path (graphed == eager), run by pytest in a subprocess."""
+    if device.type != "cuda":
+        return {"skipped": SKIPPED_NO_CUDA}
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "tests/policies/test_fast.py", "-k", "on_gpu", "-q", "-p",
+           "no:cacheprovider"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=args.test_timeout)
+    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
+
+
 # ---- main -------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -519,7 +532,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None, help="bfloat16 (default for pi05) or float32 (default otherwise)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8; --quick: 1,2)")
     ap.add_argument("--presets", default="A,B")
-    ap.add_argument("--stages", default="build,sdpa_backends,profile,components,calls,quantized,policy_calls")
+    ap.add_argument("--stages",
+                    default="build,sdpa_backends,profile,components,calls,quantized,policy_calls,gpu_tests")
+    ap.add_argument("--test-timeout", type=int, default=240, help="seconds for the gpu_tests stage")
     ap.add_argument("--quick", action="store_true", help="few repetitions, small batches: a smoke run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_speed.json, else ./gpu_speed.json)")
@@ -576,6 +591,10 @@ def main(argv=None) -> int:
             rec.stage(f"quantized_{preset}", stage_quantized, args, device, state, preset)
     if "policy_calls" in wanted:
         rec.stage("policy_calls", stage_policy_calls, args, device, state)
+    if "gpu_tests" in wanted:
+        state.pop("model", None)  # free the device for the tests' own models
+        gc.collect()
+        rec.stage("gpu_tests", stage_gpu_tests, args, device, state)
     rec.data["finished"] = True
     rec.flush()
     tmp.cleanup()

@@ -215,13 +215,19 @@ def test_fast_path_of_a_quantized_expert_matches_its_reference_path(obs, tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (scripts/gpu_speed_job.py)")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_graphed_fast_path_equals_eager_fast_path_on_gpu(obs, dtype):
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_graphed_fast_path_equals_eager_fast_path_on_gpu(obs, dtype, atol):
+    """Replays are bitwise reproducible; against the eager call the same kernels run, but cuBLAS may pick
+    another algorithm under capture, so float rounding of the dtype is allowed there."""
     policy = build_policy("dummy", seed=5, dtype=dtype, device="cuda", fast=True)
     eager = policy.raw_actions(obs, [1, 2, 3])
+    reference = build_policy("dummy", seed=5, dtype=dtype, device="cuda").raw_actions(obs, [1, 2, 3])
     graphed = policy.cuda_graph()
-    for _ in range(2):  # capture, then replay
-        out = graphed.raw_actions(obs, [1, 2, 3])
-        torch.testing.assert_close(out, eager, atol=0, rtol=0)
+    first = graphed.raw_actions(obs, [1, 2, 3])  # capture
+    second = graphed.raw_actions(obs, [1, 2, 3])  # replay
+    assert torch.equal(first, second)
+    torch.testing.assert_close(second, eager, atol=atol, rtol=0)
+    torch.testing.assert_close(second, reference, atol=atol, rtol=0)
     assert len(policy._sample.graphs) == 1  # 3 rows padded to 4: one graph
-    torch.testing.assert_close(graphed.raw_actions(obs[:1], [1]), eager[:1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(graphed.raw_actions(obs[:1], [1]), eager[:1], atol=atol, rtol=0)
+    assert len(policy._sample.graphs) == 2  # batch 1: its own graph

@@ -29,7 +29,9 @@ def test_tiny_cpu_run_writes_the_measurements(tmp_path):
     assert set(data["errors"]) == {"quantized_no-such-preset"}, data["errors"]
     assert "no-such-preset" in data["errors"]["quantized_no-such-preset"]
     st = data["stages"]
-    assert list(st) == ["build", "sdpa_backends", "profile", "components", "calls", "quantized_B", "policy_calls"]
+    assert list(st) == ["build", "sdpa_backends", "profile", "components", "calls", "quantized_B", "policy_calls",
+                        "gpu_tests"]
+    assert st["gpu_tests"] == {"skipped": "skipped: needs CUDA"}
     assert st["build"]["parameters"] > 1e6 and st["sdpa_backends"] == {"skipped": "skipped: needs CUDA"}
     for path in ("reference", "fast"):
         prof = st["profile"][path]

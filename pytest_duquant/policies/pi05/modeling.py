@@ -113,7 +113,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch
     :func:`fold_mask_heads`) -> [B,T,Hq*D]."""
     b, hq, t, d = q.shape
     if mask_add.shape[-2] != t:  # folded over the heads: the same mask per head
-        mask_add = mask_add.view(mask_add.shape[0], hq, t, mask_add.shape[-1])
+        mask_add = mask_add.unflatten(-2, (hq, t)).squeeze(1)
     hkv = k.shape[1]
     if hkv != hq and hkv != 1:
         rep = hq // hkv
@@ -130,7 +130,12 @@ def fold_mask_heads(mask_add: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, 1, T, S] -> [B, 1, num_heads*T, S]: the mask of :func:`fused_attention`'s folded query heads (one
     KV head: the heads' queries become one long query against the shared K/V). Build it once per call."""
     mb, _, t, s = mask_add.shape
-    return mask_add[:, :, None].expand(mb, 1, num_heads, t, s).reshape(mb, 1, num_heads * t, s)
+    # rows padded to a multiple of 16 elements (a view of the first s columns): the fused CUDA kernels need an
+    # aligned mask stride and would otherwise pad a copy in every layer
+    s_pad = -(-s // 16) * 16
+    out = mask_add.new_zeros(mb, 1, num_heads * t, s_pad)[..., :s]
+    out.view(mb, num_heads, t, s).copy_(mask_add[:, 0, None].expand(mb, num_heads, t, s))
+    return out
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch.Tensor, scaling: float):
@@ -150,7 +155,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add:
         if mask.shape[-2] != hq * t:
             mask = fold_mask_heads(mask, hq)
         out = F.scaled_dot_product_attention(q.reshape(b, 1, hq * t, d), k, v, attn_mask=mask, scale=scaling)
-        return out.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+        return out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
     if hkv != hq:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
