@@ -77,9 +77,14 @@ class PolicyUnavailableError(RuntimeError):
 
 def pi05_policy_factory(
     ckpt, config=None, *, tokenizer=None, backend: str = "builtin", device: str | None = None,
-    calibration: str | None = None,
+    calibration: str | None = None, fast: bool = True,
 ):
     """A zero-argument factory: the pi0.5 policy of ``ckpt``, quantized and calibrated under ``config``.
+
+    ``fast`` (default): once quantized and calibrated (on openpi's exact path, as the goldens were), the
+    policy serves its fast path, CUDA-graphed on a GPU, batches padded to a few sizes so that one graph per
+    size serves every batch the workers send (``Pi05Policy.serve_fast``, docs/speed.md); FP and quantized
+    alike. ``fast=False`` serves openpi's exact path.
 
     ``config`` None or disabled (preset ``fp``) gives the FP policy. ``calibration``: the calibration
     source (``synthetic``, ``libero:<suite>``, or an .npz path; see libero/calibration.py). Default: the
@@ -128,6 +133,8 @@ def pi05_policy_factory(
 
             calib = calibration_observations(calibration)
             policy, _report = session.quantize_and_calibrate(policy, config, calib)
+        if fast and hasattr(policy, "serve_fast"):
+            policy.serve_fast()
         policy.preset = preset
         return policy
 

@@ -11,19 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pytest_duquant.policies.pi05.modeling import Pi05Model, attention
+# fused_attention lives with the model (the fast inference path uses it too); re-exported for training
+from pytest_duquant.policies.pi05.modeling import Pi05Model, attention, fused_attention
 
-
-def fused_attention(q, k, v, mask_add, scaling):
-    """The eager attention's result through ``scaled_dot_product_attention`` (a fused kernel: no float32
-    score tensor of B x heads x T x S in memory). Same math; the float order differs, so training with it
-    and serving with the eager one differ at rounding level only. KV heads are repeated for the kernel."""
-    b, hq, t, d = q.shape
-    if k.shape[1] != hq:
-        k = k.repeat_interleave(hq // k.shape[1], dim=1)
-        v = v.repeat_interleave(hq // v.shape[1], dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_add.to(q.dtype), scale=scaling)
-    return out.transpose(1, 2).reshape(b, t, hq * d)
+__all__ = ["FlowMatchingLoss", "flow_matching_loss", "fused_attention", "sample_time", "velocity"]
 
 
 def sample_time(batch: int, generator: torch.Generator, device) -> torch.Tensor:

@@ -109,8 +109,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch.Tensor, scaling: float):
-    """Eager GQA attention, float32 softmax. q [B,Hq,T,D], k/v [B,Hkv,S,D], mask [B,1,T,S] -> [B,T,Hq*D]."""
+    """Eager GQA attention, float32 softmax. q [B,Hq,T,D], k/v [B,Hkv,S,D], mask [B,1,T,S] (or folded by
+    :func:`fold_mask_heads`) -> [B,T,Hq*D]."""
     b, hq, t, d = q.shape
+    if mask_add.shape[-2] != t:  # folded over the heads: the same mask per head
+        mask_add = mask_add.unflatten(-2, (hq, t)).squeeze(1)
     hkv = k.shape[1]
     if hkv != hq and hkv != 1:
         rep = hq // hkv
@@ -120,6 +123,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch
     scores = scores + mask_add
     probs = F.softmax(scores, dim=-1, dtype=math_dtype(scores.dtype)).to(q.dtype)
     out = torch.matmul(probs, v)  # [B, Hq, T, D]
+    return out.transpose(1, 2).reshape(b, t, hq * d)
+
+
+def fold_mask_heads(mask_add: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, 1, T, S] -> [B, 1, num_heads*T, S]: the mask of :func:`fused_attention`'s folded query heads (one
+    KV head: the heads' queries become one long query against the shared K/V). Build it once per call."""
+    mb, _, t, s = mask_add.shape
+    # rows padded to a multiple of 16 elements (a view of the first s columns): the fused CUDA kernels need an
+    # aligned mask stride and would otherwise pad a copy in every layer
+    s_pad = -(-s // 16) * 16
+    out = mask_add.new_zeros(mb, 1, num_heads * t, s_pad)[..., :s]
+    out.view(mb, num_heads, t, s).copy_(mask_add[:, 0, None].expand(mb, num_heads, t, s))
+    return out
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch.Tensor, scaling: float):
+    """:func:`attention` through ``F.scaled_dot_product_attention`` (a fused kernel: no B x heads x T x S score
+    tensor in memory, no float32 round trip of the scores). Same math; the fused kernels keep scores and
+    softmax in float32 throughout (openpi's eager path rounds the scores to the compute dtype before its float32
+    softmax and the probabilities back after it), so results differ from :func:`attention` at the rounding of
+    the compute dtype (docs/speed.md, "Tolerances").
+
+    One KV head (Gemma's MQA): the query heads are folded into the query length, [B, 1, Hq*T, D], so K/V are
+    never repeated; ``mask_add`` may be [B, 1, T, S] or already folded by :func:`fold_mask_heads`. Other GQA
+    shapes repeat the KV heads. Used by the fast inference path and by training."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    mask = mask_add.to(q.dtype)
+    if hkv == 1 and hq > 1:
+        if mask.shape[-2] != hq * t:
+            mask = fold_mask_heads(mask, hq)
+        out = F.scaled_dot_product_attention(q.reshape(b, 1, hq * t, d), k, v, attn_mask=mask, scale=scaling)
+        return out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+    if hkv != hq:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).reshape(b, t, hq * d)
 
 
@@ -146,7 +186,7 @@ class GemmaRMSNorm(nn.Module):
             return (normed * (1.0 + self.weight.to(normed.dtype))).to(dtype), None
         if cond is None:
             raise ValueError("adaptive RMSNorm needs the time condition (cond)")
-        modulation = self.dense(cond)
+        modulation = cond.modulation(self) if isinstance(cond, AdaCond) else self.dense(cond)
         if x.dim() == 3:
             modulation = modulation.unsqueeze(1)
         scale, shift, gate = torch.chunk(modulation, 3, dim=-1)
@@ -157,6 +197,20 @@ class GemmaRMSNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}" + (
             f", adaptive cond_dim={self.cond_dim}" if self.dense is not None else ""
         )
+
+
+class AdaCond:
+    """The adaRMS condition of one denoising step with the norms' modulations ``dense(cond)`` computed ahead
+    (the fast path computes all steps' modulations in one matmul per norm: each float32 ``dense`` weight is read
+    once per call instead of once per step). A norm without a precomputed entry computes its own."""
+
+    def __init__(self, cond: torch.Tensor, precomputed: dict | None = None):
+        self.cond = cond
+        self.precomputed = precomputed or {}
+
+    def modulation(self, norm: GemmaRMSNorm) -> torch.Tensor:
+        mod = self.precomputed.get(norm)
+        return norm.dense(self.cond) if mod is None else mod
 
 
 class GemmaAttention(nn.Module):
@@ -382,10 +436,14 @@ class PaliGemmaWithExpertModel(nn.Module):
         past_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         store_kv: bool = False,
         attn_fn=attention,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_only: bool = False,
     ):
         """All layers over the streams [prefix, suffix] (either may be None), jointly attended.
         `attn_fn(q, k, v, mask_add, scaling)` is the attention function (openpi's eager one by default;
-        training passes a fused one).
+        training and the fast path pass :func:`fused_attention`). `rope`: (cos, sin) [B, 1, T, D] computed ahead
+        (then `positions` is unused). A cond may be an :class:`AdaCond`. `kv_only` (with store_kv): stop the last
+        layer after its K/V and return no outputs (a prefix cache needs nothing else).
 
         Returns (final-normed outputs per stream, list of per-layer (k, v) of these streams if store_kv).
         """
@@ -393,10 +451,14 @@ class PaliGemmaWithExpertModel(nn.Module):
         active = [i for i, x in enumerate(xs) if x is not None]
         lengths = [xs[i].shape[1] for i in active]
         ref = xs[active[0]]
-        cos, sin = models[active[0]].rope(positions, ref.dtype)
-        cos, sin = cos[:, None], sin[:, None]
+        if rope is None:
+            cos, sin = models[active[0]].rope(positions, ref.dtype)
+            cos, sin = cos[:, None], sin[:, None]
+        else:
+            cos, sin = rope
         kv_out = [] if store_kv else None
-        for li in range(len(models[active[0]].layers)):
+        depth = len(models[active[0]].layers)
+        for li in range(depth):
             qs, ks, vs, gates = [], [], [], []
             for i in active:
                 layer = models[i].layers[li]
@@ -414,6 +476,8 @@ class PaliGemmaWithExpertModel(nn.Module):
             k = k * cos + _rotate_half(k) * sin
             if store_kv:
                 kv_out.append((k, v))
+                if kv_only and li == depth - 1:
+                    return [None, None], kv_out
             if past_kv is not None:
                 pk, pv = past_kv[li]
                 k = torch.cat([pk, k], dim=2)
@@ -555,6 +619,85 @@ class Pi05Model(nn.Module):
             x_t = x_t + self.euler_dt * v_t  # dt is float32(-1/num_steps), as openpi's tensor
         return x_t
 
+    # ---- fast inference (docs/speed.md) -------------------------------------------------------------
+    @torch.no_grad()
+    def sample_actions_fast(
+        self,
+        images: torch.Tensor,
+        image_masks: torch.Tensor,
+        tokens: torch.Tensor,
+        token_masks: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        attn_fn=fused_attention,
+    ) -> torch.Tensor:
+        """:meth:`sample_actions` with less work and the same inputs and outputs (docs/speed.md).
+
+        Feed it :func:`compact_prefix`'s inputs (masked image slots and trailing prompt padding dropped: they
+        change nothing in openpi's outputs). Differences from the reference path, none of which changes what is
+        computed beyond float rounding:
+        - attention through ``attn_fn`` (default :func:`fused_attention`; pass :func:`attention` to keep
+          openpi's eager softmax), with the heads' mask folded once per call;
+        - masks, positions and RoPE of the action tokens built once per call, not once per step;
+        - the time MLP and every adaRMS modulation ``dense(cond)`` of all steps in one matmul each (a norm's
+          float32 dense weight is read once per call, not once per step), where ``dense`` is a plain Linear;
+        - the language model's last layer stops after its K/V (its attention output and MLP feed nothing).
+        Static shapes, no host syncs: capture it in a CUDA graph or torch.compile it.
+        """
+        pwe = self.paligemma_with_expert
+        expert = pwe.expert
+        dtype, m = self.compute_dtype, self.math_dtype
+        prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
+        heads = pwe.language_model.spec.num_heads
+        mask = make_att_2d_masks(prefix_pad, torch.zeros_like(prefix_pad, dtype=torch.int32))
+        _, kv_cache = pwe.run_layers(
+            [prefix_embs, None],
+            [None, None],
+            fold_mask_heads(additive_mask(mask).to(dtype), heads),
+            torch.cumsum(prefix_pad.to(torch.int64), dim=1) - 1,
+            store_kv=True,
+            attn_fn=attn_fn,
+            kv_only=True,
+        )
+        # the action tokens' mask, positions and RoPE: the same for every step
+        b, h = noise.shape[0], self.config.action_horizon
+        p = prefix_pad.shape[1]
+        dev = noise.device
+        suffix_pad = torch.ones(b, h, dtype=torch.bool, device=dev)
+        ar = torch.zeros(b, h, dtype=torch.int32, device=dev)
+        ar[:, 0] = 1
+        full = torch.cat([prefix_pad[:, None, :].expand(b, h, p), make_att_2d_masks(suffix_pad, ar)], dim=2)
+        suffix_mask = fold_mask_heads(additive_mask(full).to(dtype), expert.spec.num_heads)
+        positions = (
+            prefix_pad.to(torch.int64).sum(dim=-1, keepdim=True) + torch.cumsum(suffix_pad.to(torch.int64), dim=1) - 1
+        )
+        cos, sin = expert.rope(positions, dtype)
+        rope = (cos[:, None], sin[:, None])
+        # the adaRMS condition of every step, and each norm's modulation of every step, in one matmul each
+        steps = len(self.euler_times)
+        time = torch.cat([torch.full((b,), t, dtype=m, device=dev) for t in self.euler_times])
+        temb = sinusoidal_time_embedding(
+            time, self.action_in_proj.out_features, self.config.min_period, self.config.max_period
+        )
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb)))).view(steps, b, -1)
+        pre: list[dict] = [{} for _ in range(steps)]
+        norms = [n for layer in expert.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        for norm in [*norms, expert.norm]:
+            if type(norm.dense) is nn.Linear:  # a quantized dense keeps its per-call behaviour
+                mod = norm.dense(cond)
+                for i in range(steps):
+                    pre[i][norm] = mod[i]
+        x_t = noise.to(m)
+        for i in range(steps):
+            suffix = self.action_in_proj(x_t).to(dtype)
+            outs, _ = pwe.run_layers(
+                [None, suffix], [None, AdaCond(cond[i], pre[i])], suffix_mask, None,
+                past_kv=kv_cache, attn_fn=attn_fn, rope=rope,
+            )
+            v_t = self.action_out_proj(outs[1][:, -h:].to(m))
+            x_t = x_t + self.euler_dt * v_t
+        return x_t
+
     @torch.no_grad()
     def joint_velocity(self, images, image_masks, tokens, token_masks, x_t, time):
         """Velocity from ONE joint pass over prefix + suffix (no cache), as openpi's training forward does.
@@ -580,6 +723,34 @@ class Pi05Model(nn.Module):
         )
         v = self.action_out_proj(outs[1][:, -self.config.action_horizon :].to(self.math_dtype))
         return v, outs[0]
+
+
+def compact_prefix(
+    images: torch.Tensor,
+    image_masks: torch.Tensor,
+    tokens: torch.Tensor,
+    token_masks: torch.Tensor,
+    *,
+    token_bucket: int = 32,
+) -> dict[str, torch.Tensor]:
+    """The prefix inputs without what changes nothing in openpi's outputs: image slots masked in every row
+    (LIBERO's empty right-wrist slot) and prompt columns after the last valid token of any row, kept to a
+    multiple of `token_bucket` (at least one bucket, at most the original length) so that few shapes occur
+    (one CUDA graph each). Positions come from the mask's cumulative sum and masked keys get zero weight, so
+    the actions are the reference's up to float rounding (the softmax sums over fewer zeros in another order).
+
+    Reads the masks on the host: call it where the inputs are built, before they go to the device.
+    """
+    if token_bucket < 1:
+        raise ValueError(f"token_bucket={token_bucket}: must be >= 1")
+    keep = image_masks.any(dim=0)
+    if not bool(keep.all()):
+        idx = keep.nonzero().flatten()
+        images, image_masks = images.index_select(1, idx), image_masks.index_select(1, idx)
+    valid = token_masks.any(dim=0).nonzero()
+    last = int(valid.max()) + 1 if valid.numel() else 0
+    n = min(tokens.shape[1], max(token_bucket, -(-last // token_bucket) * token_bucket))
+    return {"images": images, "image_masks": image_masks, "tokens": tokens[:, :n], "token_masks": token_masks[:, :n]}
 
 
 def build_model(

@@ -12,7 +12,7 @@ import torch
 from pytest_duquant.policies.pi05.checkpoint import load_checkpoint, random_norm_stats
 from pytest_duquant.policies.pi05.configuration import Pi05Config, variant_config
 from pytest_duquant.policies.pi05.errors import CheckpointError
-from pytest_duquant.policies.pi05.modeling import Pi05Model, random_model
+from pytest_duquant.policies.pi05.modeling import Pi05Model, compact_prefix, random_model
 from pytest_duquant.policies.pi05.processing import NormStats, postprocess_actions, prepare_inputs
 from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer, resolve_tokenizer_path
 
@@ -28,8 +28,46 @@ def noise_for_seed(seed: int, horizon: int, action_dim: int) -> torch.Tensor:
     return torch.randn((horizon, action_dim), generator=gen, dtype=torch.float64).to(torch.float32)
 
 
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)  # the fast path pads a batch up to one of these (one CUDA graph each)
+TOKEN_BUCKET = 32  # ... and its prompt to a multiple of this many tokens
+
+
+def pad_rows(inputs: dict[str, torch.Tensor], noise: torch.Tensor, size: int):
+    """Inputs and noise of `n` rows padded to `size` rows by repeating the last row (rows are independent:
+    padding changes no real row's actions beyond float rounding)."""
+    n = noise.shape[0]
+    if size < n:
+        raise ValueError(f"cannot pad a batch of {n} rows to {size}")
+    if size == n:
+        return inputs, noise
+    idx = torch.cat([torch.arange(n), torch.full((size - n,), n - 1, dtype=torch.long)])
+    return {k: v.index_select(0, idx.to(v.device)) for k, v in inputs.items()}, noise.index_select(
+        0, idx.to(noise.device)
+    )
+
+
+def batch_chunks(n: int, sizes: Sequence[int] | None) -> list[tuple[int, int, int]]:
+    """(start, stop, padded size) of each chunk a batch of n rows runs as: the smallest size >= n, or chunks of
+    the largest size (the last one padded). sizes None: one chunk of n rows, unpadded."""
+    if not sizes:
+        return [(0, n, n)]
+    sizes = sorted(int(s) for s in sizes)
+    out, start = [], 0
+    while start < n:
+        rest = n - start
+        size = next((s for s in sizes if s >= rest), sizes[-1])
+        stop = start + min(rest, size)
+        out.append((start, stop, size))
+        start = stop
+    return out
+
+
 class Pi05Policy:
-    """A pi0.5 model with its processing. `model` is a plain nn.Module (quantize_model wraps its linears)."""
+    """A pi0.5 model with its processing. `model` is a plain nn.Module (quantize_model wraps its linears).
+
+    ``fast=True`` (or :meth:`use_fast`) serves :meth:`Pi05Model.sample_actions_fast` on compacted inputs,
+    batches padded to `BATCH_SIZES` (docs/speed.md); the default is openpi's exact path.
+    """
 
     def __init__(
         self,
@@ -40,6 +78,7 @@ class Pi05Policy:
         device: str | torch.device = "cpu",
         source: str = "",
         layout: str = "openpi",
+        fast: bool = False,
     ):
         self.model = model.to(device).eval()
         self.config: Pi05Config = model.config
@@ -48,23 +87,59 @@ class Pi05Policy:
         self.device = torch.device(device)
         self.source = source
         self.layout = layout
+        self.fast = False
+        self.batch_sizes: tuple[int, ...] | None = None
+        self.token_bucket = TOKEN_BUCKET
+        self.mode = "eager"
         self._sample = self.model.sample_actions
+        if fast:
+            self.use_fast()
 
     # ---- speed options ------------------------------------------------------------------------
+    def _sample_fn(self):
+        return self.model.sample_actions_fast if self.fast else self.model.sample_actions
+
+    def use_fast(
+        self,
+        enabled: bool = True,
+        *,
+        batch_sizes: Sequence[int] | None = BATCH_SIZES,
+        token_bucket: int = TOKEN_BUCKET,
+    ) -> Pi05Policy:
+        """Serve the fast path (compacted prefix, fused attention, per-call precomputation; docs/speed.md) or,
+        with enabled=False, openpi's exact one. batch_sizes: pad every batch to one of these sizes (None: no
+        padding); token_bucket: prompts are cut to a multiple of it. Keeps an eager or CUDA-graph mode (new
+        graphs for the new path); a compiled policy goes back to eager (compile again)."""
+        if token_bucket < 1 or (batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1)):
+            raise ValueError(f"batch_sizes={batch_sizes}, token_bucket={token_bucket}: must be positive")
+        self.fast = bool(enabled)
+        self.batch_sizes = tuple(sorted(int(b) for b in batch_sizes)) if enabled and batch_sizes else None
+        self.token_bucket = int(token_bucket)
+        return {"eager": self.eager, "cudagraph": self.cuda_graph}.get(self.mode, self.eager)()
+
+    def serve_fast(self) -> Pi05Policy:
+        """The fastest serving this device allows: the fast path, CUDA-graphed on a GPU (one graph per padded
+        batch size and prompt bucket; capture happens on first use, so calibrate before it)."""
+        self.use_fast()
+        return self.cuda_graph() if self.device.type == "cuda" else self
+
     def compile(self, mode: str | None = None, **kwargs) -> Pi05Policy:
         """torch.compile sample_actions (mode e.g. 'max-autotune' / 'reduce-overhead' = CUDA graphs)."""
-        self._sample = torch.compile(self.model.sample_actions, mode=mode, **kwargs)
+        self._sample = torch.compile(self._sample_fn(), mode=mode, **kwargs)
+        self.mode = "compile"
         return self
 
     def cuda_graph(self) -> Pi05Policy:
         """Capture sample_actions in a CUDA graph per batch size (eager kernels, no compile)."""
         if self.device.type != "cuda":
             raise RuntimeError("cuda_graph() needs the policy on a CUDA device")
-        self._sample = GraphedSampler(self.model.sample_actions)
+        self._sample = GraphedSampler(self._sample_fn())
+        self.mode = "cudagraph"
         return self
 
     def eager(self) -> Pi05Policy:
-        self._sample = self.model.sample_actions
+        self._sample = self._sample_fn()
+        self.mode = "eager"
         return self
 
     # ---- inference ----------------------------------------------------------------------------
@@ -82,8 +157,21 @@ class Pi05Policy:
         """Normalized model output [N, horizon, action_dim] (float32) before unnormalization."""
         if len(observations) != len(noise_seeds):
             raise ValueError(f"{len(observations)} observations but {len(noise_seeds)} noise seeds")
-        inputs = self.prepare(observations)
-        return self._sample(noise=self.noise(noise_seeds), **inputs)
+        if not self.fast:
+            inputs = self.prepare(observations)
+            return self._sample(noise=self.noise(noise_seeds), **inputs)
+        # fast path: build on the host, drop what changes nothing, pad to a served batch size, then move
+        inputs = prepare_inputs(list(observations), self.config, self.norm_stats, self.tokenizer, "cpu")
+        noise = torch.stack([noise_for_seed(s, self.config.action_horizon, self.config.action_dim)
+                             for s in noise_seeds])
+        outs = []
+        for start, stop, size in batch_chunks(len(noise_seeds), self.batch_sizes):
+            part = compact_prefix(**{k: v[start:stop] for k, v in inputs.items()}, token_bucket=self.token_bucket)
+            part, part_noise = pad_rows(part, noise[start:stop], size)
+            part = {k: v.to(self.device, non_blocking=True) for k, v in part.items()}
+            out = self._sample(noise=part_noise.to(self.device, non_blocking=True), **part)
+            outs.append(out[: stop - start])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def infer_batch(self, observations: Sequence[dict], noise_seeds: Sequence[int]) -> np.ndarray:
         """-> float32 [N, horizon, 7] actions in env units; observation i gets the noise of noise_seeds[i]."""
@@ -97,16 +185,19 @@ class Pi05Policy:
         return (
             f"Pi05Policy(variant={self.config.variant!r}, layout={self.layout!r}, "
             f"device={str(self.device)!r}, "
-            f"dtype={self.model.compute_dtype}, source={self.source!r})"
+            f"dtype={self.model.compute_dtype}, fast={self.fast}, mode={self.mode!r}, source={self.source!r})"
         )
 
 
 class GraphedSampler:
-    """Replays a captured CUDA graph of `fn(**inputs)`; one graph per input signature (batch size)."""
+    """Replays a captured CUDA graph of `fn(**inputs)`; one graph per input signature (batch size, prompt
+    bucket). The graphs share one memory pool (they never run at once, and each output is copied out after its
+    replay), so a graph per padded batch size costs its outputs, not a private set of intermediates each."""
 
     def __init__(self, fn):
         self.fn = fn
         self.graphs: dict[tuple, tuple] = {}
+        self.pool = None
 
     @torch.no_grad()
     def __call__(self, **inputs):
@@ -120,7 +211,9 @@ class GraphedSampler:
                     self.fn(**static_in)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
                 static_out = self.fn(**static_in)
             self.graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = self.graphs[key]
@@ -147,8 +240,10 @@ def build_policy(
     tokenizer=None,
     norm_stats: NormStats | None = None,
     config: Pi05Config | None = None,
+    fast: bool = False,
 ) -> Pi05Policy:
-    """A random-weight policy (deterministic in `seed`), e.g. the embedded default for CI.
+    """A random-weight policy (deterministic in `seed`), e.g. the embedded default for CI. fast: serve
+    the fast path (:meth:`Pi05Policy.use_fast`).
 
     tokenizer: a PaligemmaTokenizer, a path, or None (OPENPI_TOKENIZER / openpi cache, else a tiny one trained
     into a temporary directory).
@@ -162,6 +257,7 @@ def build_policy(
         tok,
         device=device,
         source=f"random:{config.variant}:seed={seed}",
+        fast=fast,
     )
 
 
@@ -187,6 +283,7 @@ def load_policy(
     *,
     asset_id: str | None = None,
     discrete_state_input: bool | None = None,
+    fast: bool = False,
 ) -> Pi05Policy:
     """Load an openpi or lerobot pi0.5 checkpoint directory (layout detected from its files), or a quantized
     checkpoint written by `duquant quantize --save` (policies/pi05/quantized_checkpoint.py).
@@ -194,7 +291,7 @@ def load_policy(
     dtype None = bfloat16 for the full pi05 variant (as openpi serves it, whatever config.json records),
     the variant's own precision for tiny ones (dummy: float32); "float32" (or $DUQUANT_POLICY_DTYPE) asks.
     Config, norm stats and tokenizer (its vocabulary against the checkpoint's embedding) are validated
-    before any weight is read (CheckpointError).
+    before any weight is read (CheckpointError). fast: serve the fast path (:meth:`Pi05Policy.use_fast`).
     """
     from pytest_duquant.policies.pi05.checkpoint import (
         check_tokenizer_vocab,
@@ -218,4 +315,4 @@ def load_policy(
     model, config, norm_stats, layout = load_checkpoint(
         d, device=device, dtype=dtype, asset_id=asset_id, config_overrides=overrides
     )
-    return Pi05Policy(model, norm_stats, tok, device=device, source=str(d), layout=layout)
+    return Pi05Policy(model, norm_stats, tok, device=device, source=str(d), layout=layout, fast=fast)

@@ -1,0 +1,52 @@
+"""scripts/gpu_speed_job.py (issue 14, docs/speed.md) in its tiny CPU mode: it writes valid JSON with every stage's
+figures, marks the GPU-only measurements skipped, and a failing stage is recorded while the next ones still run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sentencepiece")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_speed_job.py"
+
+
+def test_tiny_cpu_run_writes_the_measurements(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--variant", "dummy", "--quick", "--batches", "1,2",
+         "--presets", "B,no-such-preset", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["finished"] is True and data["meta"]["variant"] == "dummy" and data["meta"]["device"] == "cpu"
+    # the broken preset is recorded as an error; the stages after it still ran
+    assert set(data["errors"]) == {"quantized_no-such-preset"}, data["errors"]
+    assert "no-such-preset" in data["errors"]["quantized_no-such-preset"]
+    st = data["stages"]
+    assert list(st) == ["build", "sdpa_backends", "profile", "components", "calls", "quantized_B", "policy_calls",
+                        "gpu_tests"]
+    assert st["gpu_tests"] == {"skipped": "skipped: needs CUDA"}
+    assert st["build"]["parameters"] > 1e6 and st["sdpa_backends"] == {"skipped": "skipped: needs CUDA"}
+    for path in ("reference", "fast"):
+        prof = st["profile"][path]
+        assert prof["total_ms"] > 0 and {"lm.attention", "expert.mlp", "vision.layers"} <= set(prof["by_role_ms"])
+    for b in ("b1", "b2"):
+        row = st["calls"][b]
+        assert row["reference_eager"]["median_ms"] > 0 and row["fast_eager"]["median_ms"] > 0
+        assert row["fast_graph"] == row["reference_graph"] == "skipped: needs CUDA"
+        # the fast path's actions are the reference's (float32 dummy: float rounding)
+        assert 0 <= row["max_abs_diff_fast_eager_vs_reference_eager"] < 1e-4 < row["max_abs_action"]
+        q = st["quantized_B"][b]
+        assert q["eager"]["median_ms"] > 0 and q["ratio_to_fast_bf16_eager"] > 0
+    qb = st["quantized_B"]
+    assert qb["layers"] == 28 and qb["report_bytes_after"] < qb["report_bytes_before"]
+    assert "memory_allocated_policy_quantized_bytes" not in qb  # CUDA only
+    for label in ("reference_eager", "fast_served"):
+        assert st["policy_calls"][label]["b2"]["calls_per_s"] > 0
+    assert st["policy_calls"]["fast_served"]["mode"] == "eager"  # a CPU serves eagerly
