@@ -73,6 +73,9 @@ def register(subparsers: Any) -> None:
         default=None,
         help="override the suite's step budget (changes the protocol name: for smoke runs only)",
     )
+    p.add_argument("--exact-path", action="store_true",
+                   help="serve openpi's exact (slower) path instead of the fast one (docs/speed.md): rounding-level "
+                        "differences can make single episodes diverge from a golden recorded on the exact path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
               + ("" if config.enabled else " (FP reference run: results labelled fp)"), file=sys.stderr)
         factory = pi05_policy_factory(
             args.ckpt, config, tokenizer=args.tokenizer, backend=args.policy_backend, device=args.device,
-            calibration=args.calib,
+            calibration=args.calib, fast=not args.exact_path,
         )
     except (ValueError, sim_setup.LiberoSetupError, PolicyUnavailableError) as exc:
         print(f"duquant rollouts: {exc}", file=sys.stderr)

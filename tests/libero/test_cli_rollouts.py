@@ -65,10 +65,13 @@ def test_the_run_is_fp_unless_a_preset_or_a_variable_asks_for_quantization(
     seen = {}
 
     def factory(ckpt, config=None, **kw):
-        seen["config"] = config
+        seen["config"], seen["fast"] = config, kw.get("fast")
         raise policy_mod.PolicyUnavailableError("stop here")
 
     monkeypatch.setattr(policy_mod, "pi05_policy_factory", factory)
     code = main(["rollouts", "--ckpt", str(tmp_path), "--out", str(tmp_path / "r.jsonl"), *argv])
     assert code == 2 and "stop here" in capsys.readouterr().err
     assert seen["config"].enabled is enabled and seen["config"].preset == preset
+    assert seen["fast"] is True  # the fast path is the default
+    code = main(["rollouts", "--ckpt", str(tmp_path), "--out", str(tmp_path / "r.jsonl"), "--exact-path", *argv])
+    assert code == 2 and seen["fast"] is False
