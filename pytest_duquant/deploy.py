@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pytest_duquant.kernels.packing import PACK_GROUP, pack_int4, unpack_int4
-from pytest_duquant.layer import DuQuantLinear
+from pytest_duquant.layer import DuQuantLinear, group_siblings
 
 LAYOUTS = ("int4-k128", "int4-pairs", "int8", "int16", "float")
 
@@ -196,7 +196,6 @@ def deploy_model(model: nn.Module) -> int:
     """Replace every DuQuantLinear of `model` (in place) by its PackedDuQuantLinear; returns how many.
 
     Sibling groups (backend triton) are rebuilt over the new layers."""
-    from pytest_duquant.kernels.grouping import SiblingGroup
 
     count, regroup = 0, False
     for name, module in list(model.named_modules()):
@@ -208,15 +207,7 @@ def deploy_model(model: nn.Module) -> int:
             regroup = regroup or module.kernel_group is not None
             count += 1
     if regroup:
-        for parent in model.modules():
-            from pytest_duquant.kernels.grouping import SIBLING_NAMES
-
-            for names in SIBLING_NAMES:
-                layers = [getattr(parent, n, None) for n in names]
-                if all(isinstance(m, DuQuantLinear) for m in layers) and len({m.in_features for m in layers}) == 1:
-                    group = SiblingGroup(layers)
-                    for m in layers:
-                        m.kernel_group = group
+        group_siblings(model)
     return count
 
 

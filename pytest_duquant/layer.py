@@ -169,3 +169,20 @@ class DuQuantLinear(nn.Module):
         if self.bias is not None:
             total += self.bias.numel() * self.bias.element_size()
         return total
+
+
+def group_siblings(model: torch.nn.Module) -> int:
+    """Attach a SiblingGroup to every set of DuQuantLinear siblings (SIBLING_NAMES under one parent with the
+    same in_features); returns how many groups were formed."""
+    from pytest_duquant.kernels.grouping import SIBLING_NAMES, SiblingGroup
+
+    count = 0
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            layers = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, DuQuantLinear) for m in layers) and len({m.in_features for m in layers}) == 1:
+                group = SiblingGroup(layers)
+                for m in layers:
+                    m.kernel_group = group
+                count += 1
+    return count

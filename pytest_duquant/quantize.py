@@ -16,7 +16,7 @@ from torch import nn
 from pytest_duquant import progress as _progress
 from pytest_duquant.baselines.rtn import RTNConfig, rtn_layer
 from pytest_duquant.config import DuQuantConfig, from_env
-from pytest_duquant.layer import DuQuantLinear
+from pytest_duquant.layer import DuQuantLinear, group_siblings  # group_siblings: re-exported
 from pytest_duquant.packs import PackCache, build_pack, pack_key
 from pytest_duquant.selection import LinearChoice, linear_choices, unmatched_layer_names
 
@@ -329,20 +329,3 @@ def calibration(model: nn.Module) -> Iterator[list[nn.Module]]:
         for layer in layers:
             layer.calibrating = False
             layer.freeze()
-
-
-def group_siblings(model: torch.nn.Module) -> int:
-    """Attach a SiblingGroup to every set of DuQuantLinear siblings (SIBLING_NAMES under one parent with the
-    same in_features); returns how many groups were formed."""
-    from pytest_duquant.kernels.grouping import SIBLING_NAMES, SiblingGroup
-
-    count = 0
-    for parent in model.modules():
-        for names in SIBLING_NAMES:
-            layers = [getattr(parent, n, None) for n in names]
-            if all(isinstance(m, DuQuantLinear) for m in layers) and len({m.in_features for m in layers}) == 1:
-                group = SiblingGroup(layers)
-                for m in layers:
-                    m.kernel_group = group
-                count += 1
-    return count

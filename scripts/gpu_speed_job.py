@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -30,8 +29,10 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # time_pi05: the shared timer
 
 import torch  # noqa: E402
+from time_pi05 import sync, time_fn  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pytest_duquant.policies.pi05 import modeling  # noqa: E402
@@ -80,29 +81,6 @@ def _json_default(x):
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn, device: torch.device, warmup: int, reps: int) -> dict:
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(max(0, warmup - 1)):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return {"first_call_s": round(first, 4), "median_ms": statistics.median(times) * 1e3,
-            "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "reps": reps}
-
-
 def model_inputs(config, batch: int, device, valid_tokens: int = 20) -> dict[str, torch.Tensor]:
     """Inputs as prepare_inputs() makes them for LIBERO: the config's image slots (pi05: 3, the last masked) and a
     prompt of `valid_tokens` tokens padded to max_token_len."""
