@@ -400,9 +400,14 @@ def stage_calls(args, device, state) -> dict:
     return out
 
 
-def stage_quantized(args, device, state, preset: str) -> dict:
+LM_AND_EXPERT = {"scope": "paligemma_with_expert.",
+                 "exclude": r"(?:^|\.)(norm|ln|layernorm|emb)(?:\.|$)|vision_tower"}
+
+
+def stage_quantized(args, device, state, preset: str, where: dict | None = None) -> dict:
     """W4A8 of the expert's 126 linears (dynamic activations, Triton backend where it runs), on a copy of the
-    model: allocated memory before/after and the fast call, as ratios to the fast bf16 call."""
+    model: allocated memory before/after and the fast call, as ratios to the fast bf16 call. `where`
+    (scope/exclude overrides) widens it, e.g. to the language model + expert (QuantVLA's setting)."""
     from pytest_duquant.config import from_env, replace
     from pytest_duquant.quantize import quantize_model
 
@@ -416,11 +421,11 @@ def stage_quantized(args, device, state, preset: str) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     qc = replace(from_env({}, preset=preset), packdir=str(Path(args.packdir) / preset),
-                 backend="triton", act_dynamic=True)
+                 backend="triton", act_dynamic=True, **(where or {}))
     t0 = time.perf_counter()
     report = quantize_model(qmodel, qc)
     sync(device)
-    out = {"config": {"preset": preset, "backend": "triton", "act_dynamic": True},
+    out = {"config": {"preset": preset, "backend": "triton", "act_dynamic": True, **(where or {})},
            "quantize_s": round(time.perf_counter() - t0, 2), "layers": len(getattr(report, "layers", []) or []),
            "tensor_bytes_fp": tensor_bytes(model), "tensor_bytes_quantized": tensor_bytes(qmodel)}
     for attr in ("bytes_before", "bytes_after", "packed_bytes"):
@@ -510,8 +515,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None, help="bfloat16 (default for pi05) or float32 (default otherwise)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8; --quick: 1,2)")
     ap.add_argument("--presets", default="A,B")
+    ap.add_argument("--lm-presets", default="B", help="presets for the quantized_lm stage (LM + expert)")
     ap.add_argument("--stages",
-                    default="build,sdpa_backends,profile,components,calls,quantized,policy_calls,gpu_tests")
+                    default="build,sdpa_backends,profile,components,calls,quantized,quantized_lm,policy_calls,gpu_tests")
     ap.add_argument("--test-timeout", type=int, default=240, help="seconds for the gpu_tests stage")
     ap.add_argument("--quick", action="store_true", help="few repetitions, small batches: a smoke run")
     ap.add_argument("--seed", type=int, default=0)
@@ -567,6 +573,9 @@ def main(argv=None) -> int:
     if "quantized" in wanted:
         for preset in args.presets.split(","):
             rec.stage(f"quantized_{preset}", stage_quantized, args, device, state, preset)
+    if "quantized_lm" in wanted:
+        for preset in args.lm_presets.split(","):
+            rec.stage(f"quantized_lm_{preset}", stage_quantized, args, device, state, preset, LM_AND_EXPERT)
     if "policy_calls" in wanted:
         rec.stage("policy_calls", stage_policy_calls, args, device, state)
     if "gpu_tests" in wanted:

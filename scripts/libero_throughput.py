@@ -143,12 +143,20 @@ def main(argv=None) -> int:
         report["host"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:
         pass
+    out_path = Path(args.out)
+
+    def flush() -> None:  # after every measurement: a run cut by a time limit keeps what it measured
+        out_path.write_text(json.dumps(report, indent=1))
+
+    flush()
     print("sim micro-benchmark ...", flush=True)
     report["sim"] = sim_microbench(args.suite, args.task, args.sim_steps)
     print(json.dumps(report["sim"]), flush=True)
+    flush()
     print("policy micro-benchmark ...", flush=True)
     report["policy"] = policy_microbench(policy, sorted({1, *workers}), args.policy_calls)
     print(json.dumps(report["policy"]), flush=True)
+    flush()
     report["runs"] = []
     with tempfile.TemporaryDirectory(prefix="libero-throughput-") as tmp:
         for n in workers:
@@ -162,7 +170,9 @@ def main(argv=None) -> int:
             stats["errors"] = sum(r["error"] is not None for r in s.records)
             report["runs"].append(stats)
             print(json.dumps(stats), flush=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+            flush()
+    report["finished"] = True
+    flush()
     print(f"wrote {args.out}")
     return 0
 

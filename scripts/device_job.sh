@@ -10,6 +10,9 @@
 # train  `duquant train` for TRAIN_MIN minutes (TRAIN_RUN_MIN of them in this call; rerun to resume) on every
 #        GPU, held-out init states 45-49; the checkpoint goes to $OUT
 # eval   scripts/reference_eval.py: FP on all 500 episodes, then the quantization matrix (EVAL_MIN)
+# speed  scripts/gpu_speed_job.py (full pi05, random bf16 weights) -> $OUT/gpu_speed.json, SPEED_S seconds at most
+# throughput  scripts/libero_throughput.py on one GPU and 16 cores (TP_CKPT: default the random full pi05;
+#        TP_WORKERS, TP_EPISODES per worker) -> $OUT/libero_throughput${TP_TAG}.json, TP_S seconds at most
 # Every stage appends its timing to $OUT/job.log; outputs land in $OUT (8 files at most come back).
 set -uo pipefail
 W=${W:-/tmp/dq}
@@ -79,11 +82,36 @@ stage_train() {
 }
 
 stage_eval() {
-    python3 scripts/reference_eval.py --ckpt "${CKPT:-$W/ckpt}" --out "$W/results" --suite libero_object \
+    # SEED_RESULTS: a folder of earlier results JSONL (e.g. docs/results/reference): copied in first, so the
+    # episodes they hold are not run again (the harness resumes); EVAL_S: hard limit, so the results still
+    # come back when the call's own limit is near
+    mkdir -p "$W/results"
+    [ -n "${SEED_RESULTS:-}" ] && cp -n "$SEED_RESULTS"/*.jsonl "$W/results/"
+    timeout "${EVAL_S:-560}" python3 scripts/reference_eval.py --ckpt "${CKPT:-$W/ckpt}" --out "$W/results" --suite libero_object \
         --fp-trials "${FP_TRIALS:-0-49}" --matrix-trials "${MATRIX_TRIALS:-0-9}" --workers "$WORKERS" \
         --deadline-min "${EVAL_MIN:-8}" ${SETTINGS:+--settings "$SETTINGS"} >>"$OUT/eval.log" 2>&1
     tail -12 "$OUT/eval.log"
     (cd "$W/results" && tar -czf "$OUT/results.tgz" ./*.jsonl summary.json)
+}
+
+stage_speed() {
+    timeout "${SPEED_S:-330}" python3 scripts/gpu_speed_job.py --out "$OUT/gpu_speed.json" --test-timeout 120 \
+        >"$OUT/speed.log" 2>&1
+    local rc=$?
+    tail -5 "$OUT/speed.log"
+    [ -s "$OUT/gpu_speed.json" ] || return 1
+    [ "$rc" -eq 0 ] || echo "gpu_speed_job exited $rc (124: cut by SPEED_S; the JSON keeps the finished stages)"
+}
+
+stage_throughput() {
+    CUDA_VISIBLE_DEVICES=0 timeout "${TP_S:-240}" taskset -c 0-15 python3 scripts/libero_throughput.py \
+        --suite libero_object ${TP_CKPT:+--ckpt "$TP_CKPT"} --workers "${TP_WORKERS:-1,14}" \
+        --episodes-per-worker "${TP_EPISODES:-2}" --out "$OUT/libero_throughput${TP_TAG:-}.json" \
+        >>"$OUT/throughput.log" 2>&1
+    local rc=$?
+    tail -6 "$OUT/throughput.log"
+    [ -s "$OUT/libero_throughput${TP_TAG:-}.json" ] || return 1
+    [ "$rc" -eq 0 ] || echo "libero_throughput exited $rc (124: cut by TP_S; the JSON keeps the finished runs)"
 }
 
 for stage in "$@"; do
