@@ -74,16 +74,22 @@ def main(argv=None) -> int:
         records = read_results(path)
         if golden is None:
             golden = goldens_for(records, args.golden)[args.suite]
-        trials = sorted({r.trial for r in records})
         tasks = sorted({r.task_id for r in records})
+        run_episodes = len(records)
+        # a run cut by its time limit is judged on the init states every task finished (and says so): the
+        # gate itself never judges an incomplete plan (`duquant gate` calls it UNUSABLE)
+        done = {(r.task_id, r.trial) for r in records}
+        trials = sorted(t for t in {r.trial for r in records} if all((task, t) in done for task in tasks))
+        records = [r for r in records if r.trial in trials]
         n = len(records)
         k = sum(bool(r.success) for r in records)
         gold = golden.outcomes()
         fp_k = sum(gold[r.key] for r in records)
         row = {"setting": name, "label": LABELS.get(name, name), "episodes": n, "successes": k,
                "rate": k / n, "ci95": clopper_pearson(k, n), "golden_successes_same_episodes": fp_k,
-               "golden_rate_same_episodes": fp_k / n, "trials": f"{trials[0]}-{trials[-1]}",
-               "tasks": f"{tasks[0]}-{tasks[-1]}"}
+               "golden_rate_same_episodes": fp_k / n, "trials": _ids(trials),
+               "tasks": f"{tasks[0]}-{tasks[-1]}", "run_episodes": run_episodes,
+               "trial_ids": trials}
         if name != "fp":
             preset = records[0].preset
             delta = golden.allowed_drop.get(preset) if name in ("A", "B", "precision", "speed") else DEFAULT_DROP
@@ -112,11 +118,24 @@ def main(argv=None) -> int:
             dtxt = "-" if r.get("drop") is None else (
                 f"{100 * r['drop']:+.1f} pt ({100 * dci[0]:+.1f}, {100 * dci[1]:+.1f})")
             extra = f"| {100 * r['allowed_drop']:.0f} pt | {dtxt} | **{r['verdict'].upper()}** |"
-        print(f"| {r['label']} | {r['episodes']} ({r['tasks']} × {r['trials']}) | {r['successes']}/{r['episodes']} = "
+        cut = f", of {r['run_episodes']} run" if r["run_episodes"] != r["episodes"] else ""
+        print(f"| {r['label']} | {r['episodes']} ({r['tasks']} × {_ids(r['trial_ids'])}{cut}) | {r['successes']}/{r['episodes']} = "
               f"{100 * r['rate']:.1f} % | {ci} | {r['golden_successes_same_episodes']}/{r['episodes']} = "
               f"{100 * r['golden_rate_same_episodes']:.1f} % {extra}")
     draw(rows, args.png)
     return 0
+
+
+def _ids(ids: list[int]) -> str:
+    """0,1,2,5,6 -> '0-2,5-6'."""
+    out, start = [], None
+    for i, x in enumerate(ids):
+        if start is None:
+            start = x
+        if i + 1 == len(ids) or ids[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)
 
 
 def draw(rows: list[dict], png: str) -> None:
@@ -148,7 +167,7 @@ def draw(rows: list[dict], png: str) -> None:
 
     ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, label=lab) for c, lab in (
         ("tab:blue", "FP"), ("tab:green", "PASS"), ("tab:orange", "INCONCLUSIVE"), ("tab:red", "REGRESSION"))],
-        fontsize=8, loc="upper right")
+        fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(png, dpi=130)
     plt.close(fig)
