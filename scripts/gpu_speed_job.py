@@ -437,6 +437,20 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
         out["memory_allocated_policy_quantized_bytes"] = after - base
         out["memory_allocated_saved_bytes"] = (copied - base) - (after - base)
         out["memory_peak_during_quantize_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    # the deployed form (pytest_duquant.deploy): packed codes, scales, transforms; no float/int8 weight copy.
+    # Everything below (timings too) runs on the deployed model.
+    from pytest_duquant.deploy import deploy_model, resident_bytes
+
+    out["deployed_layers"] = deploy_model(qmodel)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    out["resident_bytes_deployed"] = resident_bytes(qmodel).to_dict()
+    out["tensor_bytes_deployed"] = tensor_bytes(qmodel)
+    if base is not None:
+        deployed = allocated(device)
+        out["memory_allocated_policy_deployed_bytes"] = deployed - base
+        out["memory_allocated_saved_deployed_bytes"] = (copied - base) - (deployed - base)
     fast_ms = state.get("fast_ms", {})
     for b in args.batches:
         inp, nz = compacted(model_inputs(config, b, device)), noise(config, b, device)
@@ -455,11 +469,68 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
             except Exception as exc:  # noqa: BLE001
                 row[mode] = {"error": f"{type(exc).__name__}: {exc}"}
             del s
+        if args.compile_quantized and device.type == "cuda":
+            try:  # the Euler step compiled around the W4A8 kernels (graph breaks allowed), then graphed
+                qmodel.compile_fast_step()
+                s = sampler(qmodel.sample_actions_fast, "graph", device)
+                t = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
+                row["compiled_graph"] = t
+                ref = fast_ms.get(b, {}).get("compiled_graph") or fast_ms.get(b, {}).get("graph")
+                if ref:
+                    row["ratio_to_best_bf16_graph"] = t["median_ms"] / ref
+                del s
+            except Exception as exc:  # noqa: BLE001
+                row["compiled_graph"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            finally:
+                qmodel.compile_fast_step(False)
         out[f"b{b}"] = row
     del qmodel
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return out
+
+
+def stage_compiled(args, device, state) -> dict:
+    """The fast path with its Euler step torch.compiled (inductor fuses the step's elementwise work: the graphed
+    bf16 call is kernel-count bound, docs/speed.md), CUDA-graphed; with the fused (SDPA) attention and with the
+    eager softmax attention (which inductor can fuse). Compile time, ms, ratio to the fast graph, difference."""
+    import functools
+
+    from pytest_duquant.policies.pi05.modeling import attention, fused_attention
+
+    if device.type != "cuda":  # inductor on a CPU needs a C++ compiler and says nothing about a GPU
+        return {"skipped": SKIPPED_NO_CUDA}
+    config, model = state["config"], state["model"]
+    out = {}
+    fast_ms = state.setdefault("fast_ms", {})
+    for label, attn in (("sdpa", fused_attention), ("eager_softmax", attention)):
+        torch._dynamo.reset()
+        model.compile_fast_step()
+        try:
+            for b in args.batches:
+                inp, nz = compacted(model_inputs(config, b, device)), noise(config, b, device)
+                fn = functools.partial(model.sample_actions_fast, attn_fn=attn)
+                row = {}
+                s = sampler(fn, "graph" if device.type == "cuda" else "eager", device)
+                t0 = time.perf_counter()
+                first = s(noise=nz, **inp)
+                sync(device)
+                row["first_call_s"] = round(time.perf_counter() - t0, 2)  # compile (+ capture)
+                row["timing"] = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
+                model.compile_fast_step(False)
+                plain = model.sample_actions_fast(noise=nz, **inp)
+                model.compile_fast_step()
+                row["max_abs_diff_vs_fast_eager"] = float((first.float() - plain.float()).abs().max())
+                ref = fast_ms.get(b, {}).get("graph")
+                if ref:
+                    row["ratio_to_fast_graph"] = row["timing"]["median_ms"] / ref
+                if label == "sdpa":
+                    fast_ms.setdefault(b, {})["compiled_graph"] = row["timing"]["median_ms"]
+                out[f"{label}_b{b}"] = row
+                del s
+        finally:
+            model.compile_fast_step(False)
     return out
 
 
@@ -508,6 +579,12 @@ def stage_gpu_tests(args, device, state) -> dict:
 
 
 # ---- main -------------------------------------------------------------------------------------------------
+STAGES = {"build": stage_build, "sdpa_backends": stage_sdpa_backends, "profile": stage_profile,
+          "components": stage_components, "calls": stage_calls, "compiled": stage_compiled,
+          "quantized": stage_quantized, "quantized_lm": stage_quantized, "policy_calls": stage_policy_calls,
+          "gpu_tests": stage_gpu_tests}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -517,7 +594,10 @@ def parse_args(argv=None):
     ap.add_argument("--presets", default="A,B")
     ap.add_argument("--lm-presets", default="B", help="presets for the quantized_lm stage (LM + expert)")
     ap.add_argument("--stages",
-                    default="build,sdpa_backends,profile,components,calls,quantized,quantized_lm,policy_calls,gpu_tests")
+                    default="build,calls,compiled,quantized,components,profile,policy_calls,quantized_lm,sdpa_backends,"
+                    "gpu_tests")
+    ap.add_argument("--no-compile-quantized", dest="compile_quantized", action="store_false",
+                    help="quantized stages: skip the compiled-step measurement")
     ap.add_argument("--test-timeout", type=int, default=240, help="seconds for the gpu_tests stage")
     ap.add_argument("--quick", action="store_true", help="few repetitions, small batches: a smoke run")
     ap.add_argument("--seed", type=int, default=0)
@@ -562,26 +642,29 @@ def main(argv=None) -> int:
     args.packdir = args.packdir or tmp.name
     rec = Record(Path(args.out), meta(args, device))
     state: dict = {}
-    wanted = args.stages.split(",")
+    wanted = [w.strip() for w in args.stages.split(",") if w.strip()]
+    unknown = sorted(set(wanted) - set(STAGES))
+    if unknown:
+        print(f"--stages: unknown {', '.join(unknown)}; known: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
     rec.stage("build", stage_build, args, device, state)
     if "model" not in state:
         return 1
-    for name, fn in (("sdpa_backends", stage_sdpa_backends), ("profile", stage_profile),
-                     ("components", stage_components), ("calls", stage_calls)):
-        if name in wanted:
-            rec.stage(name, fn, args, device, state)
-    if "quantized" in wanted:
-        for preset in args.presets.split(","):
-            rec.stage(f"quantized_{preset}", stage_quantized, args, device, state, preset)
-    if "quantized_lm" in wanted:
-        for preset in args.lm_presets.split(","):
-            rec.stage(f"quantized_lm_{preset}", stage_quantized, args, device, state, preset, LM_AND_EXPERT)
-    if "policy_calls" in wanted:
-        rec.stage("policy_calls", stage_policy_calls, args, device, state)
-    if "gpu_tests" in wanted:
-        state.pop("model", None)  # free the device for the tests' own models
-        gc.collect()
-        rec.stage("gpu_tests", stage_gpu_tests, args, device, state)
+    for name in wanted:  # in the order given: the most wanted first, so a time limit cuts the least wanted
+        if name == "build":
+            continue
+        if name == "quantized":
+            for preset in args.presets.split(","):
+                rec.stage(f"quantized_{preset}", stage_quantized, args, device, state, preset)
+        elif name == "quantized_lm":
+            for preset in args.lm_presets.split(","):
+                rec.stage(f"quantized_lm_{preset}", stage_quantized, args, device, state, preset, LM_AND_EXPERT)
+        elif name == "gpu_tests":
+            state.pop("model", None)  # free the device for the tests' own models (so: run it last)
+            gc.collect()
+            rec.stage("gpu_tests", stage_gpu_tests, args, device, state)
+        elif "model" in state:
+            rec.stage(name, STAGES[name], args, device, state)
     rec.data["finished"] = True
     rec.flush()
     tmp.cleanup()

@@ -231,3 +231,42 @@ def test_graphed_fast_path_equals_eager_fast_path_on_gpu(obs, dtype, atol):
     assert len(policy._sample.graphs) == 1  # 3 rows padded to 4: one graph
     torch.testing.assert_close(graphed.raw_actions(obs[:1], [1]), eager[:1], atol=atol, rtol=0)
     assert len(policy._sample.graphs) == 2  # batch 1: its own graph
+
+
+def test_compiled_step_traces_as_one_graph_reused_by_every_step(dummy, obs):
+    """`compile_fast_step` (docs/speed.md): the Euler step traces without a graph break (fullgraph) and is
+    compiled once for all 10 steps; aot_eager (no code generation, so no C++ compiler needed here) replays the
+    same ATen ops, so the actions are equal to the eager fast path's in float64."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = dummy.model.set_precision("float64")
+    try:
+        inp, noise = _inputs(dummy, obs, [1, 2, 3])
+        small = compact_prefix(**inp)
+        eager = m.sample_actions_fast(noise=noise, **small)
+        m.compile_fast_step(backend="aot_eager", fullgraph=True)
+        compiled = m.sample_actions_fast(noise=noise, **small)
+        again = m.sample_actions_fast(noise=noise, **small)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=0)
+        assert torch.equal(again, compiled)
+        m.compile_fast_step(False)
+        assert "_compiled_step" not in m.__dict__
+        assert torch.equal(m.sample_actions_fast(noise=noise, **small), eager)
+    finally:
+        m.compile_fast_step(False)
+        m.set_precision("float32")
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need a GPU (scripts/gpu_speed_job.py)")
+def test_compiled_graphed_fast_path_matches_eager_on_gpu(obs):
+    """Inductor fuses the step's elementwise work into new kernels: float32 rounding of reordered sums."""
+    policy = build_policy("dummy", seed=5, dtype="float32", device="cuda", fast=True)
+    eager = policy.raw_actions(obs, [1, 2, 3])
+    policy.serve_fast(compile_step=True)
+    first = policy.raw_actions(obs, [1, 2, 3])
+    assert torch.equal(first, policy.raw_actions(obs, [1, 2, 3]))
+    torch.testing.assert_close(first, eager, atol=1e-4, rtol=0)

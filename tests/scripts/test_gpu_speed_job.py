@@ -29,9 +29,9 @@ def test_tiny_cpu_run_writes_the_measurements(tmp_path):
     assert set(data["errors"]) == {"quantized_no-such-preset"}, data["errors"]
     assert "no-such-preset" in data["errors"]["quantized_no-such-preset"]
     st = data["stages"]
-    assert list(st) == ["build", "sdpa_backends", "profile", "components", "calls", "quantized_B", "policy_calls",
-                        "gpu_tests"]
-    assert st["gpu_tests"] == {"skipped": "skipped: needs CUDA"}
+    assert list(st) == ["build", "calls", "compiled", "quantized_B", "components", "profile", "policy_calls",
+                        "quantized_lm_B", "sdpa_backends", "gpu_tests"]  # the default order: most wanted first
+    assert st["gpu_tests"] == st["compiled"] == {"skipped": "skipped: needs CUDA"}
     assert st["build"]["parameters"] > 1e6 and st["sdpa_backends"] == {"skipped": "skipped: needs CUDA"}
     for path in ("reference", "fast"):
         prof = st["profile"][path]
@@ -47,6 +47,12 @@ def test_tiny_cpu_run_writes_the_measurements(tmp_path):
     qb = st["quantized_B"]
     assert qb["layers"] == 28 and qb["report_bytes_after"] < qb["report_bytes_before"]
     assert "memory_allocated_policy_quantized_bytes" not in qb  # CUDA only
+    # deployed (packed codes, no float/int8 weight copy): less than the quantized model and than the FP one
+    assert qb["deployed_layers"] == 28
+    assert qb["tensor_bytes_deployed"] < qb["tensor_bytes_fp"] < qb["tensor_bytes_quantized"]
+    assert qb["resident_bytes_deployed"]["total"] == qb["tensor_bytes_deployed"]
+    lm = st["quantized_lm_B"]  # language model + expert: 4 + 4 dummy layers x 7 linears
+    assert lm["layers"] == 56 and lm["config"]["scope"] == "paligemma_with_expert."
     for label in ("reference_eager", "fast_served"):
         assert st["policy_calls"][label]["b2"]["calls_per_s"] > 0
     assert st["policy_calls"]["fast_served"]["mode"] == "eager"  # a CPU serves eagerly

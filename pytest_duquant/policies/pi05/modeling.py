@@ -688,15 +688,31 @@ class Pi05Model(nn.Module):
                 for i in range(steps):
                     pre[i][norm] = mod[i]
         x_t = noise.to(m)
+        step = getattr(self, "_compiled_step", None) or self.fast_step
         for i in range(steps):
-            suffix = self.action_in_proj(x_t).to(dtype)
-            outs, _ = pwe.run_layers(
-                [None, suffix], [None, AdaCond(cond[i], pre[i])], suffix_mask, None,
-                past_kv=kv_cache, attn_fn=attn_fn, rope=rope,
-            )
-            v_t = self.action_out_proj(outs[1][:, -h:].to(m))
-            x_t = x_t + self.euler_dt * v_t
+            x_t = step(x_t, cond[i], pre[i], suffix_mask, kv_cache, rope, attn_fn)
         return x_t
+
+    def fast_step(self, x_t, cond_i, pre_i, suffix_mask, kv_cache, rope, attn_fn=fused_attention):
+        """One Euler step of :meth:`sample_actions_fast`: the expert over the cached prefix, x_t + dt * v_t."""
+        h = self.config.action_horizon
+        suffix = self.action_in_proj(x_t).to(self.compute_dtype)
+        outs, _ = self.paligemma_with_expert.run_layers(
+            [None, suffix], [None, AdaCond(cond_i, pre_i)], suffix_mask, None,
+            past_kv=kv_cache, attn_fn=attn_fn, rope=rope,
+        )
+        v_t = self.action_out_proj(outs[1][:, -h:].to(self.math_dtype))
+        return x_t + self.euler_dt * v_t
+
+    def compile_fast_step(self, enabled: bool = True, **compile_kwargs) -> None:
+        """torch.compile :meth:`fast_step` (compiled once, reused by all 10 steps; static shapes by default):
+        the step's elementwise work (adaRMS norms, RoPE, GeLU, residuals) fused into few kernels. The prefix
+        stays eager. A CUDA graph captured afterwards (GraphedSampler) replays the compiled kernels."""
+        if not enabled:
+            self.__dict__.pop("_compiled_step", None)
+            return
+        compile_kwargs.setdefault("dynamic", False)
+        self.__dict__["_compiled_step"] = torch.compile(self.fast_step, **compile_kwargs)
 
     @torch.no_grad()
     def joint_velocity(self, images, image_masks, tokens, token_masks, x_t, time):
