@@ -12,7 +12,8 @@
 # eval   scripts/reference_eval.py: FP on all 500 episodes, then the quantization matrix (EVAL_MIN)
 # speed  scripts/gpu_speed_job.py (full pi05, random bf16 weights) -> $OUT/gpu_speed.json, SPEED_S seconds at most
 # throughput  scripts/libero_throughput.py on one GPU and 16 cores (TP_CKPT: default the random full pi05;
-#        TP_WORKERS, TP_EPISODES per worker) -> $OUT/libero_throughput${TP_TAG}.json, TP_S seconds at most
+#        TP_WORKERS (N or N/M: at most M per policy call), TP_EPISODES per worker, TP_ARGS e.g. --compile-step)
+#        -> $OUT/libero_throughput${TP_TAG}.json, TP_S seconds at most
 # Every stage appends its timing to $OUT/job.log; outputs land in $OUT (8 files at most come back).
 set -uo pipefail
 W=${W:-/tmp/dq}
@@ -106,7 +107,7 @@ stage_speed() {
 stage_throughput() {
     CUDA_VISIBLE_DEVICES=0 timeout "${TP_S:-240}" taskset -c 0-15 python3 scripts/libero_throughput.py \
         --suite libero_object ${TP_CKPT:+--ckpt "$TP_CKPT"} --workers "${TP_WORKERS:-1,14}" \
-        --episodes-per-worker "${TP_EPISODES:-2}" --out "$OUT/libero_throughput${TP_TAG:-}.json" \
+        --episodes-per-worker "${TP_EPISODES:-2}" --out "$OUT/libero_throughput${TP_TAG:-}.json" ${TP_ARGS:-} \
         >>"$OUT/throughput.log" 2>&1
     local rc=$?
     tail -6 "$OUT/throughput.log"

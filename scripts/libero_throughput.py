@@ -5,6 +5,10 @@ Meant for the GPU machine (16 cores + H100; MuJoCo's EGL renders on the GPU ther
 
     python scripts/libero_throughput.py --workers 1,4,8,15 --out libero_throughput.json
     python scripts/libero_throughput.py --ckpt $CKPT --preset B --workers 1,15 --out tp_B.json
+    python scripts/libero_throughput.py --workers 14,14/7 --out tp.json   # 14/7: at most 7 per policy call
+
+A worker count N/M caps each policy call at M observations: with M = N/2 half the workers step their
+simulations while the policy serves the other half (the GPU and the CPUs overlap instead of taking turns).
 
 Without --ckpt it writes the full-size pi0.5 with random weights (``duquant init-checkpoint --variant
 pi05``) into a temporary folder. A random policy never succeeds, so every episode runs its whole
@@ -42,7 +46,7 @@ def _policy_factory(args):
         init_checkpoint(ckpt, "pi05", 0, args.dtype)
         print(f"wrote random full-size pi0.5 to {ckpt} in {time.perf_counter() - t0:.0f} s", flush=True)
     config = from_env(os.environ, preset=args.preset) if args.preset else None
-    return pi05_policy_factory(ckpt, config, device=args.device), str(ckpt)
+    return pi05_policy_factory(ckpt, config, device=args.device, compile_step=args.compile_step), str(ckpt)
 
 
 def sim_microbench(suite: str, task: int, steps: int) -> dict:
@@ -97,13 +101,26 @@ def _sync():
         pass
 
 
+def _run_spec(text: str) -> tuple[int, int | None]:
+    """'14' -> (14, None); '14/7' -> (14, 7)."""
+    n, _, m = text.strip().partition("/")
+    try:
+        n_i, m_i = int(n), (int(m) if m else None)
+    except ValueError:
+        raise ValueError(f"--workers {text!r}: expected N or N/M (integers)") from None
+    if n_i < 1 or (m_i is not None and m_i < 1):
+        raise ValueError(f"--workers {text!r}: N and M must be at least 1")
+    return n_i, m_i
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="pi0.5 checkpoint (default: random full-size pi0.5)")
     p.add_argument("--preset", default=None, help="DuQuant preset to quantize with (default: FP)")
     p.add_argument("--suite", default="libero_spatial")
     p.add_argument("--task", type=int, default=0)
-    p.add_argument("--workers", default="1,8", help="comma-separated worker counts (default 1,8)")
+    p.add_argument("--workers", default="1,8",
+                   help="comma-separated worker counts, N or N/M (M: most observations per policy call; default 1,8)")
     p.add_argument("--episodes-per-worker", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="bfloat16", help="dtype of the random checkpoint (default bfloat16)")
@@ -111,14 +128,20 @@ def main(argv=None) -> int:
         "--policy-calls", type=int, default=10, help="calls per batch size in the policy micro-benchmark"
     )
     p.add_argument("--sim-steps", type=int, default=40, help="steps per mode in the sim micro-benchmark")
+    p.add_argument("--compile-step", action="store_true",
+                   help="serve the fast path with its Euler step torch.compiled (Pi05Model.compile_fast_step)")
     p.add_argument("--out", default="libero_throughput.json")
     args = p.parse_args(argv)
+    try:
+        runs = [_run_spec(w) for w in args.workers.split(",")]
+    except ValueError as exc:
+        p.error(str(exc))
 
     from pytest_duquant.libero import sim_setup
     from pytest_duquant.libero.harness import run_rollouts
 
     sim_setup.prepare()
-    workers = [int(w) for w in args.workers.split(",")]
+    workers = [n for n, _ in runs]
     factory, ckpt = _policy_factory(args)
     t0 = time.perf_counter()
     policy = factory()
@@ -128,6 +151,7 @@ def main(argv=None) -> int:
         "task": args.task,
         "ckpt": ckpt,
         "preset": args.preset or "fp",
+        "compile_step": args.compile_step,
         "fingerprint": factory.fingerprint,
         "policy_load_s": round(load_s, 2),
         "host": {
@@ -154,19 +178,23 @@ def main(argv=None) -> int:
     print(json.dumps(report["sim"]), flush=True)
     flush()
     print("policy micro-benchmark ...", flush=True)
-    report["policy"] = policy_microbench(policy, sorted({1, *workers}), args.policy_calls)
+    report["policy"] = policy_microbench(policy, sorted({1, *workers, *(m for _, m in runs if m)}),
+                                         args.policy_calls)
     print(json.dumps(report["policy"]), flush=True)
     flush()
     report["runs"] = []
     with tempfile.TemporaryDirectory(prefix="libero-throughput-") as tmp:
-        for n in workers:
+        for n, max_batch in runs:
             episodes = n * args.episodes_per_worker
             trials = list(range(min(episodes, 50)))
-            out = Path(tmp) / f"w{n}.jsonl"
-            print(f"{n} workers, {len(trials)} episodes ...", flush=True)
-            s = run_rollouts(policy, args.suite, [args.task], trials, 7, n, out, backend="local")
+            cap = "" if max_batch is None else f", at most {max_batch} per policy call"
+            print(f"{n} workers{cap}, {len(trials)} episodes ...", flush=True)
+            out = Path(tmp) / f"w{n}-{max_batch}.jsonl"
+            s = run_rollouts(policy, args.suite, [args.task], trials, 7, n, out, backend="local",
+                             max_batch=max_batch)
             stats = s.stats()
             stats.pop("per_suite", None)
+            stats["max_batch"] = max_batch
             stats["errors"] = sum(r["error"] is not None for r in s.records)
             report["runs"].append(stats)
             print(json.dumps(stats), flush=True)

@@ -1,0 +1,40 @@
+"""scripts/libero_throughput.py's run specs (docs/speed.md): N workers, or N/M with at most M per policy call."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "libero_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("libero_throughput", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("text,expected", [("14", (14, None)), ("14/7", (14, 7)), (" 1 ", (1, None))])
+def test_run_specs(script, text, expected):
+    assert script._run_spec(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "x", "14/", "0", "14/0", "3/a"])
+def test_bad_run_specs_are_refused_by_name(script, text):
+    if text == "14/":  # an empty M means no cap
+        assert script._run_spec(text) == (14, None)
+        return
+    with pytest.raises(ValueError, match="--workers"):
+        script._run_spec(text)
+
+
+def test_a_bad_worker_list_is_a_usage_error_not_a_traceback():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--workers", "14/x"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--workers '14/x'" in proc.stderr and "Traceback" not in proc.stderr
