@@ -17,7 +17,13 @@ import pytest
 import torch
 
 from pytest_duquant.policies import build_policy, load_policy, synthetic_observations
-from pytest_duquant.policies.pi05.modeling import attention, compact_prefix, fused_attention
+from pytest_duquant.policies.pi05.modeling import (
+    attention,
+    compact_prefix,
+    fold_mask_heads,
+    fused_attention,
+    short_query_attention,
+)
 from pytest_duquant.policies.pi05.policy import batch_chunks, pad_rows
 
 LONG = "pick up the black bowl between the plate and the ramekin and place it on the plate"
@@ -261,7 +267,7 @@ def test_compiled_step_traces_as_one_graph_reused_by_every_step(dummy, obs):
         torch._dynamo.reset()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need a GPU (scripts/gpu_speed_job.py)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need a GPU (gpu_speed_job.py)")
 def test_compiled_graphed_fast_path_matches_eager_on_gpu(obs):
     """Inductor fuses the step's elementwise work into new kernels: float32 rounding of reordered sums."""
     policy = build_policy("dummy", seed=5, dtype="float32", device="cuda", fast=True)
@@ -270,3 +276,35 @@ def test_compiled_graphed_fast_path_matches_eager_on_gpu(obs):
     first = policy.raw_actions(obs, [1, 2, 3])
     assert torch.equal(first, policy.raw_actions(obs, [1, 2, 3]))
     torch.testing.assert_close(first, eager, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_short_query_attention_is_the_eager_attention(dtype, atol):
+    """One KV head (folded or plain mask, a masked key range per row) and a GQA shape (falls back)."""
+    g = torch.Generator().manual_seed(3)
+    b, hq, t, d, s = 2, 8, 10, 64, 37
+    q = torch.randn(b, hq, t, d, dtype=dtype, generator=g)
+    k, v = (torch.randn(b, 1, s, d, dtype=dtype, generator=g) for _ in range(2))
+    mask = torch.zeros(b, 1, t, s, dtype=dtype)
+    mask[0, ..., 30:] = torch.finfo(dtype).min
+    mask[1, ..., :3] = torch.finfo(dtype).min
+    ref = attention(q, k, v, mask, 0.125)
+    torch.testing.assert_close(short_query_attention(q, k, v, mask, 0.125), ref, atol=atol, rtol=0)
+    torch.testing.assert_close(short_query_attention(q, k, v, fold_mask_heads(mask, hq), 0.125), ref, atol=atol,
+                               rtol=0)
+    assert (ref - attention(q, k, v, torch.zeros_like(mask), 0.125)).abs().max() > 1e-2  # the mask matters
+    k2, v2 = (torch.randn(b, 2, s, d, dtype=dtype, generator=g) for _ in range(2))
+    torch.testing.assert_close(short_query_attention(q, k2, v2, mask, 0.125), attention(q, k2, v2, mask, 0.125),
+                               atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("precision,atol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_fast_path_with_short_query_attention_in_the_steps_equals_the_reference(dummy, obs, precision, atol):
+    m = dummy.model.set_precision(precision)
+    try:
+        inp, noise = _inputs(dummy, obs, [1, 2, 3])
+        ref = m.sample_actions(noise=noise, **inp)
+        fast = m.sample_actions_fast(noise=noise, step_attn_fn=short_query_attention, **compact_prefix(**inp))
+        torch.testing.assert_close(fast, ref, atol=atol, rtol=0)
+    finally:
+        m.set_precision("float32")

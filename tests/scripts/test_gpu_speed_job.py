@@ -39,7 +39,9 @@ def test_tiny_cpu_run_writes_the_measurements(tmp_path):
     for b in ("b1", "b2"):
         row = st["calls"][b]
         assert row["reference_eager"]["median_ms"] > 0 and row["fast_eager"]["median_ms"] > 0
-        assert row["fast_graph"] == row["reference_graph"] == "skipped: needs CUDA"
+        assert row["fast_graph"] == row["reference_graph"] == row["fast_short_query_graph"] == "skipped: needs CUDA"
+        # short-query attention in the steps: the same actions (float32 dummy: float rounding)
+        assert 0 <= row["max_abs_diff_fast_short_query_eager_vs_reference_eager"] < 1e-4
         # the fast path's actions are the reference's (float32 dummy: float rounding)
         assert 0 <= row["max_abs_diff_fast_eager_vs_reference_eager"] < 1e-4 < row["max_abs_action"]
         q = st["quantized_B"][b]

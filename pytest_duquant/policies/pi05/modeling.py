@@ -163,6 +163,27 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add:
     return out.transpose(1, 2).reshape(b, t, hq * d)
 
 
+def short_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch.Tensor, scaling: float):
+    """:func:`attention` for few query rows against a long shared K/V (the expert's action tokens against the
+    cached prefix): one batched GEMM with the scale and the mask applied in its epilogue (``baddbmm``), the
+    softmax in float32, one GEMM with V. The fused kernels tile the query rows, so the expert's 8 heads x 10
+    tokens = 80 folded rows give them two thread blocks on a 132-SM GPU (~50 µs a call on an H200,
+    docs/speed.md); GEMMs split the key axis too. Rounding: the scores are rounded to the compute dtype once
+    (after scale and mask) before the float32 softmax and the probabilities after it, as in openpi's eager
+    attention (which rounds the product, then the scaled scores). One KV head (Gemma's MQA) only; other shapes
+    go to :func:`attention`."""
+    b, hq, t, d = q.shape
+    if k.shape[1] != 1:
+        return attention(q, k, v, mask_add, scaling)
+    mask = mask_add.to(q.dtype)
+    if mask.shape[-2] != hq * t:
+        mask = fold_mask_heads(mask, hq)
+    scores = torch.baddbmm(mask[:, 0], q.reshape(b, hq * t, d), k[:, 0].transpose(1, 2), alpha=scaling)
+    probs = F.softmax(scores, dim=-1, dtype=math_dtype(scores.dtype)).to(q.dtype)
+    out = torch.bmm(probs, v[:, 0])  # [B, Hq*T, D]
+    return out.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+
+
 # ------------------------------------------------------------------------------------------------
 # Gemma
 # ------------------------------------------------------------------------------------------------
@@ -630,6 +651,7 @@ class Pi05Model(nn.Module):
         noise: torch.Tensor,
         *,
         attn_fn=fused_attention,
+        step_attn_fn=None,
     ) -> torch.Tensor:
         """:meth:`sample_actions` with less work and the same inputs and outputs (docs/speed.md).
 
@@ -642,7 +664,8 @@ class Pi05Model(nn.Module):
         - the time MLP and every adaRMS modulation ``dense(cond)`` of all steps in one matmul each (a norm's
           float32 dense weight is read once per call, not once per step), where ``dense`` is a plain Linear;
         - the language model's last layer stops after its K/V (its attention output and MLP feed nothing).
-        Static shapes, no host syncs: capture it in a CUDA graph or torch.compile it.
+        ``step_attn_fn``: the denoising steps' attention (default ``attn_fn``), e.g.
+        :func:`short_query_attention`. Static shapes, no host syncs: capture it in a CUDA graph or torch.compile it.
         """
         pwe = self.paligemma_with_expert
         expert = pwe.expert
@@ -690,7 +713,7 @@ class Pi05Model(nn.Module):
         x_t = noise.to(m)
         step = getattr(self, "_compiled_step", None) or self.fast_step
         for i in range(steps):
-            x_t = step(x_t, cond[i], pre[i], suffix_mask, kv_cache, rope, attn_fn)
+            x_t = step(x_t, cond[i], pre[i], suffix_mask, kv_cache, rope, step_attn_fn or attn_fn)
         return x_t
 
     def fast_step(self, x_t, cond_i, pre_i, suffix_mask, kv_cache, rope, attn_fn=fused_attention):
