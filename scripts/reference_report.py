@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                 f"{100 * r['drop']:+.1f} pt ({100 * dci[0]:+.1f}, {100 * dci[1]:+.1f})")
             extra = f"| {100 * r['allowed_drop']:.0f} pt | {dtxt} | **{r['verdict'].upper()}** |"
         cut = f", of {r['run_episodes']} run" if r["run_episodes"] != r["episodes"] else ""
-        print(f"| {r['label']} | {r['episodes']} ({r['tasks']} × {_ids(r['trial_ids'])}{cut}) | {r['successes']}/{r['episodes']} = "
+        print(f"| {r['label']} | {r['episodes']} ({r['tasks']} × {_ids(r['trial_ids'])}{cut}) | "
+              f"{r['successes']}/{r['episodes']} = "
               f"{100 * r['rate']:.1f} % | {ci} | {r['golden_successes_same_episodes']}/{r['episodes']} = "
               f"{100 * r['golden_rate_same_episodes']:.1f} % {extra}")
     draw(rows, args.png)
