@@ -478,6 +478,7 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
             del s
         if args.compile_quantized and device.type == "cuda":
             try:  # the Euler step compiled around the W4A8 kernels (graph breaks allowed), then graphed
+                torch._dynamo.reset()  # a fresh cache: earlier models' entries must not hit the recompile limit
                 qmodel.compile_fast_step()
                 s = sampler(qmodel.sample_actions_fast, "graph", device)
                 t = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
