@@ -50,7 +50,7 @@ def quantized_table(st: dict) -> list[str]:
         if not name.startswith("quantized"):
             continue
 
-        def cell(b, key="graph", ratio="ratio_to_fast_bf16_graph"):
+        def cell(b, key="graph", ratio="ratio_to_fast_bf16_graph", q=q):
             row = q.get(b) or {}
             r = row.get(ratio)
             return _ms(row.get(key)) + (f" ({r:.3f}×)" if isinstance(r, float) else "")
