@@ -416,6 +416,7 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
     model: allocated memory before/after and the fast call, as ratios to the fast bf16 call. `where`
     (scope/exclude overrides) widens it, e.g. to the language model + expert (QuantVLA's setting)."""
     from pytest_duquant.config import from_env, replace
+    from pytest_duquant.kernels import grouping
     from pytest_duquant.quantize import quantize_model
 
     config, model = state["config"], state["model"]
@@ -476,6 +477,21 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
             except Exception as exc:  # noqa: BLE001
                 row[mode] = {"error": f"{type(exc).__name__}: {exc}"}
             del s
+        if device.type == "cuda" and b * config.action_horizon > grouping.GROUP_MAX_M:
+            # sibling groups above SMALL_M tokens (the expert at batch 8 = 80 tokens): do they pay there?
+            saved_limit, grouping.GROUP_MAX_M = grouping.GROUP_MAX_M, 256
+            try:
+                s = sampler(qmodel.sample_actions_fast, "graph", device)
+                t = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
+                row["graph_groups_to_256"] = t
+                ref = fast_ms.get(b, {}).get("graph")
+                if ref:
+                    row["ratio_to_fast_bf16_graph_groups_to_256"] = t["median_ms"] / ref
+                del s
+            except Exception as exc:  # noqa: BLE001
+                row["graph_groups_to_256"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            finally:
+                grouping.GROUP_MAX_M = saved_limit
         if args.compile_quantized and device.type == "cuda":
             try:  # the Euler step compiled around the W4A8 kernels (graph breaks allowed), then graphed
                 torch._dynamo.reset()  # a fresh cache: earlier models' entries must not hit the recompile limit
@@ -582,8 +598,8 @@ def stage_gpu_tests(args, device, state) -> dict:
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", "tests/policies/test_fast.py", "-k", "on_gpu", "-q", "-p",
-           "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "tests/policies/test_fast.py", "tests/kernels/test_triton_kernels.py",
+           "-k", "on_gpu or large_m_group", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=args.test_timeout)
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
 

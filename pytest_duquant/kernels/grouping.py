@@ -19,6 +19,10 @@ import torch
 from pytest_duquant.kernels.packs import SMALL_M, tensor_version
 
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# most tokens a group serves (more run each member alone). SMALL_M: where the swap-AB kernels were measured
+# fastest on an H100; the kernels are correct above it (tests/kernels: 80-256 tokens), and whether the expert at
+# batch 8 (80 tokens) gains from groups is what scripts/gpu_speed_job.py measures with this raised to 256.
+GROUP_MAX_M = SMALL_M
 
 
 class HeldOutputs:
@@ -84,7 +88,7 @@ class SiblingGroup:
         from pytest_duquant.kernels.dispatch import can_use_triton, uses_integer_path
 
         lead = x.shape[:-1]
-        if lead.numel() > SMALL_M or not all(
+        if lead.numel() > GROUP_MAX_M or not all(
             uses_integer_path(m) and can_use_triton(m, x)[0] for m in self.layers
         ):
             return None

@@ -240,6 +240,23 @@ def test_group_matches_members_and_reference(tk, preset, group, m):
         assert _rel(part, tk.w4a8_linear(x, member).float()) <= 1e-2
 
 
+@pytest.mark.parametrize("m", (80, 160, 256))
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_large_m_group_matches_the_reference(tk, group, m):
+    """Groups above SMALL_M tokens (the expert at batch 8, 16 and 25: `grouping.GROUP_MAX_M`): the swap-AB
+    kernel over 3 to 8 token tiles equals the float reference of each member."""
+    k, widths = GROUPS[group]
+    layers = [synth_layer(k, n, "B") for n in widths]
+    grp = make_w4a8_group([lay.w4a8 for lay in layers])
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x[:, torch.randint(0, k, (4,))] *= 20
+    expect = ref.w4a8_group_ref(x, grp)
+    y = tk.w4a8_small(x, grp)
+    assert y.shape == (m, grp.out_features) and _rel(y, expect) <= 1e-2
+    for member, part, lay in zip(grp.packs, grp.split(y), layers, strict=True):
+        assert _rel(part, ref.w4a8_linear_ref(x, lay.w4a8)) <= 1e-2 and member is not None
+
+
 @pytest.mark.parametrize("m", SMALL_MS)
 @pytest.mark.parametrize("preset", ["A", "B"])
 def test_geglu_prologue_matches_eager(tk, preset, m):
