@@ -174,7 +174,7 @@ class DuQuantLinear(nn.Module):
 def group_siblings(model: torch.nn.Module) -> int:
     """Attach a SiblingGroup to every set of DuQuantLinear siblings (SIBLING_NAMES under one parent with the
     same in_features); returns how many groups were formed."""
-    from pytest_duquant.kernels.grouping import SIBLING_NAMES, SiblingGroup
+    from pytest_duquant.kernels.grouping import SIBLING_NAMES, SiblingGroup, geglu_mlp_forward
 
     count = 0
     for parent in model.modules():
@@ -185,4 +185,8 @@ def group_siblings(model: torch.nn.Module) -> int:
                 for m in layers:
                     m.kernel_group = group
                 count += 1
+                if names == ("gate_proj", "up_proj") and isinstance(getattr(parent, "down_proj", None),
+                                                                   DuQuantLinear):
+                    # a GeGLU MLP whose forward honours `fused_forward` (modeling.GemmaMLP) may run it fused
+                    parent.__dict__["fused_forward"] = geglu_mlp_forward
     return count

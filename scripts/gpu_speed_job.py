@@ -477,6 +477,22 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
             except Exception as exc:  # noqa: BLE001
                 row[mode] = {"error": f"{type(exc).__name__}: {exc}"}
             del s
+        if device.type == "cuda":
+            # the GeGLU prologue on the model path, with groups up to 256 tokens (grouping.geglu_mlp_forward)
+            saved = grouping.GEGLU_PROLOGUE, grouping.GROUP_MAX_M
+            grouping.GEGLU_PROLOGUE, grouping.GROUP_MAX_M = True, 256
+            try:
+                s = sampler(qmodel.sample_actions_fast, "graph", device)
+                t = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
+                row["graph_fused"] = t
+                ref = fast_ms.get(b, {}).get("graph")
+                if ref:
+                    row["ratio_to_fast_bf16_graph_fused"] = t["median_ms"] / ref
+                del s
+            except Exception as exc:  # noqa: BLE001
+                row["graph_fused"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            finally:
+                grouping.GEGLU_PROLOGUE, grouping.GROUP_MAX_M = saved
         if device.type == "cuda" and b * config.action_horizon > grouping.GROUP_MAX_M:
             # sibling groups above SMALL_M tokens (the expert at batch 8 = 80 tokens): do they pay there?
             saved_limit, grouping.GROUP_MAX_M = grouping.GROUP_MAX_M, 256
@@ -599,7 +615,7 @@ def stage_gpu_tests(args, device, state) -> dict:
 
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "pytest", "tests/policies/test_fast.py", "tests/kernels/test_triton_kernels.py",
-           "-k", "on_gpu or large_m_group", "-q", "-p", "no:cacheprovider"]
+           "-k", "on_gpu or large_m_group or geglu_model_path", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=args.test_timeout)
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
 

@@ -25,6 +25,46 @@ SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 GROUP_MAX_M = SMALL_M
 
 
+# the GeGLU prologue on the model path (`geglu_mlp_forward`): off until scripts/gpu_speed_job.py has measured it
+GEGLU_PROLOGUE = False
+
+
+def geglu_mlp_forward(mlp, x: torch.Tensor):
+    """``down(gelu_tanh(gate(x)) * up(x))`` of a quantized Gemma MLP in two kernel pairs: gate and up as one
+    W4A8Group (its output is [gate | up] side by side), then the down projection with the GeGLU computed inside
+    its activation kernel (`w4a8_small(..., geglu=True)`): no separate GeLU, product and activation launches,
+    and the [M, mlp_dim] product never goes to memory. The GeGLU runs in float32 in the kernel (the eager path
+    rounds gate, up and their product to the compute dtype): rounding differences only. Returns None when it
+    does not apply (GEGLU_PROLOGUE off, CPU, too many tokens, a member off the integer W4A8 path, a rotated
+    output basis); the caller then runs the layers as usual."""
+    if not GEGLU_PROLOGUE or not x.is_cuda:
+        return None
+    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    group = getattr(gate, "kernel_group", None)
+    if group is None or group.layers != (gate, up) or x.shape[:-1].numel() > GROUP_MAX_M:
+        return None
+    from pytest_duquant.kernels.dispatch import can_use_triton, get_pack, uses_integer_path
+
+    probe = x.new_empty((0, getattr(down, "in_features", 0)))
+    layers_ok = all(uses_integer_path(m) and can_use_triton(m, x)[0] for m in (gate, up))
+    if not (layers_ok and uses_integer_path(down) and can_use_triton(down, probe)[0]):
+        return None
+    if any(m.row_rot == "propagate" for m in (gate, up)):  # their outputs stay rotated: no GeLU on them
+        return None
+    grp = group._group_pack(x.dtype)
+    if grp is None:
+        return None
+    from pytest_duquant.kernels import triton_kernels as tk
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    gu = tk.w4a8_small(x2, grp)
+    y = tk.w4a8_small(gu, get_pack(down, x.dtype), geglu=True)
+    return y.reshape(*lead, y.shape[-1])
+
+
 class HeldOutputs:
     """Outputs computed for every member on one input, handed out once each while that input is unchanged."""
 

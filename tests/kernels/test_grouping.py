@@ -123,3 +123,31 @@ def test_a_deployed_group_keeps_one_copy_of_the_codes(tmp_path):
     codes = sum(m.w_packed.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
     assert after.by_kind["packed weight codes"] == codes
     assert after.total - before.total < codes  # the group adds its bf16 rotations, not another copy of the codes
+
+
+def test_a_quantized_geglu_mlp_gets_the_fused_path_which_changes_nothing_off_the_gpu(tmp_path, monkeypatch):
+    """group_siblings marks a MLP whose gate/up are grouped and whose down is quantized; the pi0.5 MLP honours the
+    mark, and on a CPU (or with GEGLU_PROLOGUE off) the fused path declines, so the outputs are unchanged."""
+    from pytest_duquant.kernels import grouping
+    from pytest_duquant.policies.pi05.configuration import GemmaSpec
+    from pytest_duquant.policies.pi05.modeling import GemmaMLP
+
+    model = _quantized("triton", tmp_path)
+    assert all(block.mlp.__dict__.get("fused_forward") is grouping.geglu_mlp_forward for block in model)
+    assert "fused_forward" not in model[0].self_attn.__dict__
+    ref = _quantized("reference", tmp_path)
+    assert all("fused_forward" not in block.mlp.__dict__ for block in ref)
+
+    torch.manual_seed(1)
+    spec = GemmaSpec(width=128, depth=1, mlp_dim=256, num_heads=2, num_kv_heads=1, head_dim=64)
+    mlp = GemmaMLP(spec)
+    x = torch.randn(2, 5, 128)
+    quantize_model(mlp, replace(DuQuantConfig(), scope="", backend="triton", act_dynamic=True, block=16,
+                                packdir=str(tmp_path / "mlp")))
+    assert mlp.__dict__["fused_forward"] is grouping.geglu_mlp_forward
+    before = mlp(x)
+    monkeypatch.setattr(grouping, "GEGLU_PROLOGUE", True)
+    assert grouping.geglu_mlp_forward(mlp, x) is None  # a CPU input: declined
+    assert torch.equal(mlp(x), before)
+    del mlp.__dict__["fused_forward"]
+    assert torch.equal(mlp(x), before)

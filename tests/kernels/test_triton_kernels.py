@@ -273,6 +273,35 @@ def test_geglu_prologue_matches_eager(tk, preset, m):
         tk.w4a8_small(gu[:, :4096], lay.w4a8, geglu=True)
 
 
+@pytest.mark.parametrize("preset", ["A", "B"])
+@pytest.mark.parametrize("tokens", (10, 80))
+def test_geglu_model_path_matches_the_unfused_mlp(tk, preset, tokens, tmp_path, monkeypatch):
+    """The pi0.5 MLP quantized with the triton backend: with GEGLU_PROLOGUE (and groups up to 256 tokens) its
+    forward runs gate/up as one group and the GeGLU inside down's activation kernel; the result equals the
+    unfused layers' at bf16 rounding, and the fused path really ran."""
+    from pytest_duquant.config import from_env, replace
+    from pytest_duquant.kernels import grouping
+    from pytest_duquant.policies.pi05.configuration import GemmaSpec
+    from pytest_duquant.policies.pi05.modeling import GemmaMLP
+    from pytest_duquant.quantize import quantize_model
+
+    torch.manual_seed(0)
+    spec = GemmaSpec(width=1024, depth=1, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256)
+    mlp = GemmaMLP(spec).cuda().to(torch.bfloat16)
+    quantize_model(mlp, replace(from_env({}, preset=preset), scope="", backend="triton", act_dynamic=True,
+                                packdir=str(tmp_path)))
+    x = torch.randn(tokens // 10, 10, 1024, device="cuda", dtype=torch.bfloat16)
+    unfused = mlp(x)
+    calls = []
+    real = tk.w4a8_small
+    monkeypatch.setattr(tk, "w4a8_small", lambda *a, **kw: calls.append(kw.get("geglu", False)) or real(*a, **kw))
+    monkeypatch.setattr(grouping, "GEGLU_PROLOGUE", True)
+    monkeypatch.setattr(grouping, "GROUP_MAX_M", 256)
+    fused = mlp(x)
+    assert calls == [False, True], calls  # the gate/up group, then down with the GeGLU prologue
+    assert fused.shape == unfused.shape and _rel(fused, unfused.float()) <= 1e-2
+
+
 def test_expert_stack_modes_agree(tk):
     """The whole expert (4 layers, 2 denoising steps, 50 tokens) one layer at a time, grouped, grouped with the
     GeGLU prologue, and grouped on int8 codes (same weights: same seeds): the modes differ only by rounding

@@ -253,6 +253,11 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(spec.mlp_dim, spec.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.__dict__.get("fused_forward")  # set by quantization when the layers have a fused kernel path
+        if fused is not None:
+            y = fused(self, x)
+            if y is not None:
+                return y
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
