@@ -317,12 +317,23 @@ def stage_profile(args, device, state) -> dict:
     inp, nz = model_inputs(config, 1, device), noise(config, 1, device)
     small = compacted(inp)
     out = {}
-    for name, call in (("reference", lambda: model.sample_actions(noise=nz, **inp)),
-                       ("fast", lambda: model.sample_actions_fast(noise=nz, **small))):
+    calls = [("reference", lambda: model.sample_actions(noise=nz, **inp)),
+             ("fast", lambda: model.sample_actions_fast(noise=nz, **small))]
+    if device.type == "cuda":  # the "after" profile: the compiled step with short-query attention
+        def compiled():
+            return model.sample_actions_fast(noise=nz, step_attn_fn=short_query_attention, **small)
+
+        calls.append(("fast_compiled_short_query", compiled))
+    for name, call in calls:
         try:
+            if name.startswith("fast_compiled"):
+                model.compile_fast_step()
+                call()  # compile (or reuse the compiled stage's code) before profiling
             out[name] = profile_call(model, call, device)
         except Exception as exc:  # noqa: BLE001
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            model.compile_fast_step(False)
     return out
 
 
@@ -636,12 +647,12 @@ def parse_args(argv=None):
     ap.add_argument("--presets", default="A,B")
     ap.add_argument("--lm-presets", default="B", help="presets for the quantized_lm stage (LM + expert)")
     ap.add_argument("--stages",
-                    default="build,calls,compiled,quantized,components,profile,policy_calls,quantized_lm,sdpa_backends,"
-                    "gpu_tests")
-    ap.add_argument("--compile-attn", default="short_query,sdpa",
+                    default="build,calls,quantized,compiled,gpu_tests,profile,components,policy_calls,quantized_lm,"
+                    "sdpa_backends")
+    ap.add_argument("--compile-attn", default="short_query",
                     help="compiled stage: the steps' attention variants (short_query, sdpa, eager_softmax)")
-    ap.add_argument("--no-compile-quantized", dest="compile_quantized", action="store_false",
-                    help="quantized stages: skip the compiled-step measurement")
+    ap.add_argument("--compile-quantized", action="store_true",
+                    help="quantized stages: also time the compiled step around the W4A8 kernels (a compile each)")
     ap.add_argument("--test-timeout", type=int, default=240, help="seconds for the gpu_tests stage")
     ap.add_argument("--quick", action="store_true", help="few repetitions, small batches: a smoke run")
     ap.add_argument("--seed", type=int, default=0)
@@ -703,9 +714,7 @@ def main(argv=None) -> int:
         elif name == "quantized_lm":
             for preset in args.lm_presets.split(","):
                 rec.stage(f"quantized_lm_{preset}", stage_quantized, args, device, state, preset, LM_AND_EXPERT)
-        elif name == "gpu_tests":
-            state.pop("model", None)  # free the device for the tests' own models (so: run it last)
-            gc.collect()
+        elif name == "gpu_tests":  # its own process and small models: the full model may stay resident
             rec.stage("gpu_tests", stage_gpu_tests, args, device, state)
         elif "model" in state:
             rec.stage(name, STAGES[name], args, device, state)

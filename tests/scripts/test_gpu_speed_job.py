@@ -29,8 +29,8 @@ def test_tiny_cpu_run_writes_the_measurements(tmp_path):
     assert set(data["errors"]) == {"quantized_no-such-preset"}, data["errors"]
     assert "no-such-preset" in data["errors"]["quantized_no-such-preset"]
     st = data["stages"]
-    assert list(st) == ["build", "calls", "compiled", "quantized_B", "components", "profile", "policy_calls",
-                        "quantized_lm_B", "sdpa_backends", "gpu_tests"]  # the default order: most wanted first
+    assert list(st) == ["build", "calls", "quantized_B", "compiled", "gpu_tests", "profile", "components",
+                        "policy_calls", "quantized_lm_B", "sdpa_backends"]  # the default order: most wanted first
     assert st["gpu_tests"] == st["compiled"] == {"skipped": "skipped: needs CUDA"}
     assert st["build"]["parameters"] > 1e6 and st["sdpa_backends"] == {"skipped": "skipped: needs CUDA"}
     for path in ("reference", "fast"):
