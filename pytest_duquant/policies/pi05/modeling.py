@@ -740,6 +740,13 @@ class Pi05Model(nn.Module):
             self.__dict__.pop("_compiled_step", None)
             return
         compile_kwargs.setdefault("dynamic", False)
+        # a step that breaks its graph (kernels dynamo cannot trace, e.g. a quantized layer's Triton launches)
+        # compiles each norm's forward once per norm instance (it guards on `self`): 37 in pi0.5, above dynamo's
+        # default limit of 8 recompiles per function, after which the rest would silently run eager
+        import torch._dynamo.config as dynamo_config
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
         self.__dict__["_compiled_step"] = torch.compile(self.fast_step, **compile_kwargs)
 
     @torch.no_grad()
