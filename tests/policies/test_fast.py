@@ -308,3 +308,18 @@ def test_fast_path_with_short_query_attention_in_the_steps_equals_the_reference(
         torch.testing.assert_close(fast, ref, atol=atol, rtol=0)
     finally:
         m.set_precision("float32")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_rope_with_swapped_halves_is_openpis_rope_bit_for_bit(dtype):
+    """run_layers applies RoPE as q * cos + swap_halves(q) * signed_sin (one launch fewer than openpi's
+    rotate_half form); negation is exact and a product's sign symmetric, so the values are the same bits."""
+    from pytest_duquant.policies.pi05.modeling import _rotate_half, _signed_sin, _swap_halves
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 10, 8, 256, generator=g).to(dtype).transpose(1, 2)  # [B, heads, T, D], strided as in use
+    cos, sin = (torch.randn(2, 1, 10, 256, generator=g).to(dtype) for _ in range(2))
+    openpi = x * cos + _rotate_half(x) * sin
+    ours = x * cos + _swap_halves(x) * _signed_sin(sin)
+    assert torch.equal(ours, openpi)
+    assert not torch.equal(ours, x * cos + _swap_halves(x) * sin)  # the sign really matters

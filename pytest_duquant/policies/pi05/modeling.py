@@ -108,6 +108,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: ``_rotate_half(x) * sin == _swap_halves(x) * _signed_sin(sin)`` bit for
+    bit (negation is exact and a product's sign is symmetric), one launch fewer per rotated tensor."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch.Tensor, scaling: float):
     """Eager GQA attention, float32 softmax. q [B,Hq,T,D], k/v [B,Hkv,S,D], mask [B,1,T,S] (or folded by
     :func:`fold_mask_heads`) -> [B,T,Hq*D]."""
@@ -488,6 +500,7 @@ class PaliGemmaWithExpertModel(nn.Module):
             cos, sin = cos[:, None], sin[:, None]
         else:
             cos, sin = rope
+        sin_signed = _signed_sin(sin)  # once per call: q * cos + _rotate_half(q) * sin, one launch fewer a layer
         kv_out = [] if store_kv else None
         depth = len(models[active[0]].layers)
         for li in range(depth):
@@ -504,8 +517,8 @@ class PaliGemmaWithExpertModel(nn.Module):
             q = torch.cat(qs, dim=2) if len(qs) > 1 else qs[0]
             k = torch.cat(ks, dim=2) if len(ks) > 1 else ks[0]
             v = torch.cat(vs, dim=2) if len(vs) > 1 else vs[0]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + _swap_halves(q) * sin_signed
+            k = k * cos + _swap_halves(k) * sin_signed
             if store_kv:
                 kv_out.append((k, v))
                 if kv_only and li == depth - 1:
