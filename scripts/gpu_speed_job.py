@@ -15,6 +15,7 @@ no network. CPU: the CUDA-graph and CUDA-memory measurements are recorded as ski
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import functools
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # time_pi05: the shared timer
 
 import torch  # noqa: E402
-from time_pi05 import sync, time_fn  # noqa: E402
+from time_pi05 import release, sync, time_fn  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pytest_duquant.policies.pi05 import modeling  # noqa: E402
@@ -431,9 +432,7 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
     from pytest_duquant.quantize import quantize_model
 
     config, model = state["config"], state["model"]
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     base = allocated(device)
     qmodel = copy.deepcopy(model)
     copied = allocated(device)
@@ -461,9 +460,7 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
     from pytest_duquant.deploy import deploy_model, resident_bytes
 
     out["deployed_layers"] = deploy_model(qmodel)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     out["resident_bytes_deployed"] = resident_bytes(qmodel).to_dict()
     out["tensor_bytes_deployed"] = tensor_bytes(qmodel)
     if base is not None:
@@ -489,57 +486,57 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
                 row[mode] = {"error": f"{type(exc).__name__}: {exc}"}
             del s
         if device.type == "cuda":
+            graph_ref = fast_ms.get(b, {}).get("graph")
+            timed = functools.partial(_time_graphed, row, qmodel.sample_actions_fast, dict(noise=nz, **inp),
+                                      device, args)
             # the GeGLU prologue on the model path, with groups up to 256 tokens (grouping.geglu_mlp_forward)
-            saved = grouping.GEGLU_PROLOGUE, grouping.GROUP_MAX_M
-            grouping.GEGLU_PROLOGUE, grouping.GROUP_MAX_M = True, 256
-            try:
-                s = sampler(qmodel.sample_actions_fast, "graph", device)
-                t = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
-                row["graph_fused"] = t
-                ref = fast_ms.get(b, {}).get("graph")
-                if ref:
-                    row["ratio_to_fast_bf16_graph_fused"] = t["median_ms"] / ref
-                del s
-            except Exception as exc:  # noqa: BLE001
-                row["graph_fused"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-            finally:
-                grouping.GEGLU_PROLOGUE, grouping.GROUP_MAX_M = saved
-        if device.type == "cuda" and b * config.action_horizon > grouping.GROUP_MAX_M:
-            # sibling groups above SMALL_M tokens (the expert at batch 8 = 80 tokens): do they pay there?
-            saved_limit, grouping.GROUP_MAX_M = grouping.GROUP_MAX_M, 256
-            try:
-                s = sampler(qmodel.sample_actions_fast, "graph", device)
-                t = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
-                row["graph_groups_to_256"] = t
-                ref = fast_ms.get(b, {}).get("graph")
-                if ref:
-                    row["ratio_to_fast_bf16_graph_groups_to_256"] = t["median_ms"] / ref
-                del s
-            except Exception as exc:  # noqa: BLE001
-                row["graph_groups_to_256"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-            finally:
-                grouping.GROUP_MAX_M = saved_limit
-        if args.compile_quantized and device.type == "cuda":
-            try:  # the Euler step compiled around the W4A8 kernels (graph breaks allowed), then graphed
+            with _grouping(geglu=True, max_m=256):
+                timed("graph_fused", graph_ref, "ratio_to_fast_bf16_graph_fused")
+            if b * config.action_horizon > grouping.GROUP_MAX_M:
+                # sibling groups above SMALL_M tokens (the expert at batch 8 = 80 tokens): do they pay there?
+                with _grouping(max_m=256):
+                    timed("graph_groups_to_256", graph_ref, "ratio_to_fast_bf16_graph_groups_to_256")
+            if args.compile_quantized:
+                # the Euler step compiled around the W4A8 kernels (graph breaks allowed), then graphed
                 torch._dynamo.reset()  # a fresh cache: earlier models' entries must not hit the recompile limit
                 qmodel.compile_fast_step()
-                s = sampler(qmodel.sample_actions_fast, "graph", device)
-                t = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
-                row["compiled_graph"] = t
-                ref = fast_ms.get(b, {}).get("compiled_graph") or fast_ms.get(b, {}).get("graph")
-                if ref:
-                    row["ratio_to_best_bf16_graph"] = t["median_ms"] / ref
-                del s
-            except Exception as exc:  # noqa: BLE001
-                row["compiled_graph"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-            finally:
-                qmodel.compile_fast_step(False)
+                try:
+                    timed("compiled_graph", fast_ms.get(b, {}).get("compiled_graph") or graph_ref,
+                          "ratio_to_best_bf16_graph")
+                finally:
+                    qmodel.compile_fast_step(False)
         out[f"b{b}"] = row
     del qmodel
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
+
+
+def _time_graphed(row: dict, fn, kwargs: dict, device, args, key: str, ref_ms, ratio_key: str) -> None:
+    """row[key] = the graphed timing of fn(**kwargs) (or its error), row[ratio_key] = its ratio to ref_ms."""
+    try:
+        s = sampler(fn, "graph", device)
+        t = time_fn(lambda: s(**kwargs), device, args.warmup, args.reps)
+        row[key] = t
+        if ref_ms:
+            row[ratio_key] = t["median_ms"] / ref_ms
+    except Exception as exc:  # noqa: BLE001
+        row[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+@contextlib.contextmanager
+def _grouping(*, geglu: bool | None = None, max_m: int | None = None):
+    """The kernel grouping knobs (grouping.GEGLU_PROLOGUE, GROUP_MAX_M) set for a measurement, then restored."""
+    from pytest_duquant.kernels import grouping
+
+    saved = grouping.GEGLU_PROLOGUE, grouping.GROUP_MAX_M
+    if geglu is not None:
+        grouping.GEGLU_PROLOGUE = geglu
+    if max_m is not None:
+        grouping.GROUP_MAX_M = max_m
+    try:
+        yield
+    finally:
+        grouping.GEGLU_PROLOGUE, grouping.GROUP_MAX_M = saved
 
 
 def stage_compiled(args, device, state) -> dict:

@@ -80,6 +80,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def release(device) -> None:
+    """Drop what Python no longer references and, on CUDA, hand the cached blocks back (between measurements)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def time_fn(fn, device, warmup: int, reps: int) -> dict:
     t0 = time.perf_counter()
     fn()
@@ -147,9 +154,8 @@ def run_device(args, device: torch.device) -> dict:
     for mode in args.modes:
         entry: dict = {}
         try:
-            gc.collect()
+            release(device)
             if device.type == "cuda":
-                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             reset_rss_peak()
             sampler = make_sampler(model, mode, device)
@@ -175,9 +181,7 @@ def run_device(args, device: torch.device) -> dict:
     if args.policy_call:
         out["policy_call"] = time_policy_call(args, model, device)
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
 
 
