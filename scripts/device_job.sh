@@ -87,7 +87,10 @@ stage_eval() {
     # episodes they hold are not run again (the harness resumes); EVAL_S: hard limit, so the results still
     # come back when the call's own limit is near
     mkdir -p "$W/results"
-    [ -n "${SEED_RESULTS:-}" ] && cp -n "$SEED_RESULTS"/*.jsonl "$W/results/"
+    local f
+    for f in ${SEED_RESULTS:+"$SEED_RESULTS"/*.jsonl}; do    # never over a results file already there
+        [ -e "$W/results/$(basename "$f")" ] || cp "$f" "$W/results/"
+    done
     timeout "${EVAL_S:-560}" python3 scripts/reference_eval.py --ckpt "${CKPT:-$W/ckpt}" --out "$W/results" --suite libero_object \
         --fp-trials "${FP_TRIALS:-0-49}" --matrix-trials "${MATRIX_TRIALS:-0-9}" --workers "$WORKERS" \
         --deadline-min "${EVAL_MIN:-8}" ${SETTINGS:+--settings "$SETTINGS"} >>"$OUT/eval.log" 2>&1

@@ -629,6 +629,7 @@ def stage_gpu_tests(args, device, state) -> dict:
 
 
 # ---- main -------------------------------------------------------------------------------------------------
+COMPILE_ATTN = ("short_query", "sdpa", "eager_softmax")  # the compiled stage's attention variants
 STAGES = {"build": stage_build, "sdpa_backends": stage_sdpa_backends, "profile": stage_profile,
           "components": stage_components, "calls": stage_calls, "compiled": stage_compiled,
           "quantized": stage_quantized, "quantized_lm": stage_quantized, "policy_calls": stage_policy_calls,
@@ -656,6 +657,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_speed.json, else ./gpu_speed.json)")
     ap.add_argument("--packdir", default=None, help="pack cache (default: a temporary folder)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.compile_attn.split(",")) - set(COMPILE_ATTN))
+    if unknown:
+        ap.error(f"--compile-attn: unknown {', '.join(unknown)}; known: {', '.join(COMPILE_ATTN)}")
     args.dtype = args.dtype or ("bfloat16" if args.variant == "pi05" else "float32")
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,8")).split(",")]
     args.warmup, args.reps = (1, 2) if args.quick else (3, 10)

@@ -20,16 +20,14 @@ def script():
     return mod
 
 
-@pytest.mark.parametrize("text,expected", [("14", (14, None)), ("14/7", (14, 7)), (" 1 ", (1, None))])
+@pytest.mark.parametrize("text,expected", [("14", (14, None)), ("14/7", (14, 7)), (" 1 ", (1, None)),
+                                           ("14/", (14, None))])  # an empty M: no cap
 def test_run_specs(script, text, expected):
     assert script._run_spec(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "x", "14/", "0", "14/0", "3/a"])
+@pytest.mark.parametrize("text", ["", "x", "0", "14/0", "3/a"])
 def test_bad_run_specs_are_refused_by_name(script, text):
-    if text == "14/":  # an empty M means no cap
-        assert script._run_spec(text) == (14, None)
-        return
     with pytest.raises(ValueError, match="--workers"):
         script._run_spec(text)
 
