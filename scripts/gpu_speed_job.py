@@ -39,7 +39,13 @@ from torch import nn  # noqa: E402
 
 from pytest_duquant.policies.pi05 import modeling  # noqa: E402
 from pytest_duquant.policies.pi05.configuration import variant_config  # noqa: E402
-from pytest_duquant.policies.pi05.modeling import build_model, compact_prefix, short_query_attention  # noqa: E402
+from pytest_duquant.policies.pi05.modeling import (  # noqa: E402
+    attention,
+    build_model,
+    compact_prefix,
+    fused_attention,
+    short_query_attention,
+)
 from pytest_duquant.policies.pi05.policy import GraphedSampler, noise_for_seed  # noqa: E402
 
 SKIPPED_NO_CUDA = "skipped: needs CUDA"
@@ -544,16 +550,13 @@ def stage_compiled(args, device, state) -> dict:
     bf16 call is kernel-count bound, docs/speed.md), CUDA-graphed; with the fused (SDPA) attention and with the
     eager softmax attention (which inductor can fuse) in the steps, per --compile-attn. Compile time, ms, ratio
     to the fast graph, difference from the uncompiled fast call."""
-    from pytest_duquant.policies.pi05.modeling import attention, fused_attention
-
     if device.type != "cuda":  # inductor on a CPU needs a C++ compiler and says nothing about a GPU
         return {"skipped": SKIPPED_NO_CUDA}
     config, model = state["config"], state["model"]
     out = {}
     fast_ms = state.setdefault("fast_ms", {})
-    variants = {"sdpa": fused_attention, "short_query": short_query_attention, "eager_softmax": attention}
     for label in args.compile_attn.split(","):
-        attn = variants[label]
+        attn = COMPILE_ATTN[label]
         torch._dynamo.reset()
         model.compile_fast_step()
         try:
@@ -629,7 +632,8 @@ def stage_gpu_tests(args, device, state) -> dict:
 
 
 # ---- main -------------------------------------------------------------------------------------------------
-COMPILE_ATTN = ("short_query", "sdpa", "eager_softmax")  # the compiled stage's attention variants
+# the compiled stage's attention variants for the denoising steps
+COMPILE_ATTN = {"short_query": short_query_attention, "sdpa": fused_attention, "eager_softmax": attention}
 STAGES = {"build": stage_build, "sdpa_backends": stage_sdpa_backends, "profile": stage_profile,
           "components": stage_components, "calls": stage_calls, "compiled": stage_compiled,
           "quantized": stage_quantized, "quantized_lm": stage_quantized, "policy_calls": stage_policy_calls,

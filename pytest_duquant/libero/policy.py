@@ -135,7 +135,7 @@ def pi05_policy_factory(
             calib = calibration_observations(calibration)
             policy, _report = session.quantize_and_calibrate(policy, config, calib)
         if fast and hasattr(policy, "serve_fast"):
-            policy.serve_fast(compile_step=compile_step) if compile_step else policy.serve_fast()
+            policy.serve_fast(compile_step=compile_step)
         policy.preset = preset
         return policy
 
