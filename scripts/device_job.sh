@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The reference policy's GPU job, in stages, for the lent GPU machine (no network; see docs/reference.md):
 #
-#   scripts/reference_job.sh setup demos train     # call 1 (carry .gl and .devpack)
-#   scripts/reference_job.sh eval                  # call 2, on the same warm machine (/tmp survives)
+#   scripts/device_job.sh setup demos train     # call 1 (carry .gl and .devpack)
+#   scripts/device_job.sh eval                  # call 2, on the same warm machine (/tmp survives)
 #
 # setup  unpack the GL loaders (.gl/*.deb), MuJoCo's wheel and the LIBERO pack (.devpack/, made by
 #        scripts/pack_libero.py) under $W
@@ -11,7 +11,8 @@
 #        GPU, held-out init states 45-49; the checkpoint goes to $OUT
 # eval   scripts/reference_eval.py: FP on all 500 episodes, then the quantization matrix (EVAL_MIN)
 # speed  scripts/gpu_speed_job.py (full pi05, random bf16 weights) -> $OUT/gpu_speed.json, SPEED_S seconds at most
-# throughput  scripts/libero_throughput.py on one GPU and 16 cores (TP_CKPT: default the random full pi05;
+#        (SPEED_ARGS: more options, e.g. --stages ...)
+# throughput  scripts/libero_throughput.py on one GPU and 16 cores (TP_CKPT: default the random full pi05, in memory;
 #        TP_WORKERS (N or N/M: at most M per policy call), TP_EPISODES per worker, TP_ARGS e.g. --compile-step)
 #        -> $OUT/libero_throughput${TP_TAG}.json, TP_S seconds at most
 # Every stage appends its timing to $OUT/job.log; outputs land in $OUT (8 files at most come back).
@@ -100,7 +101,7 @@ stage_eval() {
 
 stage_speed() {
     timeout "${SPEED_S:-330}" python3 scripts/gpu_speed_job.py --out "$OUT/gpu_speed.json" --test-timeout 120 \
-        >"$OUT/speed.log" 2>&1
+        ${SPEED_ARGS:-} >"$OUT/speed.log" 2>&1
     local rc=$?
     tail -5 "$OUT/speed.log"
     [ -s "$OUT/gpu_speed.json" ] || return 1

@@ -20,6 +20,7 @@ import copy
 import datetime
 import functools
 import gc
+import itertools
 import json
 import math
 import os
@@ -41,7 +42,6 @@ from pytest_duquant.policies.pi05 import modeling  # noqa: E402
 from pytest_duquant.policies.pi05.configuration import variant_config  # noqa: E402
 from pytest_duquant.policies.pi05.modeling import (  # noqa: E402
     attention,
-    build_model,
     compact_prefix,
     fused_attention,
     short_query_attention,
@@ -113,35 +113,10 @@ def compacted(inputs: dict) -> dict:
     return {k: v.to(dev) for k, v in compact_prefix(**{k: v.cpu() for k, v in inputs.items()}).items()}
 
 
-@torch.no_grad()
-def device_init(model: nn.Module, seed: int) -> None:
-    """Random values drawn on the model's device with init_random_weights' scales (fast on a GPU; not the
-    deterministic CPU draw a checkpoint fingerprint needs, which timing does not)."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        x = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
-        shape = tuple(p.shape)
-        if name.endswith("embed_tokens.weight"):
-            x /= math.sqrt(shape[1])
-        elif name.endswith("position_embedding.weight") or name.endswith(".bias"):
-            x *= 0.02
-        elif "layer_norm" in name or "post_layernorm" in name:
-            x = 1.0 + 0.1 * x if name.endswith("weight") else x * 0.02
-        elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-            x *= 0.1
-        else:
-            x /= math.sqrt(max(1, int(torch.tensor(shape[1:]).prod())))
-        p.copy_(x.to(p.dtype))
-
-
 def build(args, device: torch.device):
     config = variant_config(args.variant)
     if device.type == "cuda":
-        model = build_model(config, device="meta", precision=args.dtype)
-        model.to_empty(device=device)
-        model.set_precision(args.dtype)
-        device_init(model, args.seed)
-        model.set_precision(args.dtype)
+        model = modeling.random_model(config, args.seed, args.dtype, device=device, draw_on_device=True)
     else:
         model = modeling.random_model(config, args.seed, args.dtype, device=device)
     return config, model.eval()
@@ -326,7 +301,7 @@ def stage_profile(args, device, state) -> dict:
     out = {}
     calls = [("reference", lambda: model.sample_actions(noise=nz, **inp)),
              ("fast", lambda: model.sample_actions_fast(noise=nz, **small))]
-    if device.type == "cuda":  # the "after" profile: the compiled step with short-query attention
+    if device.type == "cuda":  # the "after" profile: compiled step and prefix, short-query attention
         def compiled():
             return model.sample_actions_fast(noise=nz, step_attn_fn=short_query_attention, **small)
 
@@ -334,7 +309,7 @@ def stage_profile(args, device, state) -> dict:
     for name, call in calls:
         try:
             if name.startswith("fast_compiled"):
-                model.compile_fast_step()
+                model.compile_fast_step(prefix=True)
                 call()  # compile (or reuse the compiled stage's code) before profiling
             out[name] = profile_call(model, call, device)
         except Exception as exc:  # noqa: BLE001
@@ -358,13 +333,7 @@ def stage_components(args, device, state) -> dict:
 
     @torch.no_grad()
     def prefix(images, image_masks, tokens, token_masks):
-        embs, pad = model.embed_prefix(images, image_masks, tokens, token_masks)
-        mask = modeling.make_att_2d_masks(pad, torch.zeros_like(pad, dtype=torch.int32))
-        heads = pwe.language_model.spec.num_heads
-        return pwe.run_layers([embs, None], [None, None],
-                              modeling.fold_mask_heads(modeling.additive_mask(mask).to(model.compute_dtype), heads),
-                              torch.cumsum(pad.to(torch.int64), 1) - 1, store_kv=True,
-                              attn_fn=modeling.fused_attention, kv_only=True)[1][-1][0]
+        return model.fast_prefix(images, image_masks, tokens, token_masks)[0][-1][0]
 
     mode = "graph" if device.type == "cuda" else "eager"
     out = {"mode": mode}
@@ -555,10 +524,10 @@ def stage_compiled(args, device, state) -> dict:
     config, model = state["config"], state["model"]
     out = {}
     fast_ms = state.setdefault("fast_ms", {})
-    for label in args.compile_attn.split(","):
-        attn = COMPILE_ATTN[label]
+    for label, scope in itertools.product(args.compile_attn.split(","), args.compile_scopes.split(",")):
+        attn, prefix = COMPILE_ATTN[label], scope == "all"
         torch._dynamo.reset()
-        model.compile_fast_step()
+        model.compile_fast_step(prefix=prefix)
         try:
             for b in args.batches:
                 inp, nz = compacted(model_inputs(config, b, device)), noise(config, b, device)
@@ -572,7 +541,7 @@ def stage_compiled(args, device, state) -> dict:
                 row["timing"] = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
                 model.compile_fast_step(False)
                 plain = model.sample_actions_fast(noise=nz, step_attn_fn=attn, **inp)
-                model.compile_fast_step()
+                model.compile_fast_step(prefix=prefix)
                 row["max_abs_diff_vs_fast_eager"] = float((first.float() - plain.float()).abs().max())
                 ref = fast_ms.get(b, {}).get("graph")
                 if ref:
@@ -580,7 +549,7 @@ def stage_compiled(args, device, state) -> dict:
                 best = fast_ms.setdefault(b, {}).get("compiled_graph")
                 if best is None or row["timing"]["median_ms"] < best:
                     fast_ms[b]["compiled_graph"] = row["timing"]["median_ms"]
-                out[f"{label}_b{b}"] = row
+                out[f"{label}{'_all' if prefix else ''}_b{b}"] = row
                 del s
         finally:
             model.compile_fast_step(False)
@@ -624,8 +593,11 @@ def stage_gpu_tests(args, device, state) -> dict:
         return {"skipped": SKIPPED_NO_CUDA}
     import subprocess
 
+    from pytest_duquant.testing import pytest_plugin_args
+
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", "tests/policies/test_fast.py", "tests/kernels/test_triton_kernels.py",
+    # the plugin registers the markers; on the device the checkout is on PYTHONPATH, not installed
+    cmd = [sys.executable, "-m", "pytest", *pytest_plugin_args(), "tests/policies/test_fast.py", "tests/kernels/test_triton_kernels.py",
            "-k", "on_gpu or large_m_group or geglu_model_path", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=args.test_timeout)
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
@@ -653,6 +625,8 @@ def parse_args(argv=None):
                     "sdpa_backends")
     ap.add_argument("--compile-attn", default="short_query",
                     help="compiled stage: the steps' attention variants (short_query, sdpa, eager_softmax)")
+    ap.add_argument("--compile-scopes", default="step,all",
+                    help="compiled stage: 'step' (the Euler step compiled) and/or 'all' (the prefix too)")
     ap.add_argument("--compile-quantized", action="store_true",
                     help="quantized stages: also time the compiled step around the W4A8 kernels (a compile each)")
     ap.add_argument("--test-timeout", type=int, default=240, help="seconds for the gpu_tests stage")
@@ -664,6 +638,8 @@ def parse_args(argv=None):
     unknown = sorted(set(args.compile_attn.split(",")) - set(COMPILE_ATTN))
     if unknown:
         ap.error(f"--compile-attn: unknown {', '.join(unknown)}; known: {', '.join(COMPILE_ATTN)}")
+    if set(args.compile_scopes.split(",")) - {"step", "all"}:
+        ap.error(f"--compile-scopes {args.compile_scopes!r}: 'step', 'all' or 'step,all'")
     args.dtype = args.dtype or ("bfloat16" if args.variant == "pi05" else "float32")
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,8")).split(",")]
     args.warmup, args.reps = (1, 2) if args.quick else (3, 10)

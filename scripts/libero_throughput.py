@@ -10,9 +10,11 @@ Meant for the GPU machine (16 cores + H100; MuJoCo's EGL renders on the GPU ther
 A worker count N/M caps each policy call at M observations: with M = N/2 half the workers step their
 simulations while the policy serves the other half (the GPU and the CPUs overlap instead of taking turns).
 
-Without --ckpt it writes the full-size pi0.5 with random weights (``duquant init-checkpoint --variant
-pi05``) into a temporary folder. A random policy never succeeds, so every episode runs its whole
-step budget (libero_spatial: 220 + 10 steps): the worst case, and the same work for every N.
+Without --ckpt it builds the full-size pi0.5 with random weights in memory, drawn on the device (seconds on
+a GPU; writing a checkpoint first takes ~2 minutes). A random policy never succeeds, so every episode runs
+its whole step budget (libero_spatial: 220 + 10 steps): the worst case, and the same work for every N.
+--compile-step / --compile-prefix serve the torch.compiled fast path; --batch-sizes 8 pads every policy call
+to 8 observations (one graph, one compile) instead of to the next of 1, 2, 4, 8, 16, 32.
 
 Measured, per worker count N (each run starts from an empty results file):
   wall_s, episodes, episodes_per_hour, policy_calls, policy_ms_per_call, mean_batch, sim_ms_per_step
@@ -37,16 +39,38 @@ def _policy_factory(args):
     from pytest_duquant.config import from_env
     from pytest_duquant.libero.policy import pi05_policy_factory
 
-    ckpt = args.ckpt
-    if ckpt is None:
-        from pytest_duquant.policies.session import init_checkpoint
-
-        ckpt = Path(tempfile.mkdtemp(prefix="duquant-pi05-random-"))
-        t0 = time.perf_counter()
-        init_checkpoint(ckpt, "pi05", 0, args.dtype)
-        print(f"wrote random full-size pi0.5 to {ckpt} in {time.perf_counter() - t0:.0f} s", flush=True)
     config = from_env(os.environ, preset=args.preset) if args.preset else None
-    return pi05_policy_factory(ckpt, config, device=args.device, compile_step=args.compile_step), str(ckpt)
+    serve = {"compile_step": args.compile_step or args.compile_prefix, "compile_prefix": args.compile_prefix}
+    if args.ckpt is None:
+        return _random_factory(args, config, serve), f"random {args.variant} (in memory, drawn on the device)"
+    return pi05_policy_factory(args.ckpt, config, device=args.device, **serve), str(args.ckpt)
+
+
+def _random_factory(args, config, serve: dict):
+    """The full-size pi0.5 with random weights drawn on the device, quantized under ``config`` if enabled."""
+    from pytest_duquant.policies import session
+
+    device = args.device or ("cuda" if _cuda() else "cpu")
+
+    def make():
+        policy = session.random_policy(args.variant, 0, args.dtype, device=device, draw_on_device=True)
+        if config is not None and config.enabled:
+            policy, _ = session.quantize_and_calibrate(policy, config)
+            policy.preset = config.preset
+        return policy.serve_fast(**serve)
+
+    make.fingerprint = f"random-{args.variant}-device-seed0-{args.dtype}"
+    make.preset = config.preset if config is not None and config.enabled else "fp"
+    return make
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def sim_microbench(suite: str, task: int, steps: int) -> dict:
@@ -92,13 +116,10 @@ def policy_microbench(policy, batch_sizes, calls: int) -> dict:
 
 
 def _sync():
-    try:
+    if _cuda():
         import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    except ImportError:
-        pass
+        torch.cuda.synchronize()
 
 
 def _run_spec(text: str) -> tuple[int, int | None]:
@@ -117,6 +138,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="pi0.5 checkpoint (default: random full-size pi0.5)")
     p.add_argument("--preset", default=None, help="DuQuant preset to quantize with (default: FP)")
+    p.add_argument("--variant", default="pi05", choices=("pi05", "dummy"),
+                   help="the random policy's size without --ckpt (default: the full pi05)")
     p.add_argument("--suite", default="libero_spatial")
     p.add_argument("--task", type=int, default=0)
     p.add_argument("--workers", default="1,8",
@@ -130,12 +153,19 @@ def main(argv=None) -> int:
     p.add_argument("--sim-steps", type=int, default=40, help="steps per mode in the sim micro-benchmark")
     p.add_argument("--compile-step", action="store_true",
                    help="serve the fast path with its Euler step torch.compiled (Pi05Model.compile_fast_step)")
+    p.add_argument("--compile-prefix", action="store_true",
+                   help="... and the prefix too (vision tower + language model K/V; implies --compile-step)")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated padded batch sizes of the fast path (e.g. 8; default 1,2,4,8,16,32)")
     p.add_argument("--out", default="libero_throughput.json")
     args = p.parse_args(argv)
     try:
         runs = [_run_spec(w) for w in args.workers.split(",")]
+        sizes = tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None
     except ValueError as exc:
-        p.error(str(exc))
+        p.error(str(exc) if "--workers" in str(exc) else f"--batch-sizes {args.batch_sizes!r}: expected integers")
+    if sizes is not None and min(sizes) < 1:
+        p.error(f"--batch-sizes {args.batch_sizes!r}: sizes must be at least 1")
 
     from pytest_duquant.libero import sim_setup
     from pytest_duquant.libero.harness import run_rollouts
@@ -145,13 +175,18 @@ def main(argv=None) -> int:
     factory, ckpt = _policy_factory(args)
     t0 = time.perf_counter()
     policy = factory()
+    if args.batch_sizes:  # serve again with these sizes (nothing is captured or compiled before the first call)
+        policy.serve_fast(compile_step=args.compile_step or args.compile_prefix, compile_prefix=args.compile_prefix,
+                          batch_sizes=sizes)
     load_s = time.perf_counter() - t0
     report = {
         "suite": args.suite,
         "task": args.task,
         "ckpt": ckpt,
         "preset": args.preset or "fp",
-        "compile_step": args.compile_step,
+        "compile_step": args.compile_step or args.compile_prefix,
+        "compile_prefix": args.compile_prefix,
+        "batch_sizes": args.batch_sizes,
         "fingerprint": factory.fingerprint,
         "policy_load_s": round(load_s, 2),
         "host": {

@@ -78,6 +78,7 @@ class PolicyUnavailableError(RuntimeError):
 def pi05_policy_factory(
     ckpt, config=None, *, tokenizer=None, backend: str = "builtin", device: str | None = None,
     calibration: str | None = None, fast: bool = True, compile_step: bool = False,
+    compile_prefix: bool = False,
 ):
     """A zero-argument factory: the pi0.5 policy of ``ckpt``, quantized and calibrated under ``config``.
 
@@ -85,7 +86,8 @@ def pi05_policy_factory(
     policy serves its fast path, CUDA-graphed on a GPU, batches padded to a few sizes so that one graph per
     size serves every batch the workers send (``Pi05Policy.serve_fast``, docs/speed.md); FP and quantized
     alike. ``fast=False`` serves openpi's exact path. ``compile_step``: the fast path's Euler step is
-    torch.compiled too (``Pi05Model.compile_fast_step``; a GPU measurement option, docs/speed.md).
+    torch.compiled too (``Pi05Model.compile_fast_step``; a GPU measurement option, docs/speed.md), and
+    with ``compile_prefix`` its prefix.
 
     ``config`` None or disabled (preset ``fp``) gives the FP policy. ``calibration``: the calibration
     source (``synthetic``, ``libero:<suite>``, or an .npz path; see libero/calibration.py). Default: the
@@ -135,7 +137,7 @@ def pi05_policy_factory(
             calib = calibration_observations(calibration)
             policy, _report = session.quantize_and_calibrate(policy, config, calib)
         if fast and hasattr(policy, "serve_fast"):
-            policy.serve_fast(compile_step=compile_step)
+            policy.serve_fast(compile_step=compile_step, compile_prefix=compile_prefix)
         policy.preset = preset
         return policy
 

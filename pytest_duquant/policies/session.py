@@ -327,15 +327,16 @@ def reuse_prefix(policy, max_entries: int = 64) -> Iterator[None]:
         memo.clear()
 
 
-def _random_model(variant: str, seed: int, dtype: str | None, device: str = "cpu"):
-    """(config, precision, model) of a random-init pi0.5 variant: the same weights for the same seed anywhere."""
+def _random_model(variant: str, seed: int, dtype: str | None, device: str = "cpu", draw_on_device: bool = False):
+    """(config, precision, model) of a random-init pi0.5 variant: the same weights for the same seed anywhere
+    (unless ``draw_on_device``: modeling.random_model)."""
     from pytest_duquant.policies.pi05.configuration import variant_config
     from pytest_duquant.policies.pi05.modeling import random_model
 
     config = variant_config(variant)
     precision = dtype or config.precision
     config = config.replace(precision=precision, extras={"random_init_seed": int(seed)})
-    return config, precision, random_model(config, seed, precision, device=device)
+    return config, precision, random_model(config, seed, precision, device=device, draw_on_device=draw_on_device)
 
 
 def init_checkpoint(out_dir, variant: str = "dummy", seed: int = 0, dtype: str | None = None) -> Path:
@@ -350,21 +351,24 @@ def init_checkpoint(out_dir, variant: str = "dummy", seed: int = 0, dtype: str |
     return out
 
 
-def random_policy(variant: str = "pi05", seed: int = 0, dtype: str | None = None, device: str = "cpu"):
+def random_policy(
+    variant: str = "pi05", seed: int = 0, dtype: str | None = None, device: str = "cpu", draw_on_device: bool = False
+):
     """A random-init policy built in memory (no checkpoint written; the full-size one needs ~7 GB in bf16).
 
     Same weights as `duquant init-checkpoint --variant V --seed N`; its fingerprint is the label
-    `random-<variant>-seed<N>-<dtype>` (no file to hash)."""
+    `random-<variant>-seed<N>-<dtype>` (no file to hash). ``draw_on_device``: values drawn on the device
+    (fast; other values, labelled `random-<variant>-device-seed<N>-<dtype>`): for timing."""
     from pytest_duquant.policies.pi05.checkpoint import random_norm_stats
     from pytest_duquant.policies.pi05.policy import Pi05Policy
     from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer, tiny_tokenizer_proto
 
-    config, precision, model = _random_model(variant, seed, dtype, device)
+    config, precision, model = _random_model(variant, seed, dtype, device, draw_on_device)
     tok = PaligemmaTokenizer(None, config.max_token_len, model_proto=tiny_tokenizer_proto())
     policy = Pi05Policy(
         model, random_norm_stats(seed), tok, device=device, source=f"random:{variant}:seed={seed}"
     )
-    policy.fingerprint = f"random-{variant}-seed{seed}-{precision}"
+    policy.fingerprint = f"random-{variant}-{'device-' if draw_on_device else ''}seed{seed}-{precision}"
     policy.ckpt_dir = None
     policy.preset = "fp"
     return policy

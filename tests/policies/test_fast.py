@@ -239,10 +239,12 @@ def test_graphed_fast_path_equals_eager_fast_path_on_gpu(obs, dtype, atol):
     assert len(policy._sample.graphs) == 2  # batch 1: its own graph
 
 
-def test_compiled_step_traces_as_one_graph_reused_by_every_step(dummy, obs):
+@pytest.mark.parametrize("prefix", [False, True], ids=["step", "step_and_prefix"])
+def test_compiled_step_traces_as_one_graph_reused_by_every_step(dummy, obs, prefix):
     """`compile_fast_step` (docs/speed.md): the Euler step traces without a graph break (fullgraph) and is
-    compiled once for all 10 steps; aot_eager (no code generation, so no C++ compiler needed here) replays the
-    same ATen ops, so the actions are equal to the eager fast path's in float64."""
+    compiled once for all 10 steps (with ``prefix``, the prefix is a second graph); aot_eager (no code
+    generation, so no C++ compiler needed here) replays the same ATen ops, so the actions are equal to the eager
+    fast path's in float64."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -252,14 +254,15 @@ def test_compiled_step_traces_as_one_graph_reused_by_every_step(dummy, obs):
         inp, noise = _inputs(dummy, obs, [1, 2, 3])
         small = compact_prefix(**inp)
         eager = m.sample_actions_fast(noise=noise, **small)
-        m.compile_fast_step(backend="aot_eager", fullgraph=True)
+        m.compile_fast_step(backend="aot_eager", fullgraph=True, prefix=prefix)
         compiled = m.sample_actions_fast(noise=noise, **small)
         again = m.sample_actions_fast(noise=noise, **small)
-        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        assert counters["stats"]["unique_graphs"] == 1 + prefix and not counters["graph_break"]
+        assert ("_compiled_prefix" in m.__dict__) == prefix
         torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=0)
         assert torch.equal(again, compiled)
         m.compile_fast_step(False)
-        assert "_compiled_step" not in m.__dict__
+        assert "_compiled_step" not in m.__dict__ and "_compiled_prefix" not in m.__dict__
         assert torch.equal(m.sample_actions_fast(noise=noise, **small), eager)
     finally:
         m.compile_fast_step(False)
@@ -268,11 +271,12 @@ def test_compiled_step_traces_as_one_graph_reused_by_every_step(dummy, obs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need a GPU (gpu_speed_job.py)")
-def test_compiled_graphed_fast_path_matches_eager_on_gpu(obs):
+@pytest.mark.parametrize("prefix", [False, True], ids=["step", "step_and_prefix"])
+def test_compiled_graphed_fast_path_matches_eager_on_gpu(obs, prefix):
     """Inductor fuses the step's elementwise work into new kernels: float32 rounding of reordered sums."""
     policy = build_policy("dummy", seed=5, dtype="float32", device="cuda", fast=True)
     eager = policy.raw_actions(obs, [1, 2, 3])
-    policy.serve_fast(compile_step=True)
+    policy.serve_fast(compile_step=True, compile_prefix=prefix)
     first = policy.raw_actions(obs, [1, 2, 3])
     assert torch.equal(first, policy.raw_actions(obs, [1, 2, 3]))
     torch.testing.assert_close(first, eager, atol=1e-4, rtol=0)
@@ -323,3 +327,21 @@ def test_rope_with_swapped_halves_is_openpis_rope_bit_for_bit(dtype):
     ours = x * cos + _swap_halves(x) * _signed_sin(sin)
     assert torch.equal(ours, openpi)
     assert not torch.equal(ours, x * cos + _swap_halves(x) * sin)  # the sign really matters
+
+
+def test_random_weights_drawn_on_the_device_have_the_init_scales():
+    """`random_model(..., draw_on_device=True)` (timing builds): other values than the deterministic CPU draw,
+    the same scales (a Linear's weight ~ N(0, 1/fan_in))."""
+    from pytest_duquant.policies.pi05.configuration import variant_config
+    from pytest_duquant.policies.pi05.modeling import random_model
+
+    config = variant_config("dummy")
+    fixed = random_model(config, 0, "float32")
+    drawn = random_model(config, 0, "float32", draw_on_device=True)
+    w_fixed = fixed.paligemma_with_expert.expert.layers[0].mlp.down_proj.weight
+    w_drawn = drawn.paligemma_with_expert.expert.layers[0].mlp.down_proj.weight
+    assert not torch.equal(w_fixed, w_drawn)
+    expected = w_drawn.shape[1] ** -0.5
+    assert abs(float(w_drawn.std()) / expected - 1) < 0.05 and abs(float(w_fixed.std()) / expected - 1) < 0.05
+    again = random_model(config, 0, "float32", draw_on_device=True)
+    assert torch.equal(again.paligemma_with_expert.expert.layers[0].mlp.down_proj.weight, w_drawn)  # seeded

@@ -36,3 +36,24 @@ def test_a_bad_worker_list_is_a_usage_error_not_a_traceback():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--workers", "14/x"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "--workers '14/x'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_batch_sizes_are_a_usage_error_not_a_traceback():
+    for bad in ("8,x", "0"):
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--batch-sizes", bad], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and f"--batch-sizes '{bad}'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_random_policy_is_built_in_memory_and_served_with_the_asked_sizes(script):
+    """Without --ckpt: a random policy drawn on the device (no checkpoint written), served on the fast path;
+    --batch-sizes re-serves it with one padded size."""
+    import argparse
+
+    args = argparse.Namespace(variant="dummy", device="cpu", dtype="float32")
+    factory = script._random_factory(args, None, {"compile_step": False, "compile_prefix": False})
+    assert factory.fingerprint == "random-dummy-device-seed0-float32" and factory.preset == "fp"
+    policy = factory()
+    assert policy.fast and policy.batch_sizes == (1, 2, 4, 8, 16, 32)
+    policy.serve_fast(batch_sizes=(8,))
+    assert policy.batch_sizes == (8,) and policy.fingerprint == "random-dummy-device-seed0-float32"

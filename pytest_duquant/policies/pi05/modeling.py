@@ -694,18 +694,8 @@ class Pi05Model(nn.Module):
         pwe = self.paligemma_with_expert
         expert = pwe.expert
         dtype, m = self.compute_dtype, self.math_dtype
-        prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
-        heads = pwe.language_model.spec.num_heads
-        mask = make_att_2d_masks(prefix_pad, torch.zeros_like(prefix_pad, dtype=torch.int32))
-        _, kv_cache = pwe.run_layers(
-            [prefix_embs, None],
-            [None, None],
-            fold_mask_heads(additive_mask(mask).to(dtype), heads),
-            torch.cumsum(prefix_pad.to(torch.int64), dim=1) - 1,
-            store_kv=True,
-            attn_fn=attn_fn,
-            kv_only=True,
-        )
+        prefix = getattr(self, "_compiled_prefix", None) or self.fast_prefix
+        kv_cache, prefix_pad = prefix(images, image_masks, tokens, token_masks, attn_fn)
         # the action tokens' mask, positions and RoPE: the same for every step
         b, h = noise.shape[0], self.config.action_horizon
         p = prefix_pad.shape[1]
@@ -741,6 +731,23 @@ class Pi05Model(nn.Module):
             x_t = step(x_t, cond[i], pre[i], suffix_mask, kv_cache, rope, step_attn_fn or attn_fn)
         return x_t
 
+    def fast_prefix(self, images, image_masks, tokens, token_masks, attn_fn=fused_attention):
+        """The prefix of :meth:`sample_actions_fast`: embeddings and the language model's per-layer (k, v) after
+        RoPE (its last layer stops after them) -> (kv_cache, prefix_pad)."""
+        pwe = self.paligemma_with_expert
+        prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
+        mask = make_att_2d_masks(prefix_pad, torch.zeros_like(prefix_pad, dtype=torch.int32))
+        _, kv_cache = pwe.run_layers(
+            [prefix_embs, None],
+            [None, None],
+            fold_mask_heads(additive_mask(mask).to(self.compute_dtype), pwe.language_model.spec.num_heads),
+            torch.cumsum(prefix_pad.to(torch.int64), dim=1) - 1,
+            store_kv=True,
+            attn_fn=attn_fn,
+            kv_only=True,
+        )
+        return kv_cache, prefix_pad
+
     def fast_step(self, x_t, cond_i, pre_i, suffix_mask, kv_cache, rope, attn_fn=fused_attention):
         """One Euler step of :meth:`sample_actions_fast`: the expert over the cached prefix, x_t + dt * v_t."""
         h = self.config.action_horizon
@@ -752,12 +759,14 @@ class Pi05Model(nn.Module):
         v_t = self.action_out_proj(outs[1][:, -h:].to(self.math_dtype))
         return x_t + self.euler_dt * v_t
 
-    def compile_fast_step(self, enabled: bool = True, **compile_kwargs) -> None:
+    def compile_fast_step(self, enabled: bool = True, *, prefix: bool = False, **compile_kwargs) -> None:
         """torch.compile :meth:`fast_step` (compiled once, reused by all 10 steps; static shapes by default):
-        the step's elementwise work (adaRMS norms, RoPE, GeLU, residuals) fused into few kernels. The prefix
-        stays eager. A CUDA graph captured afterwards (GraphedSampler) replays the compiled kernels."""
+        the step's elementwise work (adaRMS norms, RoPE, GeLU, residuals) fused into few kernels. ``prefix``:
+        compile :meth:`fast_prefix` (vision tower + language model K/V) too; else the prefix stays eager. A CUDA
+        graph captured afterwards (GraphedSampler) replays the compiled kernels. ``enabled=False`` drops both."""
         if not enabled:
             self.__dict__.pop("_compiled_step", None)
+            self.__dict__.pop("_compiled_prefix", None)
             return
         compile_kwargs.setdefault("dynamic", False)
         # a step that breaks its graph (kernels dynamo cannot trace, e.g. a quantized layer's Triton launches)
@@ -768,6 +777,10 @@ class Pi05Model(nn.Module):
         name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
         setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
         self.__dict__["_compiled_step"] = torch.compile(self.fast_step, **compile_kwargs)
+        if prefix:
+            self.__dict__["_compiled_prefix"] = torch.compile(self.fast_prefix, **compile_kwargs)
+        else:
+            self.__dict__.pop("_compiled_prefix", None)
 
     @torch.no_grad()
     def joint_velocity(self, images, image_masks, tokens, token_masks, x_t, time):
@@ -835,18 +848,21 @@ def build_model(
 
 
 def random_model(
-    config: Pi05Config, seed: int = 0, precision: str = "float32", device: str | torch.device = "cpu"
+    config: Pi05Config, seed: int = 0, precision: str = "float32", device: str | torch.device = "cpu",
+    *, draw_on_device: bool = False,
 ) -> Pi05Model:
-    """A random-init model, allocated directly in its final dtypes (the full model in bf16: ~7 GB)."""
+    """A random-init model, allocated directly in its final dtypes (the full model in bf16: ~7 GB).
+    ``draw_on_device``: draw the values on ``device`` (seconds on a GPU instead of ~2 minutes on a CPU for the
+    full model; the same scales, not the same values on another machine: for timing, not for fingerprints)."""
     model = build_model(config, device="meta", precision=precision)
     model.to_empty(device=device)
     model.set_precision(precision)  # real RoPE buffers
-    init_random_weights(model, seed)
+    init_random_weights(model, seed, on_device=draw_on_device)
     return model.set_precision(precision)  # bf16: round the float32-kept params as openpi's loader does
 
 
 @torch.no_grad()
-def init_random_weights(model: Pi05Model, seed: int = 0) -> Pi05Model:
+def init_random_weights(model: Pi05Model, seed: int = 0, *, on_device: bool = False) -> Pi05Model:
     """Deterministic random init (same values for the same seed on any machine: drawn on the CPU in float64 and
     rounded to float32; torch's float32 normal sampler uses the CPU's vector unit, so a scalar or ARM machine
     drew other last bits, hence another checkpoint fingerprint than an AVX2/AVX512 one).
@@ -854,11 +870,16 @@ def init_random_weights(model: Pi05Model, seed: int = 0) -> Pi05Model:
     Scales keep activations O(1): weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02), norm weights ~ N(0, 0.1)
     (Gemma scales by 1 + w; LayerNorm by 1 + N(0, 0.1)), embeddings ~ N(0, 1/width) (x sqrt(width) in use),
     and the adaRMS `dense` ~ N(0, 1/fan_in) so that the time condition and gates matter.
+    ``on_device``: draw in float32 on the parameters' device instead (fast; values depend on the device).
     """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    device = next(model.parameters()).device if on_device else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(int(seed))
     for name, param in model.named_parameters():
         shape = tuple(param.shape)
-        x = torch.randn(shape, generator=gen, dtype=torch.float64).to(torch.float32)
+        if on_device:
+            x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        else:
+            x = torch.randn(shape, generator=gen, dtype=torch.float64).to(torch.float32)
         if name.endswith("embed_tokens.weight"):
             x = x / math.sqrt(shape[1])
         elif name.endswith("position_embedding.weight"):

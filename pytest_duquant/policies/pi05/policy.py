@@ -117,13 +117,17 @@ class Pi05Policy:
         self.token_bucket = int(token_bucket)
         return {"eager": self.eager, "cudagraph": self.cuda_graph}.get(self.mode, self.eager)()
 
-    def serve_fast(self, *, compile_step: bool = False) -> Pi05Policy:
+    def serve_fast(
+        self, *, compile_step: bool = False, compile_prefix: bool = False, batch_sizes: tuple[int, ...] | None = None
+    ) -> Pi05Policy:
         """The fastest serving this device allows: the fast path, CUDA-graphed on a GPU (one graph per padded
         batch size and prompt bucket; capture happens on first use, so calibrate before it). compile_step:
         also torch.compile the Euler step (`Pi05Model.compile_fast_step`; the first call of each shape
-        compiles, then the graph captures the compiled kernels)."""
-        self.use_fast()
-        self.model.compile_fast_step(compile_step)
+        compiles, then the graph captures the compiled kernels). compile_prefix (with compile_step): the
+        prefix (vision tower + language model K/V) too. batch_sizes: the padded sizes (default
+        :meth:`use_fast`'s; one size, e.g. (8,), means one graph and one compile for every batch up to it)."""
+        self.use_fast(**({} if batch_sizes is None else {"batch_sizes": batch_sizes}))
+        self.model.compile_fast_step(compile_step, prefix=compile_prefix)
         return self.cuda_graph() if self.device.type == "cuda" else self
 
     def compile(self, mode: str | None = None, **kwargs) -> Pi05Policy:
