@@ -597,7 +597,8 @@ def stage_gpu_tests(args, device, state) -> dict:
 
     root = Path(__file__).resolve().parents[1]
     # the plugin registers the markers; on the device the checkout is on PYTHONPATH, not installed
-    cmd = [sys.executable, "-m", "pytest", *pytest_plugin_args(), "tests/policies/test_fast.py", "tests/kernels/test_triton_kernels.py",
+    cmd = [sys.executable, "-m", "pytest", *pytest_plugin_args(), "tests/policies/test_fast.py",
+           "tests/kernels/test_triton_kernels.py",
            "-k", "on_gpu or large_m_group or geglu_model_path", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=args.test_timeout)
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
