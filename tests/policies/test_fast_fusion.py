@@ -145,6 +145,12 @@ def test_set_precision_and_to_keep_the_fusion(dummy, obs):
     torch.testing.assert_close(m.sample_actions_fast(noise=noise, **compact_prefix(**inp)), ref, atol=1e-12, rtol=0)
     m.to(torch.float32)  # nn.Module.to directly: the same
     assert attn.fused_projection().weight.dtype == torch.float32 and _fused_storage(attn) is not None
+    # a deep copy is not fused (deepcopy gives each parameter its own storage), the original stays fused
+    import copy
+
+    clone = copy.deepcopy(m)
+    assert all(p.fused_projection() is None for p in _groups(clone)) and _fused_storage(attn) is not None
+    assert clone.fuse_fast_projections() == 16
     # a member replaced behind the fusion's back is detected: that group falls back to the separate calls
     attn.q_proj = torch.nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
     assert attn.fused_projection() is None

@@ -295,6 +295,10 @@ class FusedProjection:
         return all(getattr(parent, n) is m and m.weight is p
                    for n, m, p in zip(names, self.members, self.params, strict=True))
 
+    def __deepcopy__(self, memo):
+        """A deep copy of the parent is not fused: deepcopy gives every Parameter its own storage (no views)."""
+        return None
+
     def release(self) -> None:
         """Give each member its own contiguous copy of its rows back (the fused tensor is then freed)."""
         for m in self.members:
