@@ -153,6 +153,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, dryru
             log.info("[dry run] would quantize %s [%d, %d] to W%d", c.name, c.out_features, c.in_features, c.wbits)
         report.seconds = time.perf_counter() - start
         return report
+    _unfuse_parents(model, selected)
     handler = _RTN(config) if isinstance(config, RTNConfig) else _DuQuant(config)
     iterator = _progress.steps(selected, f"{'RTN' if isinstance(config, RTNConfig) else 'DuQuant'} {config.preset}: "
                                "quantizing", unit="linears")
@@ -170,6 +171,16 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, dryru
     report.seconds = time.perf_counter() - start
     log.info("%s", report.summary())
     return report
+
+
+def _unfuse_parents(model: nn.Module, selected: list[LinearChoice]) -> None:
+    """Selected layers whose weights are views into a fused tensor (pi0.5's fast-path projections,
+    `Pi05Model.fuse_fast_projections`) get their own weights back first, with their siblings: a quantized layer
+    must not keep the fused tensor alive, and the fused GEMM must not run a replaced layer's weight."""
+    for c in selected:
+        unfuse = getattr(model.get_submodule(c.name.rpartition(".")[0]), "unfuse_projections", None)
+        if callable(unfuse):
+            unfuse()
 
 
 def _replace_all(model: nn.Module, iterator, handler, selection: DuQuantConfig, report: QuantReport) -> None:

@@ -517,21 +517,26 @@ def _grouping(*, geglu: bool | None = None, max_m: int | None = None):
 def stage_compiled(args, device, state) -> dict:
     """The fast path with its Euler step torch.compiled (inductor fuses the step's elementwise work: the graphed
     bf16 call is kernel-count bound, docs/speed.md), CUDA-graphed; with the fused (SDPA) attention and with the
-    eager softmax attention (which inductor can fuse) in the steps, per --compile-attn. Compile time, ms, ratio
-    to the fast graph, difference from the uncompiled fast call."""
+    eager softmax attention (which inductor can fuse) in the steps, per --compile-attn; with the fused q/k/v and
+    gate/up GEMMs and/or the steps' K/V buffer, per --compile-fusion (rows keyed ``{attn}_{fusion}``, plain
+    ``{attn}`` for 'none'). Compile time, ms, ratio to the fast graph, difference from the uncompiled fast call
+    (with the same options)."""
     if device.type != "cuda":  # inductor on a CPU needs a C++ compiler and says nothing about a GPU
         return {"skipped": SKIPPED_NO_CUDA}
     config, model = state["config"], state["model"]
     out = {}
     fast_ms = state.setdefault("fast_ms", {})
-    for label, scope in itertools.product(args.compile_attn.split(","), args.compile_scopes.split(",")):
+    for label, fusion, scope in itertools.product(args.compile_attn.split(","), args.compile_fusion.split(","),
+                                                  args.compile_scopes.split(",")):
         attn, prefix = COMPILE_ATTN[label], scope == "all"
+        fused, kv_buffer = COMPILE_FUSION[fusion]
         torch._dynamo.reset()
+        model.fuse_fast_projections(fused)
         model.compile_fast_step(prefix=prefix)
         try:
             for b in args.batches:
                 inp, nz = compacted(model_inputs(config, b, device)), noise(config, b, device)
-                fn = functools.partial(model.sample_actions_fast, step_attn_fn=attn)
+                fn = functools.partial(model.sample_actions_fast, step_attn_fn=attn, kv_buffer=kv_buffer)
                 row = {}
                 s = sampler(fn, "graph" if device.type == "cuda" else "eager", device)
                 t0 = time.perf_counter()
@@ -540,7 +545,7 @@ def stage_compiled(args, device, state) -> dict:
                 row["first_call_s"] = round(time.perf_counter() - t0, 2)  # compile (+ capture)
                 row["timing"] = time_fn(lambda s=s, nz=nz, inp=inp: s(noise=nz, **inp), device, args.warmup, args.reps)
                 model.compile_fast_step(False)
-                plain = model.sample_actions_fast(noise=nz, step_attn_fn=attn, **inp)
+                plain = model.sample_actions_fast(noise=nz, step_attn_fn=attn, kv_buffer=kv_buffer, **inp)
                 model.compile_fast_step(prefix=prefix)
                 row["max_abs_diff_vs_fast_eager"] = float((first.float() - plain.float()).abs().max())
                 ref = fast_ms.get(b, {}).get("graph")
@@ -549,10 +554,12 @@ def stage_compiled(args, device, state) -> dict:
                 best = fast_ms.setdefault(b, {}).get("compiled_graph")
                 if best is None or row["timing"]["median_ms"] < best:
                     fast_ms[b]["compiled_graph"] = row["timing"]["median_ms"]
-                out[f"{label}{'_all' if prefix else ''}_b{b}"] = row
+                key = label if fusion == "none" else f"{label}_{fusion}"
+                out[f"{key}{'_all' if prefix else ''}_b{b}"] = row
                 del s
         finally:
             model.compile_fast_step(False)
+            model.fuse_fast_projections(False)  # the later stages time the model as built
     return out
 
 
@@ -607,6 +614,8 @@ def stage_gpu_tests(args, device, state) -> dict:
 # ---- main -------------------------------------------------------------------------------------------------
 # the compiled stage's attention variants for the denoising steps
 COMPILE_ATTN = {"short_query": short_query_attention, "sdpa": fused_attention, "eager_softmax": attention}
+# ... and its launch-saving options: (Pi05Model.fuse_fast_projections, sample_actions_fast(kv_buffer=...))
+COMPILE_FUSION = {"none": (False, False), "fused": (True, False), "kvbuf": (False, True), "fused_kvbuf": (True, True)}
 STAGES = {"build": stage_build, "sdpa_backends": stage_sdpa_backends, "profile": stage_profile,
           "components": stage_components, "calls": stage_calls, "compiled": stage_compiled,
           "quantized": stage_quantized, "quantized_lm": stage_quantized, "policy_calls": stage_policy_calls,
@@ -626,6 +635,9 @@ def parse_args(argv=None):
                     "sdpa_backends")
     ap.add_argument("--compile-attn", default="short_query",
                     help="compiled stage: the steps' attention variants (short_query, sdpa, eager_softmax)")
+    ap.add_argument("--compile-fusion", default="none",
+                    help="compiled stage: none, fused (one GEMM for q/k/v and for gate/up), kvbuf (the steps' "
+                    "preallocated K/V buffer), fused_kvbuf; e.g. none,fused,kvbuf,fused_kvbuf (a compile each)")
     ap.add_argument("--compile-scopes", default="step,all",
                     help="compiled stage: 'step' (the Euler step compiled) and/or 'all' (the prefix too)")
     ap.add_argument("--compile-quantized", action="store_true",
@@ -639,6 +651,9 @@ def parse_args(argv=None):
     unknown = sorted(set(args.compile_attn.split(",")) - set(COMPILE_ATTN))
     if unknown:
         ap.error(f"--compile-attn: unknown {', '.join(unknown)}; known: {', '.join(COMPILE_ATTN)}")
+    unknown = sorted(set(args.compile_fusion.split(",")) - set(COMPILE_FUSION))
+    if unknown:
+        ap.error(f"--compile-fusion: unknown {', '.join(unknown)}; known: {', '.join(COMPILE_FUSION)}")
     if set(args.compile_scopes.split(",")) - {"step", "all"}:
         ap.error(f"--compile-scopes {args.compile_scopes!r}: 'step', 'all' or 'step,all'")
     args.dtype = args.dtype or ("bfloat16" if args.variant == "pi05" else "float32")

@@ -58,3 +58,20 @@ def test_tiny_cpu_run_writes_the_measurements(tmp_path):
     for label in ("reference_eager", "fast_served"):
         assert st["policy_calls"][label]["b2"]["calls_per_s"] > 0
     assert st["policy_calls"]["fast_served"]["mode"] == "eager"  # a CPU serves eagerly
+
+
+def test_compile_fusion_variants_are_parsed_and_validated(capsys):
+    """--compile-fusion names the compiled stage's launch-saving variants (table COMPILE_FUSION); a typo is
+    refused before any stage runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_speed_job", SCRIPT)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.parse_args([]).compile_fusion == "none" and job.COMPILE_FUSION["none"] == (False, False)
+    args = job.parse_args(["--compile-fusion", "none,fused,kvbuf,fused_kvbuf"])
+    assert [job.COMPILE_FUSION[f] for f in args.compile_fusion.split(",")] == [
+        (False, False), (True, False), (False, True), (True, True)]
+    with pytest.raises(SystemExit):
+        job.parse_args(["--compile-fusion", "none,fussed"])
+    assert "unknown fussed" in capsys.readouterr().err

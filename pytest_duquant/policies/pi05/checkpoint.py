@@ -551,9 +551,18 @@ def _precision(dtype, config: Pi05Config) -> str:
 # ------------------------------------------------------------------------------------------------
 # Saving
 # ------------------------------------------------------------------------------------------------
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous in a storage of its own: a model whose fast-path projections are fused holds its q/k/v
+    and gate/up weights as views of one tensor, and safetensors refuses shared storage (before 0.4 any; since,
+    overlapping only). Copies only such views."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _export_state(model: Pi05Model, precision: str, include_expert_lm_head: bool) -> dict[str, torch.Tensor]:
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-    out = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    out = {k: _own_storage(v.detach().to("cpu", dtype)) for k, v in model.state_dict().items()}
     if include_expert_lm_head:  # openpi's module tree has it; its strict safetensors.load_model needs it
         cfg = model.config
         out[EXPERT_LM_HEAD] = torch.zeros(cfg.vocab_size, cfg.expert.width, dtype=dtype)

@@ -196,6 +196,15 @@ def short_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return out.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
 
 
+def _kv_buffer(cached: torch.Tensor, tail: int) -> torch.Tensor:
+    """A [B, kv_heads, P + tail, D] buffer with the cached [B, kv_heads, P, D] in front (the tail is written
+    before it is read: run_layers' ``kv_buffers``)."""
+    b, kvh, p, d = cached.shape
+    buf = cached.new_empty(b, kvh, p + tail, d)
+    buf[:, :, :p].copy_(cached)
+    return buf
+
+
 # ------------------------------------------------------------------------------------------------
 # Gemma
 # ------------------------------------------------------------------------------------------------
@@ -252,7 +261,99 @@ class AdaCond:
         return norm.dense(self.cond)
 
 
-class GemmaAttention(nn.Module):
+class FusedProjection:
+    """Sibling Linears that read the same input (q/k/v, gate/up) as one GEMM for the fast path: ``weight`` (and
+    ``bias``) is their parameters concatenated along the output rows, and each member's parameter is a view into
+    it (same values, no extra memory; the members keep working and stay what ``state_dict`` holds)."""
+
+    def __init__(self, members: list[nn.Linear]):
+        self.members = tuple(members)
+        self.params = tuple(m.weight for m in members)  # the Parameter objects: a replaced one is detected
+        self.sizes = [m.out_features for m in members]
+        self.weight = torch.cat([m.weight.detach() for m in members])
+        self.bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
+        start = 0
+        for m, n in zip(members, self.sizes, strict=True):
+            m.weight.data = self.weight[start : start + n]
+            if self.bias is not None:
+                m.bias.data = self.bias[start : start + n]
+            start += n
+
+    @staticmethod
+    def fusable(members: list[nn.Module]) -> bool:
+        """Plain Linears (a quantized layer keeps its own path) with one input width, dtype and device."""
+        if not all(type(m) is nn.Linear for m in members):
+            return False
+        ws = [m.weight for m in members]
+        biases = {m.bias is None for m in members}
+        return (len({(w.shape[1], w.dtype, w.device) for w in ws}) == 1 and len(biases) == 1
+                and all(m.bias is None or (m.bias.dtype, m.bias.device) == (ws[0].dtype, ws[0].device)
+                        for m in members))
+
+    def current(self, parent: nn.Module, names: tuple[str, ...]) -> bool:
+        """The members are still the parent's modules with their parameters (not replaced, e.g. quantized)."""
+        return all(getattr(parent, n) is m and m.weight is p
+                   for n, m, p in zip(names, self.members, self.params, strict=True))
+
+    def __deepcopy__(self, memo):
+        """A deep copy of the parent is not fused: deepcopy gives every Parameter its own storage (no views)."""
+        return None
+
+    def release(self) -> None:
+        """Give each member its own contiguous copy of its rows back (the fused tensor is then freed)."""
+        for m in self.members:
+            m.weight.data = m.weight.data.clone()
+            if m.bias is not None:
+                m.bias.data = m.bias.data.clone()
+
+
+class _FusableProjections(nn.Module):
+    """A parent of sibling projections (``FUSED_NAMES``) that may be fused (:meth:`Pi05Model.fuse_fast_projections`).
+    The fusion lives in ``__dict__`` (no parameter or buffer of its own: the state dict and parameter names are
+    unchanged); a conversion (``to``, ``cuda``, ``set_precision``) un-fuses, converts and fuses again, so the
+    members never silently stop being views of the fused weight."""
+
+    FUSED_NAMES: tuple[str, ...] = ()
+
+    def fuse_projections(self) -> bool:
+        """Fuse the siblings when they qualify (:meth:`FusedProjection.fusable`); True when fused."""
+        self.unfuse_projections()
+        members = [getattr(self, n) for n in self.FUSED_NAMES]
+        if not FusedProjection.fusable(members):
+            return False
+        self.__dict__["_fusion"] = FusedProjection(members)
+        return True
+
+    def unfuse_projections(self) -> None:
+        fused = self.__dict__.pop("_fusion", None)
+        if fused is not None:
+            fused.release()
+
+    def fused_projection(self) -> FusedProjection | None:
+        """The current fusion, or None (never fused, un-fused, or a member replaced since)."""
+        fused = self.__dict__.get("_fusion")
+        return fused if fused is not None and fused.current(self, self.FUSED_NAMES) else None
+
+    def project(self, x: torch.Tensor, fused: bool = False) -> list[torch.Tensor]:
+        """The siblings' outputs for input ``x``: one GEMM split into views when ``fused`` and fused, else
+        one call each."""
+        fp = self.fused_projection() if fused else None
+        if fp is None:
+            return [getattr(self, n)(x) for n in self.FUSED_NAMES]
+        return list(F.linear(x, fp.weight, fp.bias).split(fp.sizes, dim=-1))
+
+    def _apply(self, fn, recurse=True):
+        if self.__dict__.get("_fusion") is None:
+            return super()._apply(fn, recurse)
+        self.unfuse_projections()
+        out = super()._apply(fn, recurse)
+        self.fuse_projections()
+        return out
+
+
+class GemmaAttention(_FusableProjections):
+    FUSED_NAMES = ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, spec: GemmaSpec):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -263,7 +364,9 @@ class GemmaAttention(nn.Module):
         self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.width, bias=False)
 
 
-class GemmaMLP(nn.Module):
+class GemmaMLP(_FusableProjections):
+    FUSED_NAMES = ("gate_proj", "up_proj")
+
     def __init__(self, spec: GemmaSpec):
         super().__init__()
         self.gate_proj = nn.Linear(spec.width, spec.mlp_dim, bias=False)
@@ -482,12 +585,18 @@ class PaliGemmaWithExpertModel(nn.Module):
         attn_fn=attention,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_only: bool = False,
+        fused: bool = False,
+        kv_buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         """All layers over the streams [prefix, suffix] (either may be None), jointly attended.
         `attn_fn(q, k, v, mask_add, scaling)` is the attention function (openpi's eager one by default;
         training and the fast path pass :func:`fused_attention`). `rope`: (cos, sin) [B, 1, T, D] computed ahead
         (then `positions` is unused). A cond may be an :class:`AdaCond`. `kv_only` (with store_kv): stop the last
-        layer after its K/V and return no outputs (a prefix cache needs nothing else).
+        layer after its K/V and return no outputs (a prefix cache needs nothing else). `fused` (the fast path):
+        q/k/v and gate/up as one GEMM each where :meth:`Pi05Model.fuse_fast_projections` fused them.
+        `kv_buffers` (instead of `past_kv`): per layer (k, v) [B, kv_heads, P + T, D] holding the cached P
+        positions; the layer's T new positions are written into the tail in place and attention reads the
+        whole buffer: the values and layout of ``cat([past_k, k])`` without copying the cache every call.
 
         Returns (final-normed outputs per stream, list of per-layer (k, v) of these streams if store_kv).
         """
@@ -511,9 +620,10 @@ class PaliGemmaWithExpertModel(nn.Module):
                 gates.append(gate)
                 attn = layer.self_attn
                 b, t, _ = h.shape
-                qs.append(attn.q_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2))
-                ks.append(attn.k_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2))
-                vs.append(attn.v_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2))
+                q, k, v = attn.project(h, fused)
+                qs.append(q.view(b, t, -1, attn.head_dim).transpose(1, 2))
+                ks.append(k.view(b, t, -1, attn.head_dim).transpose(1, 2))
+                vs.append(v.view(b, t, -1, attn.head_dim).transpose(1, 2))
             q = torch.cat(qs, dim=2) if len(qs) > 1 else qs[0]
             k = torch.cat(ks, dim=2) if len(ks) > 1 else ks[0]
             v = torch.cat(vs, dim=2) if len(vs) > 1 else vs[0]
@@ -527,6 +637,12 @@ class PaliGemmaWithExpertModel(nn.Module):
                 pk, pv = past_kv[li]
                 k = torch.cat([pk, k], dim=2)
                 v = torch.cat([pv, v], dim=2)
+            elif kv_buffers is not None:
+                bk, bv = kv_buffers[li]
+                p = bk.shape[2] - k.shape[2]
+                bk[:, :, p:].copy_(k)
+                bv[:, :, p:].copy_(v)
+                k, v = bk, bv
             scaling = models[active[0]].layers[li].self_attn.scaling
             att = attn_fn(q, k, v, mask_add, scaling)
             start = 0
@@ -536,7 +652,12 @@ class PaliGemmaWithExpertModel(nn.Module):
                 out = layer.self_attn.o_proj(att[:, start:end])
                 x = xs[i] + out if gates[j] is None else xs[i] + out * gates[j]
                 h, gate = layer.post_attention_layernorm(x, conds[i])
-                out = layer.mlp(h)
+                mlp = layer.mlp
+                if fused and mlp.fused_projection() is not None:
+                    g, u = mlp.project(h, fused)
+                    out = mlp.down_proj(F.gelu(g, approximate="tanh") * u)
+                else:
+                    out = mlp(h)
                 xs[i] = x + out if gate is None else x + out * gate
                 start = end
         outs: list[torch.Tensor | None] = [None, None]
@@ -676,6 +797,7 @@ class Pi05Model(nn.Module):
         *,
         attn_fn=fused_attention,
         step_attn_fn=None,
+        kv_buffer: bool = False,
     ) -> torch.Tensor:
         """:meth:`sample_actions` with less work and the same inputs and outputs (docs/speed.md).
 
@@ -687,17 +809,21 @@ class Pi05Model(nn.Module):
         - masks, positions and RoPE of the action tokens built once per call, not once per step;
         - the time MLP and every adaRMS modulation ``dense(cond)`` of all steps in one matmul each (a norm's
           float32 dense weight is read once per call, not once per step), where ``dense`` is a plain Linear;
-        - the language model's last layer stops after its K/V (its attention output and MLP feed nothing).
+        - the language model's last layer stops after its K/V (its attention output and MLP feed nothing);
+        - q/k/v and gate/up as one GEMM each where :meth:`fuse_fast_projections` fused them.
         ``step_attn_fn``: the denoising steps' attention (default ``attn_fn``), e.g.
-        :func:`short_query_attention`. Static shapes, no host syncs: capture it in a CUDA graph or torch.compile it.
+        :func:`short_query_attention`. ``kv_buffer``: the steps write their K/V into per-layer buffers that hold
+        the prefix K/V (copied in once per call) instead of concatenating the cache with them in every layer and
+        step (the same values in the same layout; the cache is copied once per call, not once per step).
+        Static shapes, no host syncs: capture it in a CUDA graph or torch.compile it.
         """
         pwe = self.paligemma_with_expert
         expert = pwe.expert
         dtype, m = self.compute_dtype, self.math_dtype
-        prefix = getattr(self, "_compiled_prefix", None) or self.fast_prefix
-        kv_cache, prefix_pad = prefix(images, image_masks, tokens, token_masks, attn_fn)
-        # the action tokens' mask, positions and RoPE: the same for every step
         b, h = noise.shape[0], self.config.action_horizon
+        prefix = getattr(self, "_compiled_prefix", None) or self.fast_prefix
+        kv_cache, prefix_pad = prefix(images, image_masks, tokens, token_masks, attn_fn, h if kv_buffer else 0)
+        # the action tokens' mask, positions and RoPE: the same for every step
         p = prefix_pad.shape[1]
         dev = noise.device
         suffix_pad = torch.ones(b, h, dtype=torch.bool, device=dev)
@@ -728,12 +854,14 @@ class Pi05Model(nn.Module):
         x_t = noise.to(m)
         step = getattr(self, "_compiled_step", None) or self.fast_step
         for i in range(steps):
-            x_t = step(x_t, cond[i], pre[i], suffix_mask, kv_cache, rope, step_attn_fn or attn_fn)
+            x_t = step(x_t, cond[i], pre[i], suffix_mask, kv_cache, rope, step_attn_fn or attn_fn, kv_buffer)
         return x_t
 
-    def fast_prefix(self, images, image_masks, tokens, token_masks, attn_fn=fused_attention):
+    def fast_prefix(self, images, image_masks, tokens, token_masks, attn_fn=fused_attention, kv_tail=0):
         """The prefix of :meth:`sample_actions_fast`: embeddings and the language model's per-layer (k, v) after
-        RoPE (its last layer stops after them) -> (kv_cache, prefix_pad)."""
+        RoPE (its last layer stops after them) -> (kv_cache, prefix_pad). ``kv_tail`` > 0: each (k, v) comes in a
+        [B, kv_heads, P + kv_tail, D] buffer with the prefix in front, for the steps to write their K/V behind it
+        (``sample_actions_fast(kv_buffer=True)``; built here so that a compiled prefix fuses the copy)."""
         pwe = self.paligemma_with_expert
         prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
         mask = make_att_2d_masks(prefix_pad, torch.zeros_like(prefix_pad, dtype=torch.int32))
@@ -745,19 +873,42 @@ class Pi05Model(nn.Module):
             store_kv=True,
             attn_fn=attn_fn,
             kv_only=True,
+            fused=True,
         )
+        if kv_tail:
+            kv_cache = [tuple(_kv_buffer(t, kv_tail) for t in kv) for kv in kv_cache]
         return kv_cache, prefix_pad
 
-    def fast_step(self, x_t, cond_i, pre_i, suffix_mask, kv_cache, rope, attn_fn=fused_attention):
-        """One Euler step of :meth:`sample_actions_fast`: the expert over the cached prefix, x_t + dt * v_t."""
+    def fast_step(self, x_t, cond_i, pre_i, suffix_mask, kv_cache, rope, attn_fn=fused_attention, kv_buffer=False):
+        """One Euler step of :meth:`sample_actions_fast`: the expert over the cached prefix, x_t + dt * v_t.
+        ``kv_buffer``: ``kv_cache`` holds :meth:`_kv_buffer`'s buffers (the step writes its K/V into their tail)."""
         h = self.config.action_horizon
         suffix = self.action_in_proj(x_t).to(self.compute_dtype)
         outs, _ = self.paligemma_with_expert.run_layers(
             [None, suffix], [None, AdaCond(cond_i, pre_i)], suffix_mask, None,
-            past_kv=kv_cache, attn_fn=attn_fn, rope=rope,
+            past_kv=None if kv_buffer else kv_cache, kv_buffers=kv_cache if kv_buffer else None,
+            attn_fn=attn_fn, rope=rope, fused=True,
         )
         v_t = self.action_out_proj(outs[1][:, -h:].to(self.math_dtype))
         return x_t + self.euler_dt * v_t
+
+    def fuse_fast_projections(self, enabled: bool = True) -> int:
+        """Let the fast path run q/k/v and gate/up of every language-model and expert layer as one GEMM each
+        (:class:`FusedProjection`: the members' weights become views into the concatenated weight, so no extra
+        memory; the state dict, checkpoints and the reference path are unchanged). Groups with a quantized (or
+        otherwise not plain ``nn.Linear``) member, or mixed dtypes, stay separate. ``enabled=False`` un-fuses
+        (each member gets its own copy back). Returns the number of fused groups. Fuse after loading weights
+        and after quantizing (quantization un-fuses the groups it replaces members of)."""
+        pwe = self.paligemma_with_expert
+        count = 0
+        for gm in (pwe.language_model, pwe.expert):
+            for layer in gm.layers:
+                for parent in (layer.self_attn, layer.mlp):
+                    if enabled:
+                        count += parent.fuse_projections()
+                    else:
+                        parent.unfuse_projections()
+        return count
 
     def compile_fast_step(self, enabled: bool = True, *, prefix: bool = False, **compile_kwargs) -> None:
         """torch.compile :meth:`fast_step` (compiled once, reused by all 10 steps; static shapes by default):
