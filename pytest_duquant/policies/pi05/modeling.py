@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pytest_duquant.kernels.ops import prepare_for_compile, sibling_outputs
 from pytest_duquant.policies.pi05.configuration import GemmaSpec, Pi05Config, VisionSpec
 
 MASK_VALUE = -2.3819763e38  # openpi _prepare_attention_masks_4d
@@ -276,7 +277,9 @@ class GemmaMLP(nn.Module):
             y = fused(self, x)
             if y is not None:
                 return y
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        # gate and up in one W4A8 group op when quantized and compiled (kernels.ops), else one call each
+        gate, up = sibling_outputs((self.gate_proj, self.up_proj), x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -511,9 +514,10 @@ class PaliGemmaWithExpertModel(nn.Module):
                 gates.append(gate)
                 attn = layer.self_attn
                 b, t, _ = h.shape
-                qs.append(attn.q_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2))
-                ks.append(attn.k_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2))
-                vs.append(attn.v_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2))
+                q, k, v = sibling_outputs((attn.q_proj, attn.k_proj, attn.v_proj), h)  # kernels.ops: one group op
+                qs.append(q.view(b, t, -1, attn.head_dim).transpose(1, 2))
+                ks.append(k.view(b, t, -1, attn.head_dim).transpose(1, 2))
+                vs.append(v.view(b, t, -1, attn.head_dim).transpose(1, 2))
             q = torch.cat(qs, dim=2) if len(qs) > 1 else qs[0]
             k = torch.cat(ks, dim=2) if len(ks) > 1 else ks[0]
             v = torch.cat(vs, dim=2) if len(vs) > 1 else vs[0]
@@ -769,7 +773,10 @@ class Pi05Model(nn.Module):
             self.__dict__.pop("_compiled_prefix", None)
             return
         compile_kwargs.setdefault("dynamic", False)
-        # a step that breaks its graph (kernels dynamo cannot trace, e.g. a quantized layer's Triton launches)
+        # quantized layers (backend "triton"): their kernel packs built now, so that the compiled step calls the
+        # W4A8 custom ops (kernels.ops) without a graph break instead of the eager dispatch's bookkeeping
+        prepare_for_compile(self, self.compute_dtype)
+        # a step that breaks its graph (code dynamo cannot trace, e.g. a quantized layer without a prepared pack)
         # compiles each norm's forward once per norm instance (it guards on `self`): 37 in pi0.5, above dynamo's
         # default limit of 8 recompiles per function, after which the rest would silently run eager
         import torch._dynamo.config as dynamo_config
