@@ -313,13 +313,15 @@ def prepare_for_compile(model: torch.nn.Module, dtype: torch.dtype = torch.bfloa
     of `dtype` on its device (CUDA; any device with `force` or FORCE_OPS), and every sibling group's W4A8Group, so
     that compiled code finds them (`layer_pack`, `group_pack`). Returns how many layers have a pack."""
     from pytest_duquant.kernels.dispatch import get_pack, uses_integer_path
-    from pytest_duquant.layer import DuQuantLinear
 
     count = 0
     groups = {}
     with torch.no_grad():
         for m in model.modules():
-            if not isinstance(m, DuQuantLinear) or m.backend != "triton":
+            # a DuQuantLinear (duck-typed: pytest_duquant.layer imports this module, not the other way round)
+            if not getattr(m, "quantized_linear", False) or getattr(m, "backend", None) != "triton":
+                continue
+            if not isinstance(getattr(m, "kernel_cache", None), dict):
                 continue
             probe = torch.empty((0, m.in_features), dtype=dtype, device=m.r_in.device)
             if not (probe.is_cuda or force or FORCE_OPS) or not _eligible(m, probe):
