@@ -472,14 +472,25 @@ def stage_quantized(args, device, state, preset: str, where: dict | None = None)
                 with _grouping(max_m=256):
                     timed("graph_groups_to_256", graph_ref, "ratio_to_fast_bf16_graph_groups_to_256")
             if args.compile_quantized:
-                # the Euler step compiled around the W4A8 kernels (graph breaks allowed), then graphed
+                # the Euler step compiled around the W4A8 kernels, then graphed: compile_fast_step prepares every
+                # quantized layer's pack, and the traced step calls them as torch.library custom ops
+                # (pytest_duquant.kernels.ops: duquant::w4a8_linear, q/k/v and gate/up as duquant::w4a8_group);
+                # the graph breaks and graphs dynamo counted say whether the step really traced as one graph
+                from torch._dynamo.utils import counters
+
+                from pytest_duquant.kernels.ops import prepare_for_compile
+
                 torch._dynamo.reset()  # a fresh cache: earlier models' entries must not hit the recompile limit
+                counters.clear()
+                row["compiled_op_layers"] = prepare_for_compile(qmodel, qmodel.compute_dtype)
                 qmodel.compile_fast_step()
                 try:
                     timed("compiled_graph", fast_ms.get(b, {}).get("compiled_graph") or graph_ref,
                           "ratio_to_best_bf16_graph")
                 finally:
                     qmodel.compile_fast_step(False)
+                row["compiled_graph_breaks"] = sum(counters["graph_break"].values())
+                row["compiled_unique_graphs"] = counters["stats"]["unique_graphs"]
         out[f"b{b}"] = row
     del qmodel
     release(device)
@@ -606,7 +617,7 @@ def stage_gpu_tests(args, device, state) -> dict:
     # the plugin registers the markers; on the device the checkout is on PYTHONPATH, not installed
     cmd = [sys.executable, "-m", "pytest", *pytest_plugin_args(), "tests/policies/test_fast.py",
            "tests/kernels/test_triton_kernels.py",
-           "-k", "on_gpu or large_m_group or geglu_model_path", "-q", "-p", "no:cacheprovider"]
+           "-k", "on_gpu or large_m_group or geglu_model_path or custom_ops_on_gpu", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=args.test_timeout)
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
 

@@ -45,6 +45,12 @@ def can_use_triton(layer, x: torch.Tensor) -> tuple[bool, str]:
     ok, why = triton_available()
     if not ok:
         return False, why
+    return layer_supported(layer, x)
+
+
+def layer_supported(layer, x: torch.Tensor) -> tuple[bool, str]:
+    """`can_use_triton` without the device checks: whether the kernels (or their custom ops, `kernels.ops`) handle
+    this layer and input at all (the ops' CPU implementations run on any device)."""
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False, f"input dtype {x.dtype} is not bf16/fp16/fp32"
     if x.shape[-1] != layer.in_features:

@@ -37,8 +37,8 @@ def geglu_mlp_forward(mlp, x: torch.Tensor):
     rounds gate, up and their product to the compute dtype): rounding differences only. Returns None when it
     does not apply (GEGLU_PROLOGUE off, CPU, too many tokens, a member off the integer W4A8 path, a rotated
     output basis); the caller then runs the layers as usual."""
-    if not GEGLU_PROLOGUE or not x.is_cuda:
-        return None
+    if not GEGLU_PROLOGUE or not x.is_cuda or torch.compiler.is_compiling():
+        return None  # compiled: gate/up run as one `w4a8_group` op, then down (kernels.ops.sibling_outputs)
     gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
     group = getattr(gate, "kernel_group", None)
     if group is None or group.layers != (gate, up) or x.shape[:-1].numel() > GROUP_MAX_M:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pytest_duquant.kernels.ops import prepare_for_compile, sibling_outputs
 from pytest_duquant.policies.pi05.configuration import GemmaSpec, Pi05Config, VisionSpec
 
 MASK_VALUE = -2.3819763e38  # openpi _prepare_attention_masks_4d
@@ -334,13 +335,13 @@ class _FusableProjections(nn.Module):
         fused = self.__dict__.get("_fusion")
         return fused if fused is not None and fused.current(self, self.FUSED_NAMES) else None
 
-    def project(self, x: torch.Tensor, fused: bool = False) -> list[torch.Tensor]:
+    def project(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, ...]:
         """The siblings' outputs for input ``x``: one GEMM split into views when ``fused`` and fused, else
-        one call each."""
+        one call each (or one W4A8 group op when the siblings are quantized and compiled: kernels.ops)."""
         fp = self.fused_projection() if fused else None
         if fp is None:
-            return [getattr(self, n)(x) for n in self.FUSED_NAMES]
-        return list(F.linear(x, fp.weight, fp.bias).split(fp.sizes, dim=-1))
+            return sibling_outputs(tuple(getattr(self, n) for n in self.FUSED_NAMES), x)
+        return tuple(F.linear(x, fp.weight, fp.bias).split(fp.sizes, dim=-1))
 
     def _apply(self, fn, recurse=True):
         if self.__dict__.get("_fusion") is None:
@@ -379,7 +380,8 @@ class GemmaMLP(_FusableProjections):
             y = fused(self, x)
             if y is not None:
                 return y
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.project(x)  # one W4A8 group op when quantized and compiled (kernels.ops), else one call each
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -920,7 +922,10 @@ class Pi05Model(nn.Module):
             self.__dict__.pop("_compiled_prefix", None)
             return
         compile_kwargs.setdefault("dynamic", False)
-        # a step that breaks its graph (kernels dynamo cannot trace, e.g. a quantized layer's Triton launches)
+        # quantized layers (backend "triton"): their kernel packs built now, so that the compiled step calls the
+        # W4A8 custom ops (kernels.ops) without a graph break instead of the eager dispatch's bookkeeping
+        prepare_for_compile(self, self.compute_dtype)
+        # a step that breaks its graph (code dynamo cannot trace, e.g. a quantized layer without a prepared pack)
         # compiles each norm's forward once per norm instance (it guards on `self`): 37 in pi0.5, above dynamo's
         # default limit of 8 recompiles per function, after which the rest would silently run eager
         import torch._dynamo.config as dynamo_config
