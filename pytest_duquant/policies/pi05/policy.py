@@ -13,7 +13,13 @@ from pytest_duquant.policies.pi05.checkpoint import load_checkpoint, random_norm
 from pytest_duquant.policies.pi05.configuration import Pi05Config, variant_config
 from pytest_duquant.policies.pi05.errors import CheckpointError
 from pytest_duquant.policies.pi05.modeling import Pi05Model, compact_prefix, random_model
-from pytest_duquant.policies.pi05.processing import NormStats, postprocess_actions, prepare_inputs
+from pytest_duquant.policies.pi05.processing import (
+    NormStats,
+    build_inputs,
+    images_to_float_as_host,
+    postprocess_actions,
+    prepare_inputs,
+)
 from pytest_duquant.policies.pi05.tokenizer import PaligemmaTokenizer, resolve_tokenizer_path
 
 
@@ -68,6 +74,8 @@ class Pi05Policy:
     ``fast=True`` (or :meth:`use_fast`) serves :meth:`Pi05Model.sample_actions_fast` on compacted inputs,
     batches padded to `BATCH_SIZES` (docs/speed.md); the default is openpi's exact path.
     """
+
+    pin_memory = True  # fast path on CUDA: the uint8 images go through pinned memory (an asynchronous copy)
 
     def __init__(
         self,
@@ -167,15 +175,27 @@ class Pi05Policy:
         if not self.fast:
             inputs = self.prepare(observations)
             return self._sample(noise=self.noise(noise_seeds), **inputs)
-        # fast path: build on the host, drop what changes nothing, pad to a served batch size, then move
-        inputs = prepare_inputs(list(observations), self.config, self.norm_stats, self.tokenizer, "cpu")
+        return self._raw_actions_fast(observations, noise_seeds)
+
+    def _raw_actions_fast(self, observations: Sequence[dict], noise_seeds: Sequence[int]) -> torch.Tensor:
+        """Build on the host with the images still uint8, drop what changes nothing, pad to a served batch size,
+        move, and convert the images to float on the device: the model sees the float images the host would
+        have made (images_to_float_as_host; bitwise), in the layout it would have had."""
+        inputs = build_inputs(list(observations), self.config, self.norm_stats, self.tokenizer)
         noise = torch.stack([noise_for_seed(s, self.config.action_horizon, self.config.action_dim)
                              for s in noise_seeds])
+        pin = self.pin_memory and self.device.type == "cuda"
         outs = []
         for start, stop, size in batch_chunks(len(noise_seeds), self.batch_sizes):
-            part = compact_prefix(**{k: v[start:stop] for k, v in inputs.items()}, token_bucket=self.token_bucket)
+            chunk = {k: v[start:stop] for k, v in inputs.items()}
+            part = compact_prefix(**chunk, token_bucket=self.token_bucket)
             part, part_noise = pad_rows(part, noise[start:stop], size)
-            part = {k: v.to(self.device, non_blocking=True) for k, v in part.items()}
+            # the host path converted before compacting and padding; either one (an index_select) made the float
+            # images contiguous, else they stayed the channels-last view: keep that layout (it picks the kernels)
+            contiguous = part["images"].shape != chunk["images"].shape
+            part = {k: v.to(self.device, non_blocking=True) if k != "images" else v for k, v in part.items()}
+            images = (part["images"].pin_memory() if pin else part["images"]).to(self.device, non_blocking=True)
+            part["images"] = images_to_float_as_host(images, contiguous=contiguous)
             out = self._sample(noise=part_noise.to(self.device, non_blocking=True), **part)
             outs.append(out[: stop - start])
         return outs[0] if len(outs) == 1 else torch.cat(outs)
