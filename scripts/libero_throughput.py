@@ -13,8 +13,9 @@ simulations while the policy serves the other half (the GPU and the CPUs overlap
 Without --ckpt it builds the full-size pi0.5 with random weights in memory, drawn on the device (seconds on
 a GPU; writing a checkpoint first takes ~2 minutes). A random policy never succeeds, so every episode runs
 its whole step budget (libero_spatial: 220 + 10 steps): the worst case, and the same work for every N.
---compile-step / --compile-prefix serve the torch.compiled fast path; --batch-sizes 8 pads every policy call
-to 8 observations (one graph, one compile) instead of to the next of 1, 2, 4, 8, 16, 32.
+--compile-step / --compile-prefix serve the torch.compiled fast path, --short-query and --fuse its other
+options (Pi05Policy.serve_fast); --batch-sizes 8 pads every policy call to 8 observations (one graph, one
+compile) instead of to the next of 1, 2, 4, 8, 16, 32.
 
 Measured, per worker count N (each run starts from an empty results file):
   wall_s, episodes, episodes_per_hour, policy_calls, policy_ms_per_call, mean_batch, sim_ms_per_step
@@ -40,10 +41,17 @@ def _policy_factory(args):
     from pytest_duquant.libero.policy import pi05_policy_factory
 
     config = from_env(os.environ, preset=args.preset) if args.preset else None
-    serve = {"compile_step": args.compile_step or args.compile_prefix, "compile_prefix": args.compile_prefix}
+    serve = serve_options(args)
     if args.ckpt is None:
         return _random_factory(args, config, serve), f"random {args.variant} (in memory, drawn on the device)"
-    return pi05_policy_factory(args.ckpt, config, device=args.device, **serve), str(args.ckpt)
+    return pi05_policy_factory(args.ckpt, config, device=args.device, serve=serve), str(args.ckpt)
+
+
+def serve_options(args) -> dict:
+    """Pi05Policy.serve_fast's options from the command line (--compile-prefix implies --compile-step)."""
+    return {"compile_step": args.compile_step or args.compile_prefix, "compile_prefix": args.compile_prefix,
+            "short_query": args.short_query, "fuse": args.fuse,
+            **({"batch_sizes": args.sizes} if args.sizes else {})}
 
 
 def _random_factory(args, config, serve: dict):
@@ -155,6 +163,10 @@ def main(argv=None) -> int:
                    help="serve the fast path with its Euler step torch.compiled (Pi05Model.compile_fast_step)")
     p.add_argument("--compile-prefix", action="store_true",
                    help="... and the prefix too (vision tower + language model K/V; implies --compile-step)")
+    p.add_argument("--short-query", action="store_true",
+                   help="the Euler steps' attention as short_query_attention (docs/speed.md)")
+    p.add_argument("--fuse", action="store_true",
+                   help="fused q/k/v and gate/up GEMMs and the steps' K/V buffer (Pi05Model.fuse_fast_projections)")
     p.add_argument("--batch-sizes", default=None,
                    help="comma-separated padded batch sizes of the fast path (e.g. 8; default 1,2,4,8,16,32)")
     p.add_argument("--out", default="libero_throughput.json")
@@ -166,6 +178,7 @@ def main(argv=None) -> int:
         p.error(str(exc) if "--workers" in str(exc) else f"--batch-sizes {args.batch_sizes!r}: expected integers")
     if sizes is not None and min(sizes) < 1:
         p.error(f"--batch-sizes {args.batch_sizes!r}: sizes must be at least 1")
+    args.sizes = sizes
 
     from pytest_duquant.libero import sim_setup
     from pytest_duquant.libero.harness import run_rollouts
@@ -175,18 +188,13 @@ def main(argv=None) -> int:
     factory, ckpt = _policy_factory(args)
     t0 = time.perf_counter()
     policy = factory()
-    if args.batch_sizes:  # serve again with these sizes (nothing is captured or compiled before the first call)
-        policy.serve_fast(compile_step=args.compile_step or args.compile_prefix, compile_prefix=args.compile_prefix,
-                          batch_sizes=sizes)
     load_s = time.perf_counter() - t0
     report = {
         "suite": args.suite,
         "task": args.task,
         "ckpt": ckpt,
         "preset": args.preset or "fp",
-        "compile_step": args.compile_step or args.compile_prefix,
-        "compile_prefix": args.compile_prefix,
-        "batch_sizes": args.batch_sizes,
+        **serve_options(args),
         "fingerprint": factory.fingerprint,
         "policy_load_s": round(load_s, 2),
         "host": {

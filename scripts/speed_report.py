@@ -161,7 +161,7 @@ def report(speed: dict, tps: list[dict] | None = None) -> str:
     if speed.get("errors"):
         lines += ["**Stage errors**: " + ", ".join(sorted(speed["errors"])), ""]
     for tp in tps or []:
-        opts = [k for k in ("compile_step", "compile_prefix") if tp.get(k)]
+        opts = [k for k in ("compile_step", "compile_prefix", "short_query", "fuse") if tp.get(k)]
         opts += [f"batch sizes {tp['batch_sizes']}"] if tp.get("batch_sizes") else []
         lines += [f"**LIBERO** ({tp.get('ckpt')}, preset {tp.get('preset')}{', ' if opts else ''}{', '.join(opts)})",
                   "", *throughput_table(tp), ""]

@@ -77,17 +77,16 @@ class PolicyUnavailableError(RuntimeError):
 
 def pi05_policy_factory(
     ckpt, config=None, *, tokenizer=None, backend: str = "builtin", device: str | None = None,
-    calibration: str | None = None, fast: bool = True, compile_step: bool = False,
-    compile_prefix: bool = False,
+    calibration: str | None = None, fast: bool = True, serve: dict | None = None,
 ):
     """A zero-argument factory: the pi0.5 policy of ``ckpt``, quantized and calibrated under ``config``.
 
     ``fast`` (default): once quantized and calibrated (on openpi's exact path, as the goldens were), the
     policy serves its fast path, CUDA-graphed on a GPU, batches padded to a few sizes so that one graph per
     size serves every batch the workers send (``Pi05Policy.serve_fast``, docs/speed.md); FP and quantized
-    alike. ``fast=False`` serves openpi's exact path. ``compile_step``: the fast path's Euler step is
-    torch.compiled too (``Pi05Model.compile_fast_step``; a GPU measurement option, docs/speed.md), and
-    with ``compile_prefix`` its prefix.
+    alike. ``fast=False`` serves openpi's exact path. ``serve``: keyword options of
+    ``Pi05Policy.serve_fast`` (``compile_step``, ``compile_prefix``, ``batch_sizes``, ``short_query``, ``fuse``;
+    GPU measurement options, docs/speed.md).
 
     ``config`` None or disabled (preset ``fp``) gives the FP policy. ``calibration``: the calibration
     source (``synthetic``, ``libero:<suite>``, or an .npz path; see libero/calibration.py). Default: the
@@ -137,7 +136,7 @@ def pi05_policy_factory(
             calib = calibration_observations(calibration)
             policy, _report = session.quantize_and_calibrate(policy, config, calib)
         if fast and hasattr(policy, "serve_fast"):
-            policy.serve_fast(compile_step=compile_step, compile_prefix=compile_prefix)
+            policy.serve_fast(**(serve or {}))
         policy.preset = preset
         return policy
 

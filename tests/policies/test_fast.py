@@ -201,6 +201,23 @@ def test_padded_rows_change_no_real_row(obs):
                                atol=1e-9, rtol=0)
 
 
+def test_served_options_keep_the_reference_actions(obs):
+    """serve_fast(short_query=True, fuse=True): the steps' short-query attention, fused projections and the K/V
+    buffer change float rounding only (float64 within 1e-12 of the exact path); served plain again, un-fused."""
+    policy = build_policy("dummy", seed=5, fast=True)
+    policy.model.set_precision("float64")
+    seeds = [7, 8, 9]
+    ref = policy.use_fast(False).raw_actions(obs, seeds)
+    served = policy.serve_fast(short_query=True, fuse=True).raw_actions(obs, seeds)
+    assert policy.fast_options["kv_buffer"] and policy.fast_options["step_attn_fn"] is short_query_attention
+    mlp = policy.model.paligemma_with_expert.expert.layers[0].mlp
+    assert mlp.fused_projection() is not None
+    torch.testing.assert_close(served, ref, atol=1e-12, rtol=0)
+    plain = policy.serve_fast().raw_actions(obs, seeds)
+    assert policy.fast_options == {} and mlp.fused_projection() is None
+    torch.testing.assert_close(plain, ref, atol=1e-12, rtol=0)
+
+
 def test_fast_path_of_a_quantized_expert_matches_its_reference_path(obs, tmp_path):
     """The harness serves quantized policies through the fast path too: same actions (float64 model, preset B
     with static activation scales calibrated on the reference path)."""

@@ -46,14 +46,22 @@ def test_bad_batch_sizes_are_a_usage_error_not_a_traceback():
 
 
 def test_the_random_policy_is_built_in_memory_and_served_with_the_asked_sizes(script):
-    """Without --ckpt: a random policy drawn on the device (no checkpoint written), served on the fast path;
-    --batch-sizes re-serves it with one padded size."""
+    """Without --ckpt: a random policy drawn on the device (no checkpoint written), served on the fast path with
+    the command line's options (one padded size, short-query attention, fused projections + K/V buffer)."""
     import argparse
 
-    args = argparse.Namespace(variant="dummy", device="cpu", dtype="float32")
-    factory = script._random_factory(args, None, {"compile_step": False, "compile_prefix": False})
+    args = argparse.Namespace(
+        variant="dummy", device="cpu", dtype="float32", compile_step=False, compile_prefix=False, short_query=True,
+        fuse=True, sizes=(8,))
+    serve = script.serve_options(args)
+    assert serve == {"compile_step": False, "compile_prefix": False, "short_query": True, "fuse": True,
+                     "batch_sizes": (8,)}
+    factory = script._random_factory(args, None, serve)
     assert factory.fingerprint == "random-dummy-device-seed0-float32" and factory.preset == "fp"
     policy = factory()
-    assert policy.fast and policy.batch_sizes == (1, 2, 4, 8, 16, 32)
-    policy.serve_fast(batch_sizes=(8,))
-    assert policy.batch_sizes == (8,) and policy.fingerprint == "random-dummy-device-seed0-float32"
+    assert policy.fast and policy.batch_sizes == (8,)
+    assert set(policy.fast_options) == {"step_attn_fn", "kv_buffer"}
+    assert policy.model.paligemma_with_expert.expert.layers[0].mlp.fused_projection() is not None
+    policy.serve_fast()  # plain again: default sizes, no options, un-fused
+    assert policy.batch_sizes == (1, 2, 4, 8, 16, 32) and policy.fast_options == {}
+    assert policy.model.paligemma_with_expert.expert.layers[0].mlp.fused_projection() is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from pytest_duquant.policies.pi05.checkpoint import load_checkpoint, random_norm_stats
 from pytest_duquant.policies.pi05.configuration import Pi05Config, variant_config
 from pytest_duquant.policies.pi05.errors import CheckpointError
-from pytest_duquant.policies.pi05.modeling import Pi05Model, compact_prefix, random_model
+from pytest_duquant.policies.pi05.modeling import Pi05Model, compact_prefix, random_model, short_query_attention
 from pytest_duquant.policies.pi05.processing import (
     NormStats,
     build_inputs,
@@ -100,12 +101,17 @@ class Pi05Policy:
         self.token_bucket = TOKEN_BUCKET
         self.mode = "eager"
         self._sample = self.model.sample_actions
+        self.fast_options: dict = {}  # keyword options of sample_actions_fast (serve_fast)
         if fast:
             self.use_fast()
 
     # ---- speed options ------------------------------------------------------------------------
     def _sample_fn(self):
-        return self.model.sample_actions_fast if self.fast else self.model.sample_actions
+        if not self.fast:
+            return self.model.sample_actions
+        if self.fast_options:
+            return functools.partial(self.model.sample_actions_fast, **self.fast_options)
+        return self.model.sample_actions_fast
 
     def use_fast(
         self,
@@ -126,14 +132,26 @@ class Pi05Policy:
         return {"eager": self.eager, "cudagraph": self.cuda_graph}.get(self.mode, self.eager)()
 
     def serve_fast(
-        self, *, compile_step: bool = False, compile_prefix: bool = False, batch_sizes: tuple[int, ...] | None = None
+        self,
+        *,
+        compile_step: bool = False,
+        compile_prefix: bool = False,
+        batch_sizes: tuple[int, ...] | None = None,
+        short_query: bool = False,
+        fuse: bool = False,
     ) -> Pi05Policy:
         """The fastest serving this device allows: the fast path, CUDA-graphed on a GPU (one graph per padded
         batch size and prompt bucket; capture happens on first use, so calibrate before it). compile_step:
         also torch.compile the Euler step (`Pi05Model.compile_fast_step`; the first call of each shape
         compiles, then the graph captures the compiled kernels). compile_prefix (with compile_step): the
         prefix (vision tower + language model K/V) too. batch_sizes: the padded sizes (default
-        :meth:`use_fast`'s; one size, e.g. (8,), means one graph and one compile for every batch up to it)."""
+        :meth:`use_fast`'s; one size, e.g. (8,), means one graph and one compile for every batch up to it).
+        short_query: the Euler steps' attention as `short_query_attention` (the H200's fastest, docs/speed.md).
+        fuse: q/k/v and gate/up as one GEMM each (`Pi05Model.fuse_fast_projections`) and the steps' K/V in a
+        preallocated buffer (`kv_buffer=True`). All options keep the actions equal up to float rounding."""
+        self.fast_options = {**({"step_attn_fn": short_query_attention} if short_query else {}),
+                             **({"kv_buffer": True} if fuse else {})}
+        self.model.fuse_fast_projections(fuse)
         self.use_fast(**({} if batch_sizes is None else {"batch_sizes": batch_sizes}))
         self.model.compile_fast_step(compile_step, prefix=compile_prefix)
         return self.cuda_graph() if self.device.type == "cuda" else self
