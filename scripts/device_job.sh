@@ -100,7 +100,7 @@ stage_eval() {
 }
 
 stage_speed() {
-    timeout "${SPEED_S:-330}" python3 scripts/gpu_speed_job.py --out "$OUT/gpu_speed.json" --test-timeout 120 \
+    timeout "${SPEED_S:-330}" python3 scripts/gpu_speed_job.py --out "$OUT/gpu_speed.json" --test-timeout "${SPEED_TEST_S:-240}" \
         ${SPEED_ARGS:-} >"$OUT/speed.log" 2>&1
     local rc=$?
     tail -5 "$OUT/speed.log"

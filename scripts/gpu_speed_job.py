@@ -606,7 +606,8 @@ def stage_policy_calls(args, device, state) -> dict:
 
 
 def stage_gpu_tests(args, device, state) -> dict:
-    """The GPU-only tests of the fast path (graphed == eager), run by pytest in a subprocess."""
+    """The GPU-only tests of the fast path (graphed == eager, compiled, device-side inputs) and of the kernels'
+    model paths (large-M groups, GeGLU prologue, custom ops), run by pytest in a subprocess."""
     if device.type != "cuda":
         return {"skipped": SKIPPED_NO_CUDA}
     import subprocess
@@ -616,8 +617,9 @@ def stage_gpu_tests(args, device, state) -> dict:
     root = Path(__file__).resolve().parents[1]
     # the plugin registers the markers; on the device the checkout is on PYTHONPATH, not installed
     cmd = [sys.executable, "-m", "pytest", *pytest_plugin_args(), "tests/policies/test_fast.py",
-           "tests/kernels/test_triton_kernels.py",
-           "-k", "on_gpu or large_m_group or geglu_model_path or custom_ops_on_gpu", "-q", "-p", "no:cacheprovider"]
+           "tests/policies/test_fast_inputs.py", "tests/kernels/test_triton_kernels.py",
+           "-k", "on_gpu or large_m_group or geglu_model_path or custom_ops_on_gpu or cuda_fast_path", "-q", "-rs",
+           "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=args.test_timeout)
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
 
