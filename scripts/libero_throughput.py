@@ -167,6 +167,9 @@ def main(argv=None) -> int:
                    help="the Euler steps' attention as short_query_attention (docs/speed.md)")
     p.add_argument("--fuse", action="store_true",
                    help="fused q/k/v and gate/up GEMMs and the steps' K/V buffer (Pi05Model.fuse_fast_projections)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch CPU threads of the serving process (default torch's: one per core, which the env "
+                        "workers also use)")
     p.add_argument("--batch-sizes", default=None,
                    help="comma-separated padded batch sizes of the fast path (e.g. 8; default 1,2,4,8,16,32)")
     p.add_argument("--out", default="libero_throughput.json")
@@ -179,10 +182,16 @@ def main(argv=None) -> int:
     if sizes is not None and min(sizes) < 1:
         p.error(f"--batch-sizes {args.batch_sizes!r}: sizes must be at least 1")
     args.sizes = sizes
+    if args.torch_threads is not None and args.torch_threads < 1:
+        p.error(f"--torch-threads {args.torch_threads}: must be at least 1")
 
     from pytest_duquant.libero import sim_setup
     from pytest_duquant.libero.harness import run_rollouts
 
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     sim_setup.prepare()
     workers = [n for n, _ in runs]
     factory, ckpt = _policy_factory(args)
@@ -195,6 +204,7 @@ def main(argv=None) -> int:
         "ckpt": ckpt,
         "preset": args.preset or "fp",
         **serve_options(args),
+        "torch_threads": args.torch_threads,
         "fingerprint": factory.fingerprint,
         "policy_load_s": round(load_s, 2),
         "host": {

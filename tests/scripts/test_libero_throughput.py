@@ -38,11 +38,12 @@ def test_a_bad_worker_list_is_a_usage_error_not_a_traceback():
     assert proc.returncode == 2 and "--workers '14/x'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_bad_batch_sizes_are_a_usage_error_not_a_traceback():
-    for bad in ("8,x", "0"):
-        proc = subprocess.run([sys.executable, str(SCRIPT), "--batch-sizes", bad], capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 2 and f"--batch-sizes '{bad}'" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("args,says", [(["--batch-sizes", "8,x"], "--batch-sizes '8,x'"),
+                                       (["--batch-sizes", "0"], "--batch-sizes '0'"),
+                                       (["--torch-threads", "0"], "--torch-threads 0")])
+def test_bad_serving_options_are_a_usage_error_not_a_traceback(args, says):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_the_random_policy_is_built_in_memory_and_served_with_the_asked_sizes(script):
