@@ -29,17 +29,6 @@ from pytest_duquant.policies.pi05.policy import batch_chunks, pad_rows
 LONG = "pick up the black bowl between the plate and the ramekin and place it on the plate"
 
 
-@pytest.fixture(autouse=True)
-def _no_external_tokenizer(monkeypatch, tmp_path_factory):
-    monkeypatch.delenv("OPENPI_TOKENIZER", raising=False)
-    monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path_factory.mktemp("empty_openpi_home")))
-
-
-@pytest.fixture(scope="module")
-def dummy():
-    return build_policy("dummy", seed=5)
-
-
 @pytest.fixture(scope="module")
 def obs():
     out = synthetic_observations(3, seed=21)

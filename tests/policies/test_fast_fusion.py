@@ -18,13 +18,7 @@ from pytest_duquant.policies.pi05.modeling import compact_prefix, short_query_at
 LONG = "pick up the black bowl between the plate and the ramekin and place it on the plate"
 
 
-@pytest.fixture(autouse=True)
-def _no_external_tokenizer(monkeypatch, tmp_path_factory):
-    monkeypatch.delenv("OPENPI_TOKENIZER", raising=False)
-    monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path_factory.mktemp("empty_openpi_home")))
-
-
-@pytest.fixture
+@pytest.fixture  # a fresh policy per test (they fuse and quantize it): overrides the module-scoped one
 def dummy():
     return build_policy("dummy", seed=5)
 

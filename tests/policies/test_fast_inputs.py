@@ -27,17 +27,6 @@ from pytest_duquant.policies.pi05.processing import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_external_tokenizer(monkeypatch, tmp_path_factory):
-    monkeypatch.delenv("OPENPI_TOKENIZER", raising=False)
-    monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path_factory.mktemp("empty_openpi_home")))
-
-
-@pytest.fixture(scope="module")
-def dummy():
-    return build_policy("dummy", seed=5)  # openpi LIBERO slots: base, left wrist, empty right wrist
-
-
 @pytest.fixture(scope="module")
 def two_slots():
     """Both slots present (lerobot-like layout): nothing is compacted, so an unpadded batch keeps the

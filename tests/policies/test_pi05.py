@@ -24,12 +24,6 @@ from pytest_duquant.policies.pi05.modeling import build_model, euler_times  # no
 SEED = 3
 
 
-@pytest.fixture(autouse=True)
-def _no_external_tokenizer(monkeypatch, tmp_path_factory):
-    monkeypatch.delenv("OPENPI_TOKENIZER", raising=False)
-    monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path_factory.mktemp("empty_openpi_home")))
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A dummy checkpoint written by the CLI (openpi layout), as CI's --ckpt."""
