@@ -374,13 +374,14 @@ class GemmaMLP(_FusableProjections):
         self.up_proj = nn.Linear(spec.width, spec.mlp_dim, bias=False)
         self.down_proj = nn.Linear(spec.mlp_dim, spec.width, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.__dict__.get("fused_forward")  # set by quantization when the layers have a fused kernel path
-        if fused is not None:
-            y = fused(self, x)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """``fused`` (the fast path): gate and up as one GEMM where fused (:meth:`project`)."""
+        kernel = self.__dict__.get("fused_forward")  # set by quantization when the layers have a fused kernel path
+        if kernel is not None:
+            y = kernel(self, x)
             if y is not None:
                 return y
-        gate, up = self.project(x)  # one W4A8 group op when quantized and compiled (kernels.ops), else one call each
+        gate, up = self.project(x, fused)  # one W4A8 group op when quantized and compiled (kernels.ops)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
@@ -654,12 +655,7 @@ class PaliGemmaWithExpertModel(nn.Module):
                 out = layer.self_attn.o_proj(att[:, start:end])
                 x = xs[i] + out if gates[j] is None else xs[i] + out * gates[j]
                 h, gate = layer.post_attention_layernorm(x, conds[i])
-                mlp = layer.mlp
-                if fused and mlp.fused_projection() is not None:
-                    g, u = mlp.project(h, fused)
-                    out = mlp.down_proj(F.gelu(g, approximate="tanh") * u)
-                else:
-                    out = mlp(h)
+                out = layer.mlp(h, fused)
                 xs[i] = x + out if gate is None else x + out * gate
                 start = end
         outs: list[torch.Tensor | None] = [None, None]
