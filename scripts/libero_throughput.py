@@ -67,7 +67,7 @@ def _random_factory(args, config, serve: dict):
             policy.preset = config.preset
         return policy.serve_fast(**serve)
 
-    make.fingerprint = f"random-{args.variant}-device-seed0-{args.dtype}"
+    make.fingerprint = session.random_fingerprint(args.variant, 0, args.dtype, draw_on_device=True)
     make.preset = config.preset if config is not None and config.enabled else "fp"
     return make
 
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                    help="comma-separated worker counts, N or N/M (M: most observations per policy call; default 1,8)")
     p.add_argument("--episodes-per-worker", type=int, default=2)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="bfloat16", help="dtype of the random checkpoint (default bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the random policy (default bfloat16)")
     p.add_argument(
         "--policy-calls", type=int, default=10, help="calls per batch size in the policy micro-benchmark"
     )
@@ -176,9 +176,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         runs = [_run_spec(w) for w in args.workers.split(",")]
-        sizes = tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None
     except ValueError as exc:
-        p.error(str(exc) if "--workers" in str(exc) else f"--batch-sizes {args.batch_sizes!r}: expected integers")
+        p.error(str(exc))
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None
+    except ValueError:
+        p.error(f"--batch-sizes {args.batch_sizes!r}: expected integers")
     if sizes is not None and min(sizes) < 1:
         p.error(f"--batch-sizes {args.batch_sizes!r}: sizes must be at least 1")
     args.sizes = sizes

@@ -351,6 +351,11 @@ def init_checkpoint(out_dir, variant: str = "dummy", seed: int = 0, dtype: str |
     return out
 
 
+def random_fingerprint(variant: str, seed: int, precision: str, draw_on_device: bool = False) -> str:
+    """The label a random policy carries instead of a checkpoint fingerprint (no file to hash)."""
+    return f"random-{variant}-{'device-' if draw_on_device else ''}seed{seed}-{precision}"
+
+
 def random_policy(
     variant: str = "pi05", seed: int = 0, dtype: str | None = None, device: str = "cpu", draw_on_device: bool = False
 ):
@@ -368,7 +373,7 @@ def random_policy(
     policy = Pi05Policy(
         model, random_norm_stats(seed), tok, device=device, source=f"random:{variant}:seed={seed}"
     )
-    policy.fingerprint = f"random-{variant}-{'device-' if draw_on_device else ''}seed{seed}-{precision}"
+    policy.fingerprint = random_fingerprint(variant, seed, precision, draw_on_device)
     policy.ckpt_dir = None
     policy.preset = "fp"
     return policy

@@ -908,19 +908,20 @@ class Pi05Model(nn.Module):
                         parent.unfuse_projections()
         return count
 
-    def compile_fast_step(self, enabled: bool = True, *, prefix: bool = False, **compile_kwargs) -> None:
+    def compile_fast_step(self, enabled: bool = True, *, prefix: bool = False, **compile_kwargs) -> int:
         """torch.compile :meth:`fast_step` (compiled once, reused by all 10 steps; static shapes by default):
         the step's elementwise work (adaRMS norms, RoPE, GeLU, residuals) fused into few kernels. ``prefix``:
         compile :meth:`fast_prefix` (vision tower + language model K/V) too; else the prefix stays eager. A CUDA
-        graph captured afterwards (GraphedSampler) replays the compiled kernels. ``enabled=False`` drops both."""
+        graph captured afterwards (GraphedSampler) replays the compiled kernels. ``enabled=False`` drops both.
+        Returns the number of quantized layers whose kernel packs were prepared for the compiled code (0 if none)."""
         if not enabled:
             self.__dict__.pop("_compiled_step", None)
             self.__dict__.pop("_compiled_prefix", None)
-            return
+            return 0
         compile_kwargs.setdefault("dynamic", False)
         # quantized layers (backend "triton"): their kernel packs built now, so that the compiled step calls the
         # W4A8 custom ops (kernels.ops) without a graph break instead of the eager dispatch's bookkeeping
-        prepare_for_compile(self, self.compute_dtype)
+        prepared = prepare_for_compile(self, self.compute_dtype)
         # a step that breaks its graph (code dynamo cannot trace, e.g. a quantized layer without a prepared pack)
         # compiles each norm's forward once per norm instance (it guards on `self`): 37 in pi0.5, above dynamo's
         # default limit of 8 recompiles per function, after which the rest would silently run eager
@@ -933,6 +934,7 @@ class Pi05Model(nn.Module):
             self.__dict__["_compiled_prefix"] = torch.compile(self.fast_prefix, **compile_kwargs)
         else:
             self.__dict__.pop("_compiled_prefix", None)
+        return prepared
 
     @torch.no_grad()
     def joint_velocity(self, images, image_masks, tokens, token_masks, x_t, time):
