@@ -613,10 +613,18 @@ def stage_gpu_tests(args, device, state) -> dict:
     # the plugin registers the markers; on the device the checkout is on PYTHONPATH, not installed
     cmd = [sys.executable, "-m", "pytest", *pytest_plugin_args(), "tests/policies/test_fast.py",
            "tests/policies/test_fast_inputs.py", "tests/kernels/test_triton_kernels.py",
-           "-k", "on_gpu or large_m_group or geglu_model_path or custom_ops_on_gpu or cuda_fast_path", "-q", "-rs",
-           "-p", "no:cacheprovider"]
+           "-k", "on_gpu or large_m_group or geglu_model_path or custom_ops_on_gpu or cuda_fast_path", "-q",
+           "-rfEs", "--tb=short", "-p", "no:logging", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=args.test_timeout)
-    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
+    text = proc.stdout + proc.stderr
+    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "failed": failed_tests(text),
+            "tail": text[-8000:]}
+
+
+def failed_tests(pytest_output: str) -> list[str]:
+    """The test ids pytest's short summary (-rfE) lists as FAILED or ERROR."""
+    return [line.split(" ", 1)[1].split(" - ", 1)[0] for line in pytest_output.splitlines()
+            if line.startswith(("FAILED ", "ERROR "))]
 
 
 # ---- main -------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ options (Pi05Policy.serve_fast); --batch-sizes 8 pads every policy call to 8 obs
 compile) instead of to the next of 1, 2, 4, 8, 16, 32.
 
 Measured, per worker count N (each run starts from an empty results file):
-  wall_s, episodes, episodes_per_hour, policy_calls, policy_ms_per_call, mean_batch, sim_ms_per_step
+  wall_s, episodes, episodes_per_hour, steady_episodes_per_hour (after the first wave: start-up excluded),
+  done_at_s (each episode's finish time), policy_calls, policy_ms_per_call, mean_batch, sim_ms_per_step
   (time inside env.step over all steps: 1 step in 5 renders the two cameras, see docs/libero.md).
 Plus two micro-benchmarks: one env's ms/step with and without rendering, and the policy's ms/call at
 batch 1 and at batch N (synthetic LIBERO-like observations).
@@ -34,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 
 
 def _policy_factory(args):
@@ -123,6 +126,16 @@ def policy_microbench(policy, batch_sizes, calls: int) -> dict:
     return out
 
 
+def steady_rate(done_at: list[float], workers: int) -> float | None:
+    """Episodes per hour once every worker has finished its first episode (start-up, env builds and the
+    first compile excluded): the episodes finished after the `workers`-th one, over the time since it.
+    None when fewer than two waves finished (too short to tell)."""
+    t = sorted(done_at)
+    if len(t) < 2 * workers or t[-1] <= t[workers - 1]:
+        return None
+    return 3600.0 * (len(t) - workers) / (t[-1] - t[workers - 1])
+
+
 def _sync():
     if _cuda():
         import torch
@@ -150,6 +163,8 @@ def main(argv=None) -> int:
                    help="the random policy's size without --ckpt (default: the full pi05)")
     p.add_argument("--suite", default="libero_spatial")
     p.add_argument("--task", type=int, default=0)
+    p.add_argument("--tasks", default=None,
+                   help="task ids to spread a run's episodes over, e.g. 0-9 (default: --task; 50 init states each)")
     p.add_argument("--workers", default="1,8",
                    help="comma-separated worker counts, N or N/M (M: most observations per policy call; default 1,8)")
     p.add_argument("--episodes-per-worker", type=int, default=2)
@@ -185,6 +200,13 @@ def main(argv=None) -> int:
     if sizes is not None and min(sizes) < 1:
         p.error(f"--batch-sizes {args.batch_sizes!r}: sizes must be at least 1")
     args.sizes = sizes
+    from pytest_duquant.libero.protocol import SUITE_TASKS, parse_ids
+
+    try:
+        args.task_ids = parse_ids(args.tasks if args.tasks is not None else str(args.task),
+                                  n=SUITE_TASKS.get(args.suite, 10), what="--tasks")
+    except ValueError as exc:
+        p.error(str(exc))
     if args.torch_threads is not None and args.torch_threads < 1:
         p.error(f"--torch-threads {args.torch_threads}: must be at least 1")
 
@@ -204,6 +226,7 @@ def main(argv=None) -> int:
     report = {
         "suite": args.suite,
         "task": args.task,
+        "tasks": args.task_ids,
         "ckpt": ckpt,
         "preset": args.preset or "fp",
         **serve_options(args),
@@ -242,15 +265,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="libero-throughput-") as tmp:
         for n, max_batch in runs:
             episodes = n * args.episodes_per_worker
-            trials = list(range(min(episodes, 50)))
+            trials = list(range(min(50, -(-episodes // len(args.task_ids)))))
             cap = "" if max_batch is None else f", at most {max_batch} per policy call"
-            print(f"{n} workers{cap}, {len(trials)} episodes ...", flush=True)
+            print(f"{n} workers{cap}, {len(trials) * len(args.task_ids)} episodes ...", flush=True)
             out = Path(tmp) / f"w{n}-{max_batch}.jsonl"
-            s = run_rollouts(policy, args.suite, [args.task], trials, 7, n, out, backend="local",
-                             max_batch=max_batch)
+            done_at: list[float] = []
+            t_run = time.perf_counter()
+            s = run_rollouts(policy, args.suite, args.task_ids, trials, 7, n, out, backend="local",
+                             max_batch=max_batch, on_record=lambda rec: done_at.append(time.perf_counter() - t_run))
             stats = s.stats()
             stats.pop("per_suite", None)
             stats["max_batch"] = max_batch
+            stats["done_at_s"] = [round(t, 2) for t in done_at]
+            stats["steady_episodes_per_hour"] = steady_rate(done_at, n)
             stats["errors"] = sum(r["error"] is not None for r in s.records)
             report["runs"].append(stats)
             print(json.dumps(stats), flush=True)

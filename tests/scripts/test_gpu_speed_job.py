@@ -75,3 +75,17 @@ def test_compile_fusion_variants_are_parsed_and_validated(capsys):
     with pytest.raises(SystemExit):
         job.parse_args(["--compile-fusion", "none,fussed"])
     assert "unknown fussed" in capsys.readouterr().err
+
+
+def test_the_gpu_tests_stage_names_the_failed_tests():
+    """pytest's short summary (-rfE) read back: the ids of failed and erroring tests, nothing else."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_speed_job", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = ("....F.\n=== short test summary info ===\nSKIPPED [1] tests/x.py:3: needs CUDA\n"
+           "FAILED tests/k.py::test_a[A] - AssertionError: assert 0.2 <= 0.01\n"
+           "ERROR tests/k.py::test_b - RuntimeError: boom\nFAILED tests/k.py::test_c\n2 failed, 4 passed\n")
+    assert mod.failed_tests(out) == ["tests/k.py::test_a[A]", "tests/k.py::test_b", "tests/k.py::test_c"]
+    assert mod.failed_tests("5 passed in 1.0s\n") == []

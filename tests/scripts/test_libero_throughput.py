@@ -66,3 +66,19 @@ def test_the_random_policy_is_built_in_memory_and_served_with_the_asked_sizes(sc
     policy.serve_fast()  # plain again: default sizes, no options, un-fused
     assert policy.batch_sizes == (1, 2, 4, 8, 16, 32) and policy.fast_options == {}
     assert policy.model.paligemma_with_expert.expert.layers[0].mlp.fused_projection() is None
+
+
+def test_the_steady_rate_leaves_out_the_first_wave(script):
+    """4 workers: the first wave ends at 20 s (start-up), then 8 more episodes in the next 8 s: 3600 an hour."""
+    done = [19.0, 19.5, 20.0, 20.0, 22.0, 23.0, 24.0, 25.0, 26.0, 27.0, 27.5, 28.0]
+    assert script.steady_rate(done, 4) == pytest.approx(3600.0 * 8 / 8.0)
+    assert script.steady_rate(list(reversed(done)), 4) == script.steady_rate(done, 4)  # order-free
+    assert script.steady_rate(done[:7], 4) is None  # fewer than two waves: too short to tell
+    assert script.steady_rate([5.0] * 8, 4) is None  # no time after the first wave
+
+
+def test_bad_task_lists_are_a_usage_error_not_a_traceback():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--suite", "libero_object", "--tasks", "0-10"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--tasks" in proc.stderr and "out of range" in proc.stderr
+    assert "Traceback" not in proc.stderr
