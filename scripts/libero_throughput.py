@@ -272,7 +272,8 @@ def main(argv=None) -> int:
             done_at: list[float] = []
             t_run = time.perf_counter()
             s = run_rollouts(policy, args.suite, args.task_ids, trials, 7, n, out, backend="local",
-                             max_batch=max_batch, on_record=lambda rec: done_at.append(time.perf_counter() - t_run))
+                             max_batch=max_batch,
+                             on_record=lambda rec, d=done_at, t=t_run: d.append(time.perf_counter() - t))
             stats = s.stats()
             stats.pop("per_suite", None)
             stats["max_batch"] = max_batch

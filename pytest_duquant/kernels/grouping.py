@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import torch
 
-from pytest_duquant.kernels.packs import SMALL_M, tensor_version
+from pytest_duquant.kernels.packs import tensor_version
 
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-# most tokens a group serves (more run each member alone). SMALL_M: where the swap-AB kernels were measured
-# fastest on an H100; the kernels are correct above it (tests/kernels: 80-256 tokens), and whether the expert at
-# batch 8 (80 tokens) gains from groups is what scripts/gpu_speed_job.py measures with this raised to 256.
-GROUP_MAX_M = SMALL_M
+# most tokens a group serves (more run each member alone): 256, above the swap-AB kernels' SMALL_M. Measured on
+# an H200 (scripts/gpu_speed_job.py, docs/speed.md): the expert at batch 8 (80 tokens) is 6-8 % faster with its
+# groups than with each member alone; the kernels are correct there (tests/kernels: 80-256 tokens).
+GROUP_MAX_M = 256
 
 
-# the GeGLU prologue on the model path (`geglu_mlp_forward`): off until scripts/gpu_speed_job.py has measured it
-GEGLU_PROLOGUE = False
+# the GeGLU prologue on the model path (`geglu_mlp_forward`): down's activation kernel computes gelu(gate) * up
+# itself (one launch and one bf16 round trip fewer); measured on an H200 with GROUP_MAX_M = 256: batch 8 -8 %
+# (B) / -9 % (A), batch 1 -1 %; within a quarter of W4A8's own error of the unfused MLP (tests/kernels)
+GEGLU_PROLOGUE = True
 
 
 def geglu_mlp_forward(mlp, x: torch.Tensor):

@@ -34,6 +34,17 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _same_within_quantization_noise(path, other, fp) -> tuple[float, float]:
+    """Two W4A8 kernel paths of one quantized module, and the float module's output: their difference must be
+    under a quarter of the quantization error itself. A bf16 rounding of an intermediate (the GeGLU product, an
+    inductor-fused elementwise op) moves dynamic int8 activation codes across a rounding boundary, so the paths
+    differ by ~1 % (measured on the H200: 1.15-1.32 %, preset A), while W4A8's own error is several times that;
+    a wrong transform, scale or code would make the difference as large as the error or larger."""
+    diff, noise = _rel(path, other.float()), _rel(other, fp.float())
+    assert diff <= 0.25 * noise and _rel(path, fp.float()) <= 1.1 * noise, (diff, noise)
+    return diff, noise
+
+
 def _configs(tk, m, n, k):
     pick = tk.pick_config(m, n, k)
     n_kt = k // 128
@@ -278,7 +289,8 @@ def test_geglu_prologue_matches_eager(tk, preset, m):
 def test_geglu_model_path_matches_the_unfused_mlp(tk, preset, tokens, tmp_path, monkeypatch):
     """The pi0.5 MLP quantized with the triton backend: with GEGLU_PROLOGUE (and groups up to 256 tokens) its
     forward runs gate/up as one group and the GeGLU inside down's activation kernel; the result equals the
-    unfused layers' at bf16 rounding, and the fused path really ran."""
+    unfused layers' within the quantization noise (the prologue keeps the GeGLU product in fp32, the unfused
+    path rounds it to bf16), and the fused path really ran."""
     from pytest_duquant.config import from_env, replace
     from pytest_duquant.kernels import grouping
     from pytest_duquant.policies.pi05.configuration import GemmaSpec
@@ -288,9 +300,11 @@ def test_geglu_model_path_matches_the_unfused_mlp(tk, preset, tokens, tmp_path, 
     torch.manual_seed(0)
     spec = GemmaSpec(width=1024, depth=1, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256)
     mlp = GemmaMLP(spec).cuda().to(torch.bfloat16)
+    x = torch.randn(tokens // 10, 10, 1024, device="cuda", dtype=torch.bfloat16)
+    fp = mlp(x)
     quantize_model(mlp, replace(from_env({}, preset=preset), scope="", backend="triton", act_dynamic=True,
                                 packdir=str(tmp_path)))
-    x = torch.randn(tokens // 10, 10, 1024, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(grouping, "GEGLU_PROLOGUE", False)
     unfused = mlp(x)
     calls = []
     real = tk.w4a8_small
@@ -299,7 +313,8 @@ def test_geglu_model_path_matches_the_unfused_mlp(tk, preset, tokens, tmp_path, 
     monkeypatch.setattr(grouping, "GROUP_MAX_M", 256)
     fused = mlp(x)
     assert calls == [False, True], calls  # the gate/up group, then down with the GeGLU prologue
-    assert fused.shape == unfused.shape and _rel(fused, unfused.float()) <= 1e-2
+    assert fused.shape == unfused.shape
+    _same_within_quantization_noise(fused, unfused, fp)
 
 
 def test_expert_stack_modes_agree(tk):
@@ -380,9 +395,11 @@ def test_custom_ops_on_gpu_match_the_kernels_and_compile_without_a_graph_break(t
     torch.manual_seed(0)
     spec = GemmaSpec(width=1024, depth=1, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256)
     mlp = GemmaMLP(spec).cuda().to(torch.bfloat16)
+    xm = torch.randn(1, 10, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fp = mlp(xm)
     quantize_model(mlp, replace(from_env({}, preset=preset), scope="", backend="triton", act_dynamic=True,
                                 packdir=str(tmp_path)))
-    xm = torch.randn(1, 10, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         eager = mlp(xm)
         assert ops.prepare_for_compile(mlp, torch.bfloat16) == 3
@@ -390,4 +407,5 @@ def test_custom_ops_on_gpu_match_the_kernels_and_compile_without_a_graph_break(t
         counters.clear()
         compiled = torch.compile(mlp, fullgraph=True, dynamic=False)(xm)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    assert compiled.shape == eager.shape and _rel(compiled, eager.float()) <= 1e-2
+    assert compiled.shape == eager.shape
+    _same_within_quantization_noise(compiled, eager, fp)
