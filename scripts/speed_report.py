@@ -134,14 +134,19 @@ def targets_table(st: dict, tps: list[dict]) -> list[str]:
     return ["| what | measured | target | status |", "|---|---|---|---|", *rows]
 
 
+def _per_hour(value) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
 def throughput_table(tp: dict) -> list[str]:
-    head = ["workers", "max batch", "episodes", "wall s", "episodes/h", "policy ms/call", "mean batch",
-            "sim ms/step"]
+    head = ["workers", "max batch", "episodes", "wall s", "episodes/h", "after the first wave", "policy ms/call",
+            "mean batch", "sim ms/step"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in tp.get("runs", []):
         out.append(
             f"| {r.get('workers')} | {r.get('max_batch') or '—'} | {r.get('episodes')} | {r.get('wall_s', 0):.1f} | "
-            f"{r.get('episodes_per_hour', 0):.0f} | {r.get('policy_ms_per_call', 0):.1f} | "
+            f"{r.get('episodes_per_hour', 0):.0f} | {_per_hour(r.get('steady_episodes_per_hour'))} | "
+            f"{r.get('policy_ms_per_call', 0):.1f} | "
             f"{r.get('mean_batch', 0):.1f} | {r.get('sim_ms_per_step', 0):.1f} |"
         )
     if not tp.get("finished"):
