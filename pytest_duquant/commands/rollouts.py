@@ -76,6 +76,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--exact-path", action="store_true",
                    help="serve openpi's exact (slower) path instead of the fast one (docs/speed.md): rounding-level "
                         "differences can make single episodes diverge from a golden recorded on the exact path")
+    p.add_argument("--serve", default="graphed", metavar="HOW",
+                   help="how the fast path is served (docs/speed.md, \"Serving\"): graphed (default: CUDA-graphed, "
+                        "batches padded to 1-2-4-8-16-32) or compiled (CUDA only: the step and prefix compiled, "
+                        "batches padded to 8, the H200's fastest; use with --max-batch 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         factory = pi05_policy_factory(
             args.ckpt, config, tokenizer=args.tokenizer, backend=args.policy_backend, device=args.device,
             calibration=args.calib, fast=not args.exact_path,
+            serve=None if args.exact_path and args.serve == "graphed" else args.serve,
         )
     except (ValueError, sim_setup.LiberoSetupError, PolicyUnavailableError) as exc:
         print(f"duquant rollouts: {exc}", file=sys.stderr)

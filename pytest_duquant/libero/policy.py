@@ -75,9 +75,33 @@ class PolicyUnavailableError(RuntimeError):
     """The pi0.5 policy cannot be loaded (module missing, bad checkpoint)."""
 
 
+def serving_options(serve: dict | str | None, device: str, fast: bool = True) -> dict:
+    """``serve`` as Pi05Policy.serve_fast's keyword options: a dict as given, or a name of ``SERVING``.
+    ValueError (a one-line message) for an unknown name, a compiled serving off CUDA, or any serving option
+    with the exact path."""
+    if serve is None:
+        return {}
+    label = f"serve={serve!r}" if isinstance(serve, dict) else f"--serve {serve!r}"
+    if isinstance(serve, dict):
+        options = dict(serve)
+    else:
+        from pytest_duquant.policies.pi05.policy import SERVING
+
+        if serve not in SERVING:
+            raise ValueError(f"{label}: unknown; allowed: {', '.join(SERVING)}")
+        options = dict(SERVING[serve])
+    if options and not fast:
+        raise ValueError(f"{label} serves the fast path; --exact-path serves openpi's exact one: "
+                         "choose one")
+    if options.get("compile_step") and not str(device).startswith("cuda"):
+        raise ValueError(f"{label} compiles for a CUDA GPU; this policy runs on {device!r} "
+                         "(serve 'graphed', which is eager there)")
+    return options
+
+
 def pi05_policy_factory(
     ckpt, config=None, *, tokenizer=None, backend: str = "builtin", device: str | None = None,
-    calibration: str | None = None, fast: bool = True, serve: dict | None = None,
+    calibration: str | None = None, fast: bool = True, serve: dict | str | None = None,
 ):
     """A zero-argument factory: the pi0.5 policy of ``ckpt``, quantized and calibrated under ``config``.
 
@@ -86,7 +110,7 @@ def pi05_policy_factory(
     size serves every batch the workers send (``Pi05Policy.serve_fast``, docs/speed.md); FP and quantized
     alike. ``fast=False`` serves openpi's exact path. ``serve``: keyword options of
     ``Pi05Policy.serve_fast`` (``compile_step``, ``compile_prefix``, ``batch_sizes``, ``short_query``, ``fuse``;
-    GPU measurement options, docs/speed.md).
+    docs/speed.md), or their name in ``SERVING`` ("graphed", "compiled": the latter needs CUDA).
 
     ``config`` None or disabled (preset ``fp``) gives the FP policy. ``calibration``: the calibration
     source (``synthetic``, ``libero:<suite>``, or an .npz path; see libero/calibration.py). Default: the
@@ -109,6 +133,7 @@ def pi05_policy_factory(
             device = "cuda" if torch.cuda.is_available() else "cpu"
         except ImportError:
             device = "cpu"
+    serve = serving_options(serve, device, fast)  # the cheap checks before the checkpoint's
     try:
         base = session.policy_factory(ckpt, tokenizer=tokenizer, backend=backend, device=device)
     except Exception as exc:  # noqa: BLE001 - a clear message naming the checkpoint
@@ -136,7 +161,7 @@ def pi05_policy_factory(
             calib = calibration_observations(calibration)
             policy, _report = session.quantize_and_calibrate(policy, config, calib)
         if fast and hasattr(policy, "serve_fast"):
-            policy.serve_fast(**(serve or {}))
+            policy.serve_fast(**serve)
         policy.preset = preset
         return policy
 

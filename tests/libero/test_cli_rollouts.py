@@ -75,3 +75,20 @@ def test_the_run_is_fp_unless_a_preset_or_a_variable_asks_for_quantization(
     assert seen["fast"] is True  # the fast path is the default
     code = main(["rollouts", "--ckpt", str(tmp_path), "--out", str(tmp_path / "r.jsonl"), "--exact-path", *argv])
     assert code == 2 and seen["fast"] is False
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--serve", "fastest"], "--serve 'fastest': unknown; allowed: graphed, compiled"),
+        (["--serve", "compiled", "--device", "cpu"], "--serve 'compiled' compiles for a CUDA GPU; this policy runs "
+                                                     "on 'cpu'"),
+        (["--serve", "compiled", "--exact-path"], "--serve 'compiled' serves the fast path; --exact-path"),
+    ],
+)
+def test_bad_serving_exits_2_before_any_checkpoint_is_read(tmp_path, capsys, argv, message):
+    pytest.importorskip("libero", reason="hf-libero not installed")
+    code = main(["rollouts", "--ckpt", str(tmp_path / "no-such-ckpt"), "--suite", "libero_object",
+                 "--out", str(tmp_path / "r.jsonl"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "no-such-ckpt" not in err and "Traceback" not in err

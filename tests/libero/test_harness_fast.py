@@ -79,3 +79,25 @@ def _refuse(*args, **kwargs):
 def test_the_exact_path_stays_available(ckpt):
     policy = pi05_policy_factory(ckpt, None, device="cpu", fast=False)()
     assert not policy.fast and policy.mode == "eager"
+
+
+def test_named_servings_are_serve_fasts_options():
+    """`duquant rollouts --serve`: "graphed" is serve_fast's defaults, "compiled" the H200's fastest measured
+    options (docs/speed.md); a dict passes through; the names' options are copies (a caller cannot change them)."""
+    from pytest_duquant.libero.policy import serving_options
+    from pytest_duquant.policies.pi05.policy import SERVING
+
+    assert serving_options("graphed", "cpu") == {} and serving_options(None, "cpu", fast=False) == {}
+    compiled = serving_options("compiled", "cuda:0")
+    assert compiled == {"compile_step": True, "compile_prefix": True, "batch_sizes": (8,), "short_query": True,
+                        "fuse": True}
+    compiled["fuse"] = False
+    assert SERVING["compiled"]["fuse"] is True
+    assert serving_options({"short_query": True}, "cpu") == {"short_query": True}
+    with pytest.raises(ValueError, match="compiles for a CUDA GPU"):
+        serving_options({"compile_step": True}, "cpu")
+
+
+def test_a_named_serving_reaches_the_policy(ckpt):
+    policy = pi05_policy_factory(ckpt, None, device="cpu", serve="graphed")()
+    assert policy.fast and policy.batch_sizes == BATCH_SIZES and policy.fast_options == {}
