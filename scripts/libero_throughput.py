@@ -44,7 +44,7 @@ def _policy_factory(args):
     from pytest_duquant.libero.policy import pi05_policy_factory
 
     config = from_env(os.environ, preset=args.preset) if args.preset else None
-    serve = serve_options(args)
+    serve = serve_options(args)  # checked in main (serving_options)
     if args.ckpt is None:
         return _random_factory(args, config, serve), f"random {args.variant} (in memory, drawn on the device)"
     return pi05_policy_factory(args.ckpt, config, device=args.device, serve=serve), str(args.ckpt)
@@ -209,6 +209,12 @@ def main(argv=None) -> int:
         p.error(str(exc))
     if args.torch_threads is not None and args.torch_threads < 1:
         p.error(f"--torch-threads {args.torch_threads}: must be at least 1")
+    from pytest_duquant.libero.policy import serving_options
+
+    try:  # e.g. --compile-step off CUDA: the library's one-line reason, before anything is loaded
+        serving_options(serve_options(args), args.device or ("cuda" if _cuda() else "cpu"))
+    except ValueError as exc:
+        p.error(str(exc))
 
     from pytest_duquant.libero import sim_setup
     from pytest_duquant.libero.harness import run_rollouts

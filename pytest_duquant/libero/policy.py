@@ -81,7 +81,8 @@ def serving_options(serve: dict | str | None, device: str, fast: bool = True) ->
     with the exact path."""
     if serve is None:
         return {}
-    label = f"serve={serve!r}" if isinstance(serve, dict) else f"--serve {serve!r}"
+    label = (f"serving with {', '.join(k for k, v in serve.items() if v) or 'no options'}"
+             if isinstance(serve, dict) else f"--serve {serve!r}")
     if isinstance(serve, dict):
         options = dict(serve)
     else:

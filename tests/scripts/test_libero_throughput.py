@@ -40,7 +40,8 @@ def test_a_bad_worker_list_is_a_usage_error_not_a_traceback():
 
 @pytest.mark.parametrize("args,says", [(["--batch-sizes", "8,x"], "--batch-sizes '8,x'"),
                                        (["--batch-sizes", "0"], "--batch-sizes '0'"),
-                                       (["--torch-threads", "0"], "--torch-threads 0")])
+                                       (["--torch-threads", "0"], "--torch-threads 0"),
+                                       (["--device", "cpu", "--compile-prefix"], "compiles for a CUDA GPU")])
 def test_bad_serving_options_are_a_usage_error_not_a_traceback(args, says):
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
